@@ -1,0 +1,51 @@
+"""Latency measurement: backends, statistics and the registry that names them.
+
+Importing this package registers every built-in backend. It never imports torch, optuna or
+``search``: the remote agent runs on devices that have only a runtime and this package.
+"""
+
+from __future__ import annotations
+
+from latency_models import ort as _ort  # noqa: F401  (registers "onnxruntime")
+from latency_models import trt as _trt  # noqa: F401  (registers "tensorrt")
+from latency_models.base import (
+    LatencyBackend,
+    Measurement,
+    PairedMeasurement,
+    cpu_name,
+    file_sha256,
+)
+from latency_models.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    LatencyError,
+    MeasurementError,
+    MeasurementTimeout,
+    RegistryError,
+    UnknownBackendError,
+)
+from latency_models.registry import get, names, register
+from latency_models.stats import Summary, coefficient_of_variation, summarize
+from latency_models.timing import Runner
+
+__all__ = [
+    "ArtifactError",
+    "BackendUnavailable",
+    "LatencyBackend",
+    "LatencyError",
+    "Measurement",
+    "MeasurementError",
+    "MeasurementTimeout",
+    "PairedMeasurement",
+    "RegistryError",
+    "Runner",
+    "Summary",
+    "UnknownBackendError",
+    "coefficient_of_variation",
+    "cpu_name",
+    "file_sha256",
+    "get",
+    "names",
+    "register",
+    "summarize",
+]

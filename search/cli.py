@@ -1,0 +1,240 @@
+"""The ``hwprune`` command line. The only module that prints or sets up logging handlers.
+
+Exit status: 0 success, 2 bad usage or input (the error's ``exit_code``), 1 a failure at run
+time. Known errors print one red line; anything else is a bug, shown in full under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hardware_profiles import ProfileError, discover, load_profile_file
+from latency_models import LatencyError
+from search.config import check_backend, profile_dirs, resolve_profile
+from search.errors import ConfigError, SearchError
+
+app = typer.Typer(
+    name="hwprune",
+    help="Hardware-aware pruning search, scored on latency measured on real targets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+profiles_app = typer.Typer(help="List, show and validate hardware profiles.", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+_KNOWN_ERRORS = (ProfileError, LatencyError, SearchError)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    profile_dirs: list[Path] = field(default_factory=list)
+
+
+_state = _State()
+
+
+def _stdout() -> Console:
+    # Off a terminal rich assumes 80 columns and would fold the tables; logs and CI are wider.
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+@contextmanager
+def _handle_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except _KNOWN_ERRORS as exc:
+        if _state.debug:
+            raise
+        _stderr().print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+    except KeyboardInterrupt:
+        _stderr().print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state.debug:
+            raise
+        _stderr().print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (run with --debug for the "
+            "traceback, and please report it)",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    profiles_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--profiles-dir",
+            help="Folder of extra hardware profiles (repeatable); default $HWPRUNE_PROFILES.",
+        ),
+    ] = None,
+) -> None:
+    _state.debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    _state.profile_dirs = profile_dirs(profiles_dir)
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+
+@profiles_app.command("list")
+def profiles_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every hardware profile, built-in and the user's."""
+    with _handle_errors():
+        rows = []
+        for name, source in discover(_state.profile_dirs).items():
+            profile = load_profile_file(source.path)
+            rows.append(
+                {
+                    "name": name,
+                    "backend": profile.backend,
+                    "device_class": profile.device_class,
+                    "location": profile.location,
+                    "precision": profile.precision,
+                    "sparsity_patterns": list(profile.sparsity_patterns),
+                    "channel_multiple": profile.channel_multiple,
+                    "source": "built-in" if source.builtin else str(source.path),
+                }
+            )
+        if as_json:
+            _echo_json(rows)
+            return
+        table = Table("name", "backend", "device", "where", "precision", "N:M", "round to", "source")
+        for row in rows:
+            table.add_row(
+                row["name"],
+                row["backend"],
+                row["device_class"],
+                row["location"],
+                row["precision"],
+                ",".join(row["sparsity_patterns"]) or "-",
+                str(row["channel_multiple"]),
+                row["source"],
+            )
+        _stdout().print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: Annotated[str, typer.Argument(help="Profile name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show every setting of one profile, defaults included."""
+    with _handle_errors():
+        profile = resolve_profile(name, _state.profile_dirs)
+        data = profile.model_dump(mode="json")
+        data["fingerprint"] = profile.fingerprint()
+        if as_json:
+            _echo_json(data)
+            return
+        import yaml
+
+        typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@profiles_app.command("validate")
+def profiles_validate(
+    files: Annotated[list[Path], typer.Argument(help="Profile YAML files to check.")],
+) -> None:
+    """Check profile files against the schema and the known backends."""
+    with _handle_errors():
+        for path in files:
+            profile = load_profile_file(path)
+            check_backend(profile)
+            typer.echo(f"ok: {path} ({profile.backend} on {profile.device_class}, {profile.location})")
+
+
+# --- measure ----------------------------------------------------------------------------------
+
+
+@app.command("measure")
+def measure(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to time.")],
+    profile_name: Annotated[str, typer.Option("--profile", "-p", help="Hardware profile.")],
+    vs: Annotated[
+        Path | None,
+        typer.Option("--vs", help="Reference ONNX model timed interleaved; reports the ratio."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure the latency of an ONNX model on a local hardware profile."""
+    from latency_models import registry
+
+    with _handle_errors():
+        profile = resolve_profile(profile_name, _state.profile_dirs)
+        if profile.location == "remote":
+            raise ConfigError(
+                f"profile {profile.name!r} is measured on a remote device; "
+                "pick a local profile (hwprune profiles list)"
+            )
+        with registry.get(profile.backend)(profile) as backend:
+            if vs is None:
+                result = backend.measure(model)
+                data = result.to_dict()
+            else:
+                paired = backend.measure_paired(model, vs)
+                data = paired.to_dict()
+        if as_json:
+            _echo_json(data)
+            return
+        _print_measurement(data)
+
+
+def _print_measurement(data: dict[str, Any]) -> None:
+    out = _stdout()
+    out.print(
+        f"{data['profile']}: median {data['median_us']:.1f} us "
+        f"(95% CI {data['ci_low_us']:.1f}-{data['ci_high_us']:.1f}), "
+        f"p10 {data['p10_us']:.1f}, p90 {data['p90_us']:.1f}, n={data['n']}"
+        + ("" if data["converged"] else " [yellow](precision target not reached)[/yellow]"),
+        highlight=False,
+    )
+    if "ratio" in data:
+        low, high = data["ratio_ci"]
+        out.print(
+            f"ratio to reference: {data['ratio']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+            f"reference median {data['reference']['median_us']:.1f} us",
+            highlight=False,
+        )
+    out.print(
+        f"{data['backend']} {data['backend_version']} on {data['device']}, "
+        f"threads={data['threads']}",
+        highlight=False,
+        style="dim",
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())  # typer handles its own usage errors with status 2

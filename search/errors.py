@@ -1,0 +1,35 @@
+"""Errors of the search side. Each carries the CLI exit status it maps to."""
+
+from __future__ import annotations
+
+
+class SearchError(Exception):
+    """Base of every search-side error; a failure at run time (exit status 1) unless a subclass says."""
+
+    exit_code = 1
+
+
+class ConfigError(SearchError):
+    """A configuration, flag or environment value that cannot be used."""
+
+    exit_code = 2
+
+
+class ModelLoadError(SearchError):
+    """A model plugin that cannot be imported or returns the wrong thing."""
+
+    exit_code = 2
+
+
+class PlanError(SearchError):
+    """A plan that does not fit its space: unknown names, ratios out of range, bad patterns."""
+
+    exit_code = 2
+
+
+class PruningError(SearchError):
+    """torch-pruning failed to apply a valid plan."""
+
+
+class ExportError(SearchError):
+    """ONNX export failed or the exported model disagrees with torch."""

@@ -1,0 +1,134 @@
+"""The profile and measurement commands, driven through Typer's runner on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from search.cli import app
+
+runner = CliRunner()
+
+
+def test_profiles_list_json() -> None:
+    result = runner.invoke(app, ["profiles", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["cpu-ort-fp32"]["backend"] == "onnxruntime"
+    assert rows["jetson-orin-trt-fp16"]["location"] == "remote"
+    assert rows["ampere-trt-int8"]["sparsity_patterns"] == ["2:4"]
+
+
+def test_profiles_list_table_and_user_folder(fast_profile_path: Path) -> None:
+    result = runner.invoke(app, ["--profiles-dir", str(fast_profile_path.parent), "profiles", "list"])
+    assert result.exit_code == 0, result.output
+    assert "cpu-ort-fp32" in result.stdout and "fast" in result.stdout
+
+
+def test_profiles_dir_from_environment(fast_profile_path: Path) -> None:
+    result = runner.invoke(
+        app, ["profiles", "show", "fast", "--json"], env={"HWPRUNE_PROFILES": str(fast_profile_path.parent)}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["repeat"]["max_seconds"] == 0.3
+
+
+def test_profiles_show_yaml() -> None:
+    result = runner.invoke(app, ["profiles", "show", "ampere-trt-fp16"])
+    assert result.exit_code == 0
+    assert "backend: tensorrt" in result.stdout
+    assert "fingerprint:" in result.stdout
+
+
+def test_profiles_show_unknown_exits_2_listing_known() -> None:
+    result = runner.invoke(app, ["profiles", "show", "cpu-ort"])
+    assert result.exit_code == 2
+    assert "no hardware profile 'cpu-ort'; known:" in result.stderr
+    assert "cpu-ort-fp32" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_profiles_validate_ok(fast_profile_path: Path) -> None:
+    result = runner.invoke(app, ["profiles", "validate", str(fast_profile_path)])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("ok: ")
+
+
+def test_profiles_validate_bad_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backend: onnxruntime\ndevice_class: gpu\n")
+    result = runner.invoke(app, ["profiles", "validate", str(path)])
+    assert result.exit_code == 2
+    assert "field 'device_class': Input should be 'cpu'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_profiles_validate_unknown_backend(tmp_path: Path) -> None:
+    path = tmp_path / "tvm.yaml"
+    path.write_text("backend: tvm\ndevice_class: cpu\n")
+    result = runner.invoke(app, ["profiles", "validate", str(path)])
+    assert result.exit_code == 2
+    assert "backend 'tvm' is unknown; known: onnxruntime, tensorrt" in result.stderr
+
+
+def test_measure_json(fast_profile_path: Path, onnx_artifact: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["--profiles-dir", str(fast_profile_path.parent), "measure", str(onnx_artifact), "--profile", "fast", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("median_us", "p10_us", "p90_us", "mean_us", "stdev_us", "n", "backend",
+                "backend_version", "device", "profile"):
+        assert key in data
+    assert data["profile"] == "fast" and data["backend"] == "onnxruntime"
+    assert data["p10_us"] <= data["median_us"] <= data["p90_us"]
+
+
+def test_measure_paired_json(
+    fast_profile_path: Path, onnx_artifact: Path, onnx_artifact_wide: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        ["--profiles-dir", str(fast_profile_path.parent), "measure", str(onnx_artifact),
+         "--profile", "fast", "--vs", str(onnx_artifact_wide), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert 0 < data["ratio"] < 0.5
+    low, high = data["ratio_ci"]
+    assert low <= data["ratio"] <= high
+
+
+def test_measure_human_output(fast_profile_path: Path, onnx_artifact: Path) -> None:
+    result = runner.invoke(
+        app, ["--profiles-dir", str(fast_profile_path.parent), "measure", str(onnx_artifact), "-p", "fast"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "fast: median" in result.stdout and "onnxruntime" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["measure", "{missing}", "-p", "cpu-ort-fp32"], 2, "does not exist"),
+        (["measure", "{garbage}", "-p", "cpu-ort-fp32"], 2, "ONNX Runtime cannot load garbage.onnx"),
+        (["measure", "{model}", "-p", "cpu-ort-fp99"], 2, "no hardware profile 'cpu-ort-fp99'; known:"),
+        (["measure", "{model}", "-p", "ampere-trt-fp16"], 2, "needs the tensorrt package and an NVIDIA GPU"),
+        (["measure", "{model}", "-p", "jetson-orin-ort-cpu"], 2, "is measured on a remote device"),
+        (["measure", "{model}"], 2, "Missing option"),
+    ],
+)
+def test_measure_errors(
+    tmp_path: Path, onnx_artifact: Path, args: list[str], code: int, message: str
+) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not onnx")
+    values = {"missing": str(tmp_path / "missing.onnx"), "garbage": str(garbage), "model": str(onnx_artifact)}
+    result = runner.invoke(app, [a.format(**values) for a in args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
