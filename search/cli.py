@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from hardware_profiles import ProfileError, discover, load_profile_file
 from latency_models import LatencyError
-from search.config import check_backend, profile_dirs, resolve_profile
+from search.config import cache_dir, check_backend, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
 app = typer.Typer(
@@ -48,11 +49,11 @@ _state = _State()
 
 def _stdout() -> Console:
     # Off a terminal rich assumes 80 columns and would fold the tables; logs and CI are wider.
-    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    return Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, soft_wrap=True)
+    return Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 @contextmanager
@@ -233,6 +234,115 @@ def _print_measurement(data: dict[str, Any]) -> None:
         highlight=False,
         style="dim",
     )
+
+
+# --- space and export -------------------------------------------------------------------------
+
+ExampleOpt = Annotated[
+    str | None, typer.Option("--example", help="Built-in example model: digits.")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model plugin as package.module:function.")
+]
+ProfilesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--profile", "-p", help="Target profile (repeatable); default cpu-ort-fp32."),
+]
+IgnoreOpt = Annotated[
+    list[str] | None, typer.Option("--ignore", help="Layer never to prune (repeatable).")
+]
+
+
+def _bundle(example: str | None, model: str | None) -> Any:
+    from search.bundle import load_bundle
+
+    if (example is None) == (model is None):
+        raise ConfigError("give exactly one of --example NAME or --model package.module:function")
+    return load_bundle(example or model or "", cache_dir=cache_dir())
+
+
+def _profiles(names: list[str] | None) -> list[Any]:
+    return [resolve_profile(n, _state.profile_dirs) for n in (names or ["cpu-ort-fp32"])]
+
+
+@app.command("space")
+def space_command(
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    profile: ProfilesOpt = None,
+    ignore: IgnoreOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the pruning space of a model for the given targets."""
+    with _handle_errors():
+        from search.space import build_space
+
+        bundle = _bundle(example, model)
+        profiles = _profiles(profile)
+        space = build_space(bundle.model, bundle.example_input, profiles, ignored=ignore or ())
+        if as_json:
+            _echo_json(space.to_dict() | {"fingerprint": space.fingerprint()})
+            return
+        nm = {s.layer: ",".join(s.patterns) for s in space.sparsity}
+        table = Table("group", "kind", "size", "kept options", "MAC share", "members")
+        for g in space.groups:
+            table.add_row(g.name, g.kind, str(g.size), " ".join(map(str, g.kept)),
+                          f"{100 * g.mac_share:.1f}%", " ".join(g.members))
+        out = _stdout()
+        out.print(table)
+        out.print(
+            f"{len(space.groups)} groups, rounded to multiples of {space.channel_multiple}; "
+            f"output layer {space.output_layer!r} kept; base {space.base_macs / 1e6:.2f} M MACs, "
+            f"{space.base_params / 1e6:.3f} M params",
+            highlight=False,
+        )
+        if nm:
+            out.print("N:M eligible: " + ", ".join(f"{k} ({v})" for k, v in nm.items()), highlight=False)
+        else:
+            out.print("N:M: no target runs N:M faster, so none is offered", highlight=False)
+        for name, why in space.fixed.items():
+            out.print(f"fixed: {name}: {why}", highlight=False, style="dim")
+
+
+@app.command("export")
+def export_command(
+    plan_file: Annotated[Path, typer.Option("--plan", help="Plan YAML/JSON to materialise.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    profile: ProfilesOpt = None,
+    ignore: IgnoreOpt = None,
+    importance: Annotated[str, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = "magnitude",
+    finetune_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps.", min=0)] = 0,
+    dynamo: Annotated[bool, typer.Option(help="Use the dynamo ONNX exporter.")] = False,
+) -> None:
+    """Materialise a plan: ONNX, a reloadable PyTorch state, the plan and a manifest."""
+    with _handle_errors():
+        from search.export import export_onnx
+        from search.materialize import write_model_dir
+        from search.plan import Plan
+        from search.recovery import RecoveryConfig, recover
+        from search.space import apply, build_space
+
+        plan = Plan.load(plan_file)
+        bundle = _bundle(example, model)
+        profiles = _profiles(profile)
+        space = build_space(bundle.model, bundle.example_input, profiles, ignored=ignore or ())
+        pruned = apply(bundle.model, bundle.example_input, space, plan, importance=importance,
+                       calibration=bundle.train_loader)
+        recover(pruned.model, bundle, RecoveryConfig(steps=finetune_steps), masks=pruned.masks)
+        error = bundle.error_fn(pruned.model, bundle.val_loader)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp),
+                                   batch_size=profiles[0].batch_size, dynamo=dynamo)
+            write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                            importance=importance,
+                            extra={"error": error, "finetune_steps": finetune_steps})
+        _stdout().print(
+            f"wrote {out}: {pruned.macs / 1e6:.2f} M MACs ({100 * pruned.macs / space.base_macs:.0f}% "
+            f"of base), {pruned.params / 1e6:.3f} M params, error {error:.4f}, onnx {artifact.sha256[:12]}",
+            highlight=False,
+        )
 
 
 def main() -> None:

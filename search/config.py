@@ -15,6 +15,7 @@ from latency_models import registry
 from search.errors import ConfigError
 
 PROFILES_ENV = "HWPRUNE_PROFILES"
+CACHE_ENV = "HWPRUNE_CACHE"
 
 
 def profile_dirs(
@@ -50,3 +51,11 @@ def check_backend(profile: HardwareProfile) -> None:
             f"profile {profile.name!r}: backend {profile.backend!r} is unknown; "
             f"known: {', '.join(known)}"
         )
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where trained examples and artifacts are cached: ``HWPRUNE_CACHE``, else the XDG cache."""
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV])
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hwprune"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,16 @@ def fast_profile_path(write_profile: Callable[[str, str], Path]) -> Path:
 @pytest.fixture
 def fast_profile(fast_profile_path: Path) -> HardwareProfile:
     return load_profile_file(fast_profile_path)
+
+
+@pytest.fixture(scope="session")
+def hwprune_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder shared by the session: the digits example trains once per test run."""
+    return tmp_path_factory.mktemp("hwprune-cache")
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(hwprune_cache: Path) -> Any:
+    from search.examples import digits
+
+    return digits(cache_dir=hwprune_cache)

@@ -1,0 +1,102 @@
+"""The base model bundle: what a user hands hwprune, from a plugin or a built-in example."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from search.errors import ModelLoadError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+ErrorFn = Callable[[nn.Module, Iterable[Batch]], float]
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A trained model and everything needed to prune, recover and score it.
+
+    Attributes:
+        name: a short label for reports.
+        model: the trained ``nn.Module`` (never modified by hwprune: plans apply to copies).
+        example_input: one input batch (batch size 1) with the deployed shape.
+        train_loader: batches ``(inputs, targets)`` for recovery fine-tuning and calibration.
+        val_loader: batches for the error function.
+        error_fn: ``error_fn(model, val_loader) -> error`` in [0, 1] (lower is better).
+        loss_fn: training loss on ``(outputs, targets)``; cross-entropy by default.
+        ignored_layers: qualified module names never pruned, beyond the output layer.
+    """
+
+    name: str
+    model: nn.Module
+    example_input: torch.Tensor
+    train_loader: Iterable[Batch]
+    val_loader: Iterable[Batch]
+    error_fn: ErrorFn
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(
+        default=nn.functional.cross_entropy
+    )
+    ignored_layers: tuple[str, ...] = ()
+
+    def fingerprint(self) -> str:
+        """sha256 over the architecture, every parameter and buffer, and the input shape.
+
+        Used to refuse re-materialising a stored plan on a base model that has changed.
+        """
+        digest = hashlib.sha256()
+        digest.update(repr(self.model).encode())
+        digest.update(repr(tuple(self.example_input.shape)).encode())
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Top-1 error of a classifier over ``batches``."""
+    model.eval()
+    wrong = total = 0
+    with torch.no_grad():
+        for inputs, targets in batches:
+            predictions = model(inputs).argmax(dim=1)
+            wrong += int((predictions != targets).sum())
+            total += int(targets.numel())
+    if total == 0:
+        raise ModelLoadError("the validation loader yielded no samples")
+    return wrong / total
+
+
+def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
+    """Load a bundle from ``package.module:function`` or a built-in example name.
+
+    Raises:
+        ModelLoadError: the plugin cannot be imported, is not callable, or returns something
+            other than a ``ModelBundle``.
+    """
+    from search import examples
+
+    if ":" not in spec:
+        return examples.load_example(spec, cache_dir=cache_dir)
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"cannot import model plugin module {module_name!r}: {exc}; "
+            "is it on PYTHONPATH or installed?"
+        ) from exc
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
+    bundle = factory()
+    if not isinstance(bundle, ModelBundle):
+        raise ModelLoadError(
+            f"model plugin {spec!r} returned {type(bundle).__name__}; "
+            "it must return search.bundle.ModelBundle"
+        )
+    return bundle

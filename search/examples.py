@@ -1,0 +1,161 @@
+"""Built-in example models, trained once on data that ships inside a package, then cached.
+
+``digits``: a small residual CNN on scikit-learn's 8x8 handwritten digits (1,797 images, shipped
+with scikit-learn), upsampled to 16x16 so that layer latencies are well above timer noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from search.bundle import ModelBundle, classification_error
+from search.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES = ("digits",)
+
+# Bump when the architecture or the training recipe changes: it keys the cache.
+_DIGITS_RECIPE = {"version": 1, "widths": (32, 64, 128), "epochs": 12, "lr": 3e-3, "seed": 0,
+                  "batch": 64, "size": 16}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(out)))
+
+
+class DigitsNet(nn.Module):
+    """Stem, then per stage a residual block; stages halve the resolution and double width."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        stages: list[nn.Module] = []
+        previous = widths[0]
+        for index, width in enumerate(widths):
+            layers: list[nn.Module] = []
+            if index > 0:
+                layers += [
+                    nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(),
+                ]
+            layers.append(ResidualBlock(width))
+            stages.append(nn.Sequential(*layers))
+            previous = width
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(previous, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = (images - 0.5) / 0.5
+    labels = torch.tensor(data.target, dtype=torch.long)
+    # A fixed 80/20 split, the same on every machine.
+    order = torch.tensor(np.random.default_rng(0).permutation(len(labels)))
+    cut = int(0.8 * len(labels))
+    train, val = order[:cut], order[cut:]
+    return images[train], labels[train], images[val], labels[val]
+
+
+def _cache_key(recipe: dict[str, object], images: torch.Tensor) -> str:
+    digest = hashlib.sha256(repr(sorted(recipe.items())).encode())
+    digest.update(images.numpy().tobytes())
+    digest.update(torch.__version__.split("+")[0].encode())
+    return digest.hexdigest()[:16]
+
+
+def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int, lr: float) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * len(loader)
+    )
+    model.train()
+    for epoch in range(epochs):
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+            schedule.step()
+        logger.info("digits: epoch %d/%d", epoch + 1, epochs)
+    model.eval()
+
+
+def digits(*, cache_dir: Path) -> ModelBundle:
+    """The ``digits`` example: trained on first use (about half a minute on 2 cores), then cached."""
+    recipe = _DIGITS_RECIPE
+    size = int(recipe["size"])  # type: ignore[call-overload]
+    x_train, y_train, x_val, y_val = _digits_tensors(size)
+    generator = torch.Generator().manual_seed(int(recipe["seed"]))  # type: ignore[call-overload]
+    train_loader = DataLoader(
+        TensorDataset(x_train, y_train), batch_size=int(recipe["batch"]),  # type: ignore[call-overload]
+        shuffle=True, generator=generator,
+    )
+    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
+    widths = tuple(recipe["widths"])  # type: ignore[arg-type]
+    torch.manual_seed(int(recipe["seed"]))  # type: ignore[call-overload]
+    model = DigitsNet(widths)
+    path = cache_dir / "examples" / f"digits-{_cache_key(recipe, x_train)}.pt"
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        except Exception as exc:
+            logger.warning("ignoring unreadable cached digits model %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+    if not path.is_file():
+        logger.warning("training the digits example once; cached at %s", path)
+        _train(model, train_loader, int(recipe["epochs"]), float(recipe["lr"]))  # type: ignore[call-overload, arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), partial)
+        partial.replace(path)
+    model.eval()
+    return ModelBundle(
+        name="digits",
+        model=model,
+        example_input=x_val[:1].clone(),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        error_fn=classification_error,
+    )
+
+
+def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
+    """A built-in example by name.
+
+    Raises:
+        ModelLoadError: unknown name; the message lists the examples and the plugin syntax.
+    """
+    if name == "digits":
+        return digits(cache_dir=cache_dir)
+    raise ModelLoadError(
+        f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
+        "(or give a plugin as package.module:function)"
+    )

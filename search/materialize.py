@@ -1,0 +1,80 @@
+"""Write a pruned model to a folder: ONNX, a reloadable PyTorch state, the plan and a manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.bundle import ModelBundle
+from search.errors import ConfigError
+from search.export import OnnxArtifact
+from search.plan import Plan
+from search.pruning import PrunedModel
+from search.space import SearchSpace, apply
+
+STATE_FILE = "model.pt"
+
+
+def write_model_dir(
+    out: Path,
+    *,
+    bundle: ModelBundle,
+    plan: Plan,
+    pruned: PrunedModel,
+    artifact: OnnxArtifact,
+    importance: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Create ``out`` with ``model.onnx``, ``model.pt``, ``plan.yaml`` and ``manifest.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(artifact.path, out / "model.onnx")
+    torch.save(
+        {
+            "state_dict": pruned.model.state_dict(),
+            "plan": plan.to_dict(),
+            "importance": importance,
+            "base_fingerprint": bundle.fingerprint(),
+        },
+        out / STATE_FILE,
+    )
+    plan.dump(out / "plan.yaml")
+    manifest = {
+        "base_model": bundle.name,
+        "base_fingerprint": bundle.fingerprint(),
+        "onnx_sha256": artifact.sha256,
+        "batch_size": artifact.batch_size,
+        "macs": pruned.macs,
+        "params": pruned.params,
+        "signature": pruned.signature,
+        "kept": dict(pruned.kept),
+        "sparsity": dict(pruned.patterns),
+        "importance": importance,
+        "torch_pruning_warnings": list(pruned.warnings),
+        **(dict(extra) if extra else {}),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_pruned(path: Path, bundle: ModelBundle, space: SearchSpace) -> nn.Module:
+    """Rebuild a pruned model from ``model.pt``: re-apply its plan to the base, load the weights.
+
+    Raises:
+        ConfigError: the base model is not the one the state was made from.
+    """
+    state = torch.load(path, weights_only=True)
+    if state["base_fingerprint"] != bundle.fingerprint():
+        raise ConfigError(
+            f"{path} was pruned from a different base model (fingerprint "
+            f"{state['base_fingerprint'][:12]}, this base {bundle.fingerprint()[:12]})"
+        )
+    plan = Plan.from_dict(state["plan"])
+    pruned = apply(bundle.model, bundle.example_input, space, plan, importance="magnitude")
+    pruned.model.load_state_dict(state["state_dict"])
+    return pruned.model.eval()

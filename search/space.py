@@ -1,0 +1,271 @@
+"""The search space: one keep-ratio decision per prunable group, one N:M decision per eligible layer.
+
+Built once per model and set of hardware profiles. Kept channel counts are rounded to the
+profiles' channel multiple (so the space only holds shapes the targets run well) and a group is
+never pruned to zero; N:M patterns are offered only on layers that can take them and only where at
+least one profile declares it runs that pattern faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hardware_profiles import HardwareProfile, parse_pattern
+from search.errors import PlanError
+from search.plan import Plan
+from search.pruning import GroupInfo, PrunedModel, apply_pruning, discover
+
+DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+DENSE = "dense"
+
+
+def kept_units(size: int, ratio: float, multiple: int) -> int:
+    """Units kept of ``size`` at keep-``ratio``, rounded to the nearest ``multiple``.
+
+    Never below one multiple (or one unit), never above ``size``; a ratio of 1.0 keeps all.
+    """
+    if ratio >= 1.0:
+        return size
+    if multiple <= 1:
+        return max(1, min(size, math.floor(ratio * size + 0.5)))
+    if size <= multiple:
+        return size
+    rounded = math.floor(ratio * size / multiple + 0.5) * multiple
+    return max(multiple, min(size, rounded))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChoice:
+    """The decision for one group: which keep-ratios it offers and what each keeps."""
+
+    name: str
+    kind: str
+    size: int
+    unit_width: int
+    multiple: int
+    members: tuple[str, ...]
+    mac_share: float
+    ratios: tuple[float, ...]
+    kept: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SparsityChoice:
+    """The decision for one layer: dense or one of the N:M patterns a target accelerates."""
+
+    layer: str
+    patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """All decisions of a search, in layer order (AMC's define-by-run order)."""
+
+    groups: tuple[GroupChoice, ...]
+    sparsity: tuple[SparsityChoice, ...]
+    fixed: Mapping[str, str]
+    channel_multiple: int
+    keep_ratios: tuple[float, ...]
+    output_layer: str
+    ignored: tuple[str, ...]
+    base_macs: int
+    base_params: int
+    _infos: tuple[GroupInfo, ...]
+
+    def group(self, name: str) -> GroupChoice:
+        for choice in self.groups:
+            if choice.name == name:
+                return choice
+        raise PlanError(self._unknown("group", name, [g.name for g in self.groups]))
+
+    @staticmethod
+    def _unknown(what: str, name: str, known: Sequence[str]) -> str:
+        listed = ", ".join(known) if known else "(none)"
+        return f"unknown {what} {name!r}; the space has: {listed}"
+
+    def validate(self, plan: Plan) -> None:
+        """Check a plan against the space.
+
+        Raises:
+            PlanError: unknown names, ratios out of range, patterns a layer cannot take.
+        """
+        names = {g.name: g for g in self.groups}
+        for name, ratio in plan.channels.items():
+            if name not in names:
+                hint = f" ({self.fixed[name]})" if name in self.fixed else ""
+                raise PlanError(self._unknown("group", name, list(names)) + hint)
+            low = min(names[name].ratios)
+            if not (low <= ratio <= 1.0) or math.isnan(ratio):
+                raise PlanError(f"ratio for {name!r} must be in [{low:g}, 1], got {ratio:g}")
+        layers = {s.layer: s for s in self.sparsity}
+        for layer, pattern in plan.sparsity.items():
+            if layer not in layers:
+                raise PlanError(
+                    self._unknown("N:M-eligible layer", layer, list(layers))
+                    + " (eligible: dense Conv2d/Linear with input size divisible by M, on a "
+                    "target that runs N:M)"
+                )
+            allowed = (DENSE, *layers[layer].patterns)
+            if pattern not in allowed:
+                raise PlanError(
+                    f"sparsity for {layer!r} must be one of {', '.join(allowed)}, got {pattern!r}"
+                )
+
+    def kept(self, plan: Plan) -> dict[str, int]:
+        """Kept units per group for a valid plan."""
+        return {
+            g.name: kept_units(g.size, plan.channels.get(g.name, 1.0), g.multiple)
+            for g in self.groups
+        }
+
+    def dense_plan(self) -> Plan:
+        return Plan()
+
+    def uniform_plan(self, ratio: float) -> Plan:
+        """Every group at the same keep-ratio (clipped to each group's lowest offer), no N:M."""
+        return Plan(channels={g.name: max(ratio, min(g.ratios)) for g in self.groups})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channel_multiple": self.channel_multiple,
+            "keep_ratios": list(self.keep_ratios),
+            "output_layer": self.output_layer,
+            "ignored": list(self.ignored),
+            "base_macs": self.base_macs,
+            "base_params": self.base_params,
+            "groups": [asdict(g) for g in self.groups],
+            "sparsity": [asdict(s) for s in self.sparsity],
+            "fixed": dict(self.fixed),
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of every decision and its options: two searches can share trials only if equal."""
+        blob = json.dumps(
+            {"groups": [asdict(g) for g in self.groups], "sparsity": [asdict(s) for s in self.sparsity]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def channel_multiple(profiles: Sequence[HardwareProfile]) -> int:
+    """The least common multiple of the profiles' channel multiples: good shapes on every target."""
+    multiple = 1
+    for profile in profiles:
+        multiple = math.lcm(multiple, profile.channel_multiple)
+    return multiple
+
+
+def build_space(
+    model: nn.Module,
+    example: torch.Tensor,
+    profiles: Sequence[HardwareProfile],
+    *,
+    keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
+    ignored: Sequence[str] = (),
+) -> SearchSpace:
+    """Discover the groups of ``model`` and turn them into decisions for ``profiles``.
+
+    Raises:
+        PlanError: a keep-ratio outside (0, 1], or an unknown ignored layer name.
+    """
+    ratios = tuple(sorted(set(float(r) for r in keep_ratios) | {1.0}))
+    bad = [r for r in ratios if not 0 < r <= 1]
+    if bad:
+        raise PlanError(f"keep-ratios must be in (0, 1], got {bad}")
+    discovery = discover(model, example, ignored=ignored)
+    multiple = channel_multiple(profiles)
+    groups: list[GroupChoice] = []
+    fixed: dict[str, str] = {}
+    kept_options: dict[str, tuple[int, ...]] = {}
+    for info in discovery.groups:
+        unit_multiple = 1 if info.kind == "heads" else multiple
+        offered: dict[int, float] = {}
+        for ratio in ratios:
+            offered.setdefault(kept_units(info.size, ratio, unit_multiple), ratio)
+        kept_options[info.name] = tuple(sorted(offered))
+        if len(offered) < 2:
+            fixed[info.name] = (
+                f"{info.size} {info.kind} cannot be rounded to a multiple of {unit_multiple} "
+                "below the full width"
+            )
+            continue
+        groups.append(
+            GroupChoice(
+                name=info.name,
+                kind=info.kind,
+                size=info.size,
+                unit_width=info.unit_width,
+                multiple=unit_multiple,
+                members=info.members,
+                mac_share=round(info.mac_share, 6),
+                ratios=tuple(offered[k] for k in sorted(offered)),
+                kept=tuple(sorted(offered)),
+            )
+        )
+    # The input size of each layer, for every width its input group can be pruned to.
+    input_widths: dict[str, set[int]] = {}
+    for info in discovery.groups:
+        for consumer in info.consumers:
+            widths = {k * info.unit_width for k in kept_options.get(info.name, (info.size,))}
+            input_widths.setdefault(consumer, set()).update(widths)
+    patterns = sorted({p for profile in profiles for p in profile.sparsity_patterns},
+                      key=lambda p: parse_pattern(p))
+    sparsity: list[SparsityChoice] = []
+    if patterns:
+        for name, layer in discovery.layers.items():
+            if name in discovery.ignored or layer.groups != 1:
+                continue
+            widths = input_widths.get(name, {layer.in_size})
+            fits = tuple(p for p in patterns if all(w % parse_pattern(p)[1] == 0 for w in widths))
+            if fits:
+                sparsity.append(SparsityChoice(name, fits))
+    return SearchSpace(
+        groups=tuple(groups),
+        sparsity=tuple(sparsity),
+        fixed=fixed,
+        channel_multiple=multiple,
+        keep_ratios=ratios,
+        output_layer=discovery.output_layer,
+        ignored=discovery.ignored,
+        base_macs=discovery.macs,
+        base_params=discovery.params,
+        _infos=discovery.groups,
+    )
+
+
+def apply(
+    base: nn.Module,
+    example: torch.Tensor,
+    space: SearchSpace,
+    plan: Plan,
+    *,
+    importance: str = "magnitude",
+    calibration: Any = None,
+) -> PrunedModel:
+    """Validate ``plan`` against ``space`` and apply it to a copy of ``base``.
+
+    Deterministic: the same plan on the same base gives bit-identical weights.
+    """
+    space.validate(plan)
+    searchable = {g.name for g in space.groups}
+    infos = [info for info in space._infos if info.name in searchable]
+    patterns = {
+        layer: parse_pattern(pattern) for layer, pattern in plan.sparsity.items() if pattern != DENSE
+    }
+    return apply_pruning(
+        base,
+        example,
+        kept=space.kept(plan),
+        groups=infos,
+        patterns=patterns,
+        importance=importance,
+        calibration=calibration,
+    )
