@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from hardware_profiles.errors import InvalidProfileError, ProfileNotFoundError
 from hardware_profiles.schema import HardwareProfile
@@ -124,23 +124,27 @@ def parse_profile(data: dict[str, Any], *, origin: str) -> HardwareProfile:
         raise InvalidProfileError(f"profile {origin}: {describe_validation_error(exc)}") from exc
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field and what it accepts."""
+def describe_validation_error(exc: ValidationError, schema: type[BaseModel] = HardwareProfile) -> str:
+    """All problems on one line, each naming the field and what it accepts."""
     problems = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown field {field!r}; allowed: {_allowed_fields(error['loc'])}")
+            problems.append(
+                f"unknown field {field!r}; allowed: {_allowed_fields(schema, error['loc'])}"
+            )
         elif error["type"] == "missing":
             problems.append(f"field {field!r} is required")
+        elif not error["loc"]:
+            problems.append(error["msg"].removeprefix("Value error, "))
         else:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"field {field!r}: {message} (got {error.get('input')!r})")
     return "; ".join(problems)
 
 
-def _allowed_fields(loc: tuple[int | str, ...]) -> str:
-    model: Any = HardwareProfile
+def _allowed_fields(schema: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    model: Any = schema
     for part in loc[:-1]:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
         if annotation is None or not hasattr(annotation, "model_fields"):

@@ -306,8 +306,14 @@ def space_command(
 
 @app.command("export")
 def export_command(
-    plan_file: Annotated[Path, typer.Option("--plan", help="Plan YAML/JSON to materialise.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    search_name: Annotated[
+        str | None, typer.Argument(metavar="[SEARCH]", help="A stored search to export trials of.")
+    ] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="With SEARCH: the trial number.")] = None,
+    pareto: Annotated[bool, typer.Option("--pareto", help="With SEARCH: every Pareto trial.")] = False,
+    db: Annotated[str | None, typer.Option("--db", help="With SEARCH: database URL.")] = None,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="Plan YAML/JSON to materialise.")] = None,
     example: ExampleOpt = None,
     model: ModelOpt = None,
     profile: ProfilesOpt = None,
@@ -316,8 +322,17 @@ def export_command(
     finetune_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps.", min=0)] = 0,
     dynamo: Annotated[bool, typer.Option(help="Use the dynamo ONNX exporter.")] = False,
 ) -> None:
-    """Materialise a plan: ONNX, a reloadable PyTorch state, the plan and a manifest."""
+    """Write ONNX, a reloadable PyTorch state, the plan and a manifest: for a stored search's
+    trial(s) (SEARCH --trial K | --pareto), or for a plan file on a model (--plan)."""
     with _handle_errors():
+        if search_name is not None:
+            from search.cli_search import export_from_search
+
+            export_from_search(search_name, trial=trial, pareto=pareto, out=out,
+                               finetune_steps=finetune_steps, db=db)
+            return
+        if plan_file is None:
+            raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
         from search.export import export_onnx
         from search.materialize import write_model_dir
         from search.plan import Plan
@@ -343,6 +358,10 @@ def export_command(
             f"of base), {pruned.params / 1e6:.3f} M params, error {error:.4f}, onnx {artifact.sha256[:12]}",
             highlight=False,
         )
+
+
+# The search commands register themselves on ``app``.
+from search import cli_search as _cli_search  # noqa: E402,F401
 
 
 def main() -> None:

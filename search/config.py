@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hardware_profiles import HardwareProfile, load_profile
+from hardware_profiles.loader import describe_validation_error
 from latency_models import registry
 from search.errors import ConfigError
 
@@ -59,3 +64,139 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return Path(environ[CACHE_ENV])
     base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "hwprune"
+
+
+# --- search configuration ---------------------------------------------------------------------
+
+DB_ENV = "HWPRUNE_DB"
+DEFAULT_DB = "sqlite:///hwprune.db"
+
+
+def db_url(flag: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """``--db`` wins over ``HWPRUNE_DB``; the default is ``hwprune.db`` in the working folder."""
+    return flag or environ.get(DB_ENV) or DEFAULT_DB
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConstraintsConfig(_Section):
+    """Feasibility limits, given to Optuna as constraints (not folded into the reward)."""
+
+    latency_budget_us: Annotated[float, Field(gt=0)] | None = None
+    latency_budget_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+    error_ceiling: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class RecoverySettings(_Section):
+    """Recovery fine-tuning after pruning, per trial."""
+
+    steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    distill: Annotated[float, Field(ge=0, le=1)] = 0.0
+    threads: Annotated[int, Field(ge=1, le=256)] = 1
+
+
+class SearchConfig(_Section):
+    """Everything that defines a search. Merged once: defaults < YAML file < flags.
+
+    ``trials`` and ``timeout_s`` may change when a search resumes; every other field must match
+    the stored configuration (see ``incompatibilities``).
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    example: str | None = None
+    model: Annotated[str, Field(pattern=r"^[\w.]+:\w+$")] | None = None
+    targets: Annotated[list[str], Field(min_length=1)] = ["cpu-ort-fp32"]
+    objective: Literal["reward", "pareto"] = "reward"
+    sampler: Literal["tpe", "nsga2", "random", "amc"] = "tpe"
+    trials: Annotated[int, Field(ge=1, le=1_000_000)] | None = 20
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    recovery: RecoverySettings = RecoverySettings()
+    importance: Literal["magnitude", "taylor", "lamp", "bn-scale"] = "magnitude"
+    keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [
+        0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0,
+    ]
+    ignored_layers: list[str] = []
+    error_floor: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_model_and_a_budget(self) -> SearchConfig:
+        if (self.example is None) == (self.model is None):
+            raise ValueError("give exactly one of 'example' (e.g. digits) or 'model' (package.module:function)")
+        if self.trials is None and self.timeout_s is None:
+            raise ValueError("give a budget: 'trials', 'timeout_s' or both")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets repeat: {self.targets}")
+        return self
+
+    @property
+    def model_spec(self) -> str:
+        return self.example or self.model or ""
+
+
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s"})
+
+
+def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:
+    """Fields whose values differ between a stored search and a new request, as ``a: x -> y``."""
+    old, now = stored.model_dump(), new.model_dump()
+    return [
+        f"{key}: {old[key]!r} -> {now[key]!r}"
+        for key in old
+        if key not in RESUMABLE_FIELDS and old[key] != now[key]
+    ]
+
+
+def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> SearchConfig:
+    """Merge a YAML file (optional) with flag ``overrides`` (``None`` values are ignored).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or a value the schema refuses; one line naming
+            the field and what it accepts.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path.name} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path.name}: expected a mapping of settings")
+        data.update(loaded or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            data[key] = {**(data.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
+        else:
+            data[key] = value
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"search config: {describe_validation_error(exc, SearchConfig)}") from exc
+
+
+HEARTBEAT_ENV = "HWPRUNE_HEARTBEAT_S"
+GRACE_ENV = "HWPRUNE_GRACE_S"
+
+
+def heartbeat_settings(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """Heartbeat interval and grace period in seconds (``HWPRUNE_HEARTBEAT_S``, ``HWPRUNE_GRACE_S``).
+
+    A trial whose worker died is failed and retried once its heartbeat is older than the grace
+    period; shorter values recover sooner at the cost of more database writes.
+    """
+    try:
+        heartbeat = int(environ.get(HEARTBEAT_ENV, "10"))
+        grace = int(environ.get(GRACE_ENV, str(3 * heartbeat)))
+    except ValueError as exc:
+        raise ConfigError(f"{HEARTBEAT_ENV} and {GRACE_ENV} must be whole seconds: {exc}") from None
+    if heartbeat < 1 or grace <= heartbeat:
+        raise ConfigError(f"need {HEARTBEAT_ENV} >= 1 and {GRACE_ENV} > {HEARTBEAT_ENV}, got {heartbeat}, {grace}")
+    return heartbeat, grace

@@ -33,3 +33,19 @@ class PruningError(SearchError):
 
 class ExportError(SearchError):
     """ONNX export failed or the exported model disagrees with torch."""
+
+
+class StorageError(SearchError):
+    """The database cannot be reached or refused an operation."""
+
+
+class SchemaError(SearchError):
+    """The database schema is not the one this hwprune expects."""
+
+    exit_code = 2
+
+
+class SearchNotFoundError(SearchError):
+    """No search of that name in the database."""
+
+    exit_code = 2

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from search.bundle import ModelBundle
-from search.errors import ConfigError
-from search.export import OnnxArtifact
+from search.config import SearchConfig
+from search.errors import ConfigError, SearchError
+from search.export import OnnxArtifact, export_onnx
+from search.recovery import RecoveryConfig, recover, recovery_for
 from search.plan import Plan
 from search.pruning import PrunedModel
 from search.space import SearchSpace, apply
@@ -78,3 +80,44 @@ def load_pruned(path: Path, bundle: ModelBundle, space: SearchSpace) -> nn.Modul
     pruned = apply(bundle.model, bundle.example_input, space, plan, importance="magnitude")
     pruned.model.load_state_dict(state["state_dict"])
     return pruned.model.eval()
+
+
+def rebuild_trial(
+    *,
+    bundle: ModelBundle,
+    space: SearchSpace,
+    config: SearchConfig,
+    attrs: Mapping[str, Any],
+    base_signature: str,
+    artifact_dir: Path,
+    batch_size: int,
+    finetune_steps: int = 0,
+) -> tuple[Plan, PrunedModel, OnnxArtifact]:
+    """Re-create a stored trial's model from its plan, exactly as the trial built it.
+
+    The plan is applied with the search's importance and recovered with the search's recovery and
+    seed; the ONNX export must reproduce the trial's stored sha256 (before any extra
+    ``finetune_steps``), which proves the model is the one that was measured.
+
+    Raises:
+        SearchError: the rebuilt model differs from the stored one.
+    """
+    plan = Plan.from_dict(attrs["plan"])
+    pruned = apply(bundle.model, bundle.example_input, space, plan, importance=config.importance,
+                   calibration=bundle.train_loader)
+    if pruned.signature != base_signature:
+        recover(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
+    artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
+    expected = attrs.get("artifact_sha256")
+    if expected and artifact.sha256 != expected:
+        raise SearchError(
+            f"the rebuilt model's ONNX ({artifact.sha256[:12]}) differs from the measured one "
+            f"({str(expected)[:12]}): torch or torch-pruning versions may have changed since the search"
+        )
+    if finetune_steps > 0:
+        extra = recovery_for(config)
+        recover(pruned.model, bundle, RecoveryConfig(steps=finetune_steps, lr=extra.lr,
+                                                     distill=extra.distill, seed=extra.seed + 1,
+                                                     threads=extra.threads), masks=pruned.masks)
+        artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
+    return plan, pruned, artifact

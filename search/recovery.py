@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from search.bundle import Batch, ModelBundle
+from search.config import SearchConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,14 @@ class RecoveryConfig:
     distill: float = 0.0
     temperature: float = 4.0
     seed: int = 0
+    threads: int = 1
+
+
+def recovery_for(config: SearchConfig) -> RecoveryConfig:
+    """The recovery a search's trials use (seeded by the search's seed)."""
+    settings = config.recovery
+    return RecoveryConfig(steps=settings.steps, lr=settings.lr, distill=settings.distill,
+                          seed=config.seed, threads=settings.threads)
 
 
 def _forever(loader: Iterable[Batch]) -> Iterator[Batch]:
@@ -44,10 +53,26 @@ def recover(
     """Fine-tune ``model`` in place for ``config.steps`` batches and return it in eval mode.
 
     N:M ``masks`` are re-applied after every step so that sparse layers stay exactly sparse.
-    Deterministic for a fixed seed (the loader's shuffling is reseeded too where it has a generator).
+    Deterministic for a fixed seed and thread count (the loader's shuffling is reseeded too where
+    it has a generator): a stored trial re-materialises bit-identically in another process.
     """
     if config.steps <= 0:
         return model.eval()
+    previous_threads = torch.get_num_threads()
+    # Float reductions split differently across thread counts; fix it for bit-identical replays.
+    torch.set_num_threads(config.threads)
+    try:
+        return _train(model, bundle, config, masks)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    model: nn.Module,
+    bundle: ModelBundle,
+    config: RecoveryConfig,
+    masks: Mapping[str, torch.Tensor] | None,
+) -> nn.Module:
     torch.manual_seed(config.seed)
     generator = getattr(bundle.train_loader, "generator", None)
     if isinstance(generator, torch.Generator):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import optuna
 import torch
 from torch import nn
 
@@ -128,6 +129,28 @@ class SearchSpace:
 
     def dense_plan(self) -> Plan:
         return Plan()
+
+    def suggest(self, trial: optuna.Trial) -> Plan:
+        """Ask Optuna for one decision per group and per N:M layer, in layer order.
+
+        Keep-ratios are suggested as an index into each group's distinct kept counts, so the
+        sampler sees an ordered integer, not an unordered category.
+        """
+        channels = {}
+        for group in self.groups:
+            index = trial.suggest_int(f"keep:{group.name}", 0, len(group.kept) - 1)
+            channels[group.name] = group.ratios[index]
+        sparsity = {
+            choice.layer: str(trial.suggest_categorical(f"nm:{choice.layer}", (DENSE, *choice.patterns)))
+            for choice in self.sparsity
+        }
+        return Plan(channels=channels, sparsity={k: v for k, v in sparsity.items() if v != DENSE})
+
+    def dense_params(self) -> dict[str, Any]:
+        """Optuna parameters that make ``suggest`` return the dense plan (trial 0)."""
+        params: dict[str, Any] = {f"keep:{g.name}": len(g.kept) - 1 for g in self.groups}
+        params.update({f"nm:{s.layer}": DENSE for s in self.sparsity})
+        return params
 
     def uniform_plan(self, ratio: float) -> Plan:
         """Every group at the same keep-ratio (clipped to each group's lowest offer), no N:M."""

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from pathlib import Path
 
@@ -108,3 +115,84 @@ def digits_bundle(hwprune_cache: Path) -> Any:
     from search.examples import digits
 
     return digits(cache_dir=hwprune_cache)
+
+
+# --- databases ----------------------------------------------------------------------------------
+
+
+def _postgres_bindir() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the session: ``TEST_POSTGRES_URL``, else a throwaway cluster.
+
+    The cluster lives in a temporary folder and listens on a free loopback port; as root it runs
+    as the ``postgres`` user (initdb refuses root). Without a server the PostgreSQL tests skip,
+    unless ``REQUIRE_POSTGRES=1`` (CI), where they fail.
+    """
+    if os.environ.get("TEST_POSTGRES_URL"):
+        yield os.environ["TEST_POSTGRES_URL"]
+        return
+    required = os.environ.get("REQUIRE_POSTGRES") == "1"
+    bindir = _postgres_bindir()
+    if bindir is None:
+        if required:
+            pytest.fail("REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (initdb) are installed")
+        pytest.skip("no PostgreSQL server installed (apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="hwprune-pg-"))
+    user: str | None = None
+    if os.geteuid() == 0:
+        user = "postgres"
+        shutil.chown(folder, user=user)
+    data, port = folder / "data", _free_port()
+    run = functools.partial(subprocess.run, check=True, capture_output=True, user=user)
+    try:
+        run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start", "-o",
+             f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"])
+    except (subprocess.CalledProcessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        message = f"could not start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}"
+        shutil.rmtree(folder, ignore_errors=True)
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, user=user)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hwprune.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    from sqlalchemy import create_engine, text
+
+    name = f"hwprune_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -1,0 +1,5 @@
+"""``python -m search`` runs the ``hwprune`` command line (used to spawn parallel workers)."""
+
+from search.cli import main
+
+main()

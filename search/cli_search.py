@@ -1,0 +1,455 @@
+"""``hwprune search``, ``pareto``, ``db`` and ``demo``: the commands over stored searches.
+
+Registered on the app of ``search.cli`` when that module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
+from search.config import (
+    CACHE_ENV,
+    PROFILES_ENV,
+    SearchConfig,
+    cache_dir,
+    db_url,
+    heartbeat_settings,
+    load_search_config,
+)
+from search.errors import ConfigError
+
+search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(search_app, name="search")
+app.add_typer(db_app, name="db")
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes on this machine.")]
+
+
+def _runtime(db: str | None, worker_index: int = 0) -> Any:
+    from search.controller import Runtime
+
+    heartbeat, grace = heartbeat_settings()
+    return Runtime(db_url=db_url(db), profile_dirs=tuple(_state.profile_dirs), cache_dir=cache_dir(),
+                   heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if _state.debug else optuna.logging.WARNING)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None) -> None:
+    """Migrate hwprune's tables to this version's schema (Optuna's tables are left alone)."""
+    with _handle_errors():
+        from search.storage import current_revision, head_revision, make_engine, upgrade
+
+        url = db_url(db)
+        engine = make_engine(url)
+        before = current_revision(engine)
+        upgrade(url)
+        after = current_revision(engine)
+        engine.dispose()
+        typer.echo(f"schema {before or 'empty'} -> {after} (head {head_revision()})")
+
+
+@db_app.command("current")
+def db_current(db: DbOpt = None) -> None:
+    """Show the database's schema revision and the one this hwprune expects."""
+    with _handle_errors():
+        from search.storage import current_revision, head_revision, make_engine
+
+        engine = make_engine(db_url(db))
+        typer.echo(f"database {current_revision(engine) or 'empty'}, expected {head_revision()}")
+        engine.dispose()
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
+    from search.controller import completed, load_study, run_worker
+
+    _quiet_optuna()
+    config: SearchConfig = prepared.config
+    console = _stderr()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=as_json or not console.is_terminal,
+    )
+    total = config.trials
+    with progress:
+        task = progress.add_task(f"search {config.name}", total=total, status="")
+
+        def update(study: Any, _trial: Any = None) -> None:
+            from search.controller import trial_points
+            from search.pareto import pareto_front
+
+            points = trial_points(study)
+            rewards = [p.reward for p in points if p.reward is not None and p.feasible]
+            front = pareto_front(points, config.targets[0])
+            best = f"best reward {max(rewards):.4f}" if rewards else "no result yet"
+            progress.update(task, completed=completed(study),
+                            status=f"{best}, Pareto {len(front)}")
+
+        if workers == 1:
+            run_worker(config.name, runtime, on_trial=update, prepared=prepared)
+            return
+        processes = _spawn_workers(config.name, runtime.db_url, workers)
+        study = load_study(prepared.record, runtime)
+        try:
+            while any(p.poll() is None for p in processes):
+                update(study)
+                time.sleep(1.0)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+        update(study)
+        failed = [p.returncode for p in processes if p.returncode]
+        if failed:
+            raise ConfigError(f"{len(failed)} of {workers} workers failed (exit {failed}); see their output above")
+
+
+def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[bytes]]:
+    env = dict(os.environ)
+    env[CACHE_ENV] = str(cache_dir())
+    if _state.profile_dirs:
+        env[PROFILES_ENV] = os.pathsep.join(str(d) for d in _state.profile_dirs)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "search", "search", "worker", name, "--db", url,
+             "--worker-index", str(index)],
+            env=env,
+        )
+        for index in range(workers)
+    ]
+
+
+def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
+    from search.controller import load_study, summary
+
+    study = load_study(prepared.record, runtime)
+    info = summary(prepared.record, study)
+    target = prepared.config.targets[0]
+    rows = _pareto_rows(prepared.record, study, target)
+    if as_json:
+        _echo_json({"search": info, "pareto": rows})
+        return
+    out = _stdout()
+    out.print(
+        f"search {info['name']}: {info['completed']} trials completed ({info['trials']}), "
+        f"best reward {info['best_reward']}",
+        highlight=False,
+    )
+    _print_pareto(rows, prepared.record, target)
+
+
+
+
+@search_app.command("start")
+def search_start(
+    name: Annotated[str | None, typer.Option("--name", help="Search name (resumes it if it exists).")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Search config YAML.")] = None,
+    example: Annotated[str | None, typer.Option("--example", help="Built-in example: digits.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Plugin package.module:function.")] = None,
+    target: Annotated[list[str] | None, typer.Option("--target", "-p", help="Target profile (repeatable; first is primary).")] = None,
+    objective: Annotated[str | None, typer.Option(help="reward or pareto.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random.")] = None,
+    trials: Annotated[int | None, typer.Option(help="Completed trials to reach.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
+    latency_budget_us: Annotated[float | None, typer.Option(help="Constraint: latency on the primary target.")] = None,
+    latency_budget_ratio: Annotated[float | None, typer.Option(help="Constraint: latency over the base model's.")] = None,
+    error_ceiling: Annotated[float | None, typer.Option(help="Constraint: highest error allowed.")] = None,
+    recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
+    importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
+    workers: WorkersOpt = 1,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a search (or resume it when one of that name exists with a compatible config)."""
+    with _handle_errors():
+        from search.controller import prepare
+
+        config = load_search_config(config_file, {
+            "name": name, "example": example, "model": model, "targets": target,
+            "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout,
+            "constraints": {"latency_budget_us": latency_budget_us,
+                            "latency_budget_ratio": latency_budget_ratio,
+                            "error_ceiling": error_ceiling},
+            "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
+        })
+        runtime = _runtime(db)
+        _quiet_optuna()
+        prepared = prepare(config, runtime)
+        _run(prepared, runtime, workers=workers, as_json=as_json)
+        _finish(prepared, runtime, as_json=as_json)
+
+
+@search_app.command("resume")
+def search_resume(
+    name: Annotated[str, typer.Argument(help="Search name.")],
+    trials: Annotated[int | None, typer.Option(help="New number of completed trials to reach.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
+    workers: WorkersOpt = 1,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a stored search with its stored configuration."""
+    with _handle_errors():
+        from search.controller import prepare, replace_budget
+        from search.storage import Repository
+
+        runtime = _runtime(db)
+        repo = Repository(runtime.db_url)
+        try:
+            record = repo.get_search(name)
+        finally:
+            repo.close()
+        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout)
+        _quiet_optuna()
+        prepared = prepare(config, runtime)
+        _run(prepared, runtime, workers=workers, as_json=as_json)
+        _finish(prepared, runtime, as_json=as_json)
+
+
+@search_app.command("worker")
+def search_worker(
+    name: Annotated[str, typer.Argument(help="Search name.")],
+    db: DbOpt = None,
+    worker_index: Annotated[int, typer.Option(help="Distinct per worker: seeds its sampler.")] = 0,
+) -> None:
+    """Join a search as one more worker (PostgreSQL for workers on several machines)."""
+    with _handle_errors():
+        from search.controller import run_worker
+
+        _quiet_optuna()
+        run_worker(name, _runtime(db, worker_index))
+
+
+@search_app.command("list")
+def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """List the searches in the database."""
+    with _handle_errors():
+        from search.controller import load_study, summary
+        from search.storage import Repository
+
+        runtime = _runtime(db)
+        repo = Repository(runtime.db_url)
+        try:
+            records = repo.list_searches()
+        finally:
+            repo.close()
+        _quiet_optuna()
+        rows = [summary(r, load_study(r, runtime)) for r in records]
+        if as_json:
+            _echo_json(rows)
+            return
+        table = Table("name", "targets", "objective", "sampler", "completed", "asked", "best reward", "created")
+        for row in rows:
+            table.add_row(row["name"], ",".join(row["targets"]), row["objective"], row["sampler"],
+                          str(row["completed"]), str(row["trials_asked"]),
+                          "-" if row["best_reward"] is None else f"{row['best_reward']:.4f}",
+                          row["created_at"][:19])
+        _stdout().print(table)
+
+
+@search_app.command("status")
+def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """One search's progress: trials by state, best reward, base figures."""
+    with _handle_errors():
+        from search.controller import load_study, summary
+        from search.storage import Repository
+
+        runtime = _runtime(db)
+        repo = Repository(runtime.db_url)
+        try:
+            record = repo.get_search(name)
+        finally:
+            repo.close()
+        _quiet_optuna()
+        info = summary(record, load_study(record, runtime))
+        if as_json:
+            _echo_json(info)
+            return
+        for key, value in info.items():
+            typer.echo(f"{key}: {value}")
+
+
+# --- Pareto -----------------------------------------------------------------------------------
+
+
+def _pareto_rows(record: Any, study: Any, target: str) -> list[dict[str, Any]]:
+    from search.controller import trial_points
+    from search.pareto import pareto_front
+
+    if target not in record.config["targets"]:
+        raise ConfigError(f"target {target!r} is not one of this search's: {', '.join(record.config['targets'])}")
+    base = record.base
+    base_latency = {k: v["median_us"] for k, v in base["measurements"].items()}
+    rows = []
+    for point in pareto_front(trial_points(study), target):
+        rows.append({
+            "trial": point.trial,
+            "error": point.error,
+            "accuracy": point.accuracy,
+            "accuracy_change": (base["error"] - point.error),
+            "latency_us": dict(point.latency_us),
+            "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0},
+            "macs": point.macs,
+            "params": point.params,
+            "reward": point.reward,
+        })
+    return rows
+
+
+def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
+    table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
+                  "MACs (M)", "params (M)", title=f"Pareto front: error x latency on {target}")
+    for row in rows:
+        table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
+                      f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
+                      f"{row['speedup'][target]:.2f}x", f"{row['macs'] / 1e6:.2f}",
+                      f"{row['params'] / 1e6:.3f}")
+    _stdout().print(table)
+
+
+@app.command("pareto")
+def pareto_command(
+    name: Annotated[str, typer.Argument(help="Search name.")],
+    target: Annotated[str | None, typer.Option("--target", help="Target profile; default the primary.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The non-dominated trials of a search on error x latency for one target."""
+    with _handle_errors():
+        from search.controller import load_study
+        from search.storage import Repository
+
+        runtime = _runtime(db)
+        repo = Repository(runtime.db_url)
+        try:
+            record = repo.get_search(name)
+        finally:
+            repo.close()
+        _quiet_optuna()
+        chosen = target or record.config["targets"][0]
+        rows = _pareto_rows(record, load_study(record, runtime), chosen)
+        if as_json:
+            _echo_json(rows)
+            return
+        _print_pareto(rows, record, chosen)
+
+
+def export_from_search(
+    name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
+) -> None:
+    """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
+    from search.controller import _check_same_base, _load_model_and_space, load_study
+    from search.materialize import rebuild_trial, write_model_dir
+    from search.storage import Repository
+
+    if (trial is None) == (not pareto):
+        raise ConfigError("give exactly one of --trial K or --pareto")
+    runtime = _runtime(db)
+    repo = Repository(runtime.db_url)
+    try:
+        record = repo.get_search(name)
+    finally:
+        repo.close()
+    config = SearchConfig.model_validate(record.config)
+    bundle, space, profiles = _load_model_and_space(config, runtime)
+    _check_same_base(record, bundle, space)
+    _quiet_optuna()
+    study = load_study(record, runtime)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial is not None:
+        if trial not in by_number or by_number[trial].state.name != "COMPLETE":
+            done = sorted(n for n, t in by_number.items() if t.state.name == "COMPLETE")
+            raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
+        numbers = [trial]
+    else:
+        numbers = [row["trial"] for row in _pareto_rows(record, study, config.targets[0])]
+    base_latency = {k: v["median_us"] for k, v in record.base["measurements"].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in numbers:
+            attrs = by_number[number].user_attrs
+            plan, pruned, artifact = rebuild_trial(
+                bundle=bundle, space=space, config=config, attrs=attrs,
+                base_signature=record.base["signature"], artifact_dir=Path(tmp),
+                batch_size=profiles[0].batch_size, finetune_steps=finetune_steps,
+            )
+            folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
+            write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                            importance=config.importance, extra={
+                                "search": name, "trial": number, "error": attrs["error"],
+                                "accuracy": attrs["accuracy"], "latency_us": attrs["latency_us"],
+                                "speedup": {k: base_latency[k] / v for k, v in attrs["latency_us"].items()},
+                                "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
+                                "measured_onnx_sha256": attrs["artifact_sha256"],
+                            })
+            _stdout().print(f"trial {number}: wrote {folder}", highlight=False)
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    db: DbOpt = None,
+    trials: Annotated[int, typer.Option(help="Completed trials.", min=2)] = 24,
+    name: Annotated[str, typer.Option(help="Search name.")] = "demo-digits",
+) -> None:
+    """A real search on the built-in digits example, on cpu-ort-fp32, then its Pareto table."""
+    with _handle_errors():
+        from search.controller import prepare
+
+        config = load_search_config(None, {
+            "name": name, "example": "digits", "targets": ["cpu-ort-fp32"], "trials": trials,
+            "sampler": "tpe", "recovery": {"steps": 40}, "timeout_s": 540,
+        })
+        runtime = _runtime(db)
+        _quiet_optuna()
+        started = time.perf_counter()
+        prepared = prepare(config, runtime)
+        _run(prepared, runtime, workers=1, as_json=False)
+        _finish(prepared, runtime, as_json=False)
+        _stdout().print(
+            f"{time.perf_counter() - started:.0f} s; database {runtime.db_url}; "
+            f"export the front with `hwprune export {name} --pareto --out models/`",
+            highlight=False,
+        )
+
+

@@ -1,0 +1,133 @@
+"""One trial, end to end: the one place where the stages are chained.
+
+plan -> prune -> recover -> error -> ONNX -> latency per target -> reward -> Optuna trial.
+A stage that raises a known error (``SearchError``, ``LatencyError``) fails the trial with its
+stage and reason stored as user attributes; the search goes on. Anything else is a bug: the trial
+is recorded the same way and the exception propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from latency_models import LatencyError
+from search.bundle import ModelBundle
+from search.config import SearchConfig
+from search.errors import SearchError
+from search.export import export_onnx
+from search.latency import TargetMeter
+from search.recovery import RecoveryConfig, recover, recovery_for
+from search.reward import reward
+from search.space import SearchSpace, apply
+from search.storage import Repository
+
+logger = logging.getLogger(__name__)
+
+KNOWN_ERRORS = (SearchError, LatencyError)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """Everything a trial needs, built once per worker."""
+
+    config: SearchConfig
+    bundle: ModelBundle
+    space: SearchSpace
+    meters: Sequence[TargetMeter]
+    repo: Repository
+    artifact_dir: Path
+    batch_size: int
+    base_error: float
+    base_signature: str
+
+    @property
+    def recovery(self) -> RecoveryConfig:
+        return recovery_for(self.config)
+
+
+class TrialFailed(SearchError):
+    """Raised after a trial's failure has been recorded; Optuna stores the trial as FAIL."""
+
+
+@contextmanager
+def _stage(trial: optuna.Trial, name: str) -> Iterator[None]:
+    try:
+        yield
+    except KNOWN_ERRORS as exc:
+        trial.set_user_attr("fail_stage", name)
+        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        logger.warning("Trial %d failed at %s, params %s: %s", trial.number, name, trial.params, exc)
+        raise TrialFailed(f"trial {trial.number} failed at {name}: {exc}") from exc
+    except Exception as exc:
+        trial.set_user_attr("fail_stage", name)
+        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+        raise
+
+
+def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
+    """Evaluate one plan. Returns the reward, or (error, latency per target) for ``pareto``."""
+    with _stage(trial, "suggest"):
+        plan = ctx.space.suggest(trial)
+        trial.set_user_attr("plan", plan.to_dict())
+    with _stage(trial, "prune"):
+        pruned = apply(ctx.bundle.model, ctx.bundle.example_input, ctx.space, plan,
+                       importance=ctx.config.importance, calibration=ctx.bundle.train_loader)
+        if pruned.warnings:
+            trial.set_user_attr("pruning_warnings", list(pruned.warnings))
+    # The dense plan is the base model itself: trial 0, the reference of every figure.
+    is_base = pruned.signature == ctx.base_signature
+    with _stage(trial, "recover"):
+        if not is_base:
+            recover(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks)
+    with _stage(trial, "evaluate"):
+        error = ctx.base_error if is_base else float(ctx.bundle.error_fn(pruned.model, ctx.bundle.val_loader))
+    with _stage(trial, "export"):
+        artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
+                               batch_size=ctx.batch_size)
+        ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
+    latencies = {}
+    with _stage(trial, "measure"):
+        for meter in ctx.meters:
+            latencies[meter.profile.name] = meter.measure(artifact.path, pruned.signature)
+    primary = latencies[ctx.config.targets[0]]
+    with _stage(trial, "reward"):
+        score = reward(error, primary.latency_us, error_floor=ctx.config.error_floor)
+    attrs: dict[str, Any] = {
+        "error": error,
+        "accuracy": 1.0 - error,
+        "reward": score,
+        "latency_us": {name: t.latency_us for name, t in latencies.items()},
+        "latency": {name: t.to_dict() for name, t in latencies.items()},
+        "macs": pruned.macs,
+        "params": pruned.params,
+        "kept": dict(pruned.kept),
+        "signature": pruned.signature,
+        "artifact_sha256": artifact.sha256,
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    _set_constraints(trial, ctx, error, primary.latency_us)
+    if ctx.config.objective == "pareto":
+        return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
+    return score
+
+
+def _set_constraints(trial: optuna.Trial, ctx: SearchContext, error: float, latency_us: float) -> None:
+    # Optuna's samplers read these (<= 0 is feasible); they are limits, not reward penalties.
+    limits = ctx.config.constraints
+    base_latency = ctx.meters[0].base_median_us
+    if limits.latency_budget_us is not None:
+        trial.set_constraint("latency_budget_us", latency_us - limits.latency_budget_us)
+    if limits.latency_budget_ratio is not None:
+        trial.set_constraint("latency_budget_ratio", latency_us / base_latency - limits.latency_budget_ratio)
+    if limits.error_ceiling is not None:
+        trial.set_constraint("error_ceiling", error - limits.error_ceiling)

@@ -1,0 +1,57 @@
+"""Pareto fronts over stored trials: error against the latency on one target."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TrialPoint:
+    """One completed trial's figures, read back from Optuna's user attributes."""
+
+    trial: int
+    error: float
+    latency_us: Mapping[str, float]
+    macs: int
+    params: int
+    reward: float | None
+    feasible: bool
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    signature: str = ""
+    artifact_sha256: str = ""
+
+    @property
+    def accuracy(self) -> float:
+        return 1.0 - self.error
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """``a`` is no worse than ``b`` in both coordinates and better in one (both minimised)."""
+    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
+
+
+def pareto_front(points: Sequence[TrialPoint], target: str) -> list[TrialPoint]:
+    """The non-dominated feasible points on (error, latency on ``target``), by latency.
+
+    Points with identical figures are all kept (none dominates another). O(n log n): sorted by
+    error then latency, a point is on the front when its latency beats every point before it
+    that has strictly lower error, or ties the best on equal error.
+    """
+    candidates = sorted(
+        (p for p in points if p.feasible and target in p.latency_us),
+        key=lambda p: (p.error, p.latency_us[target]),
+    )
+    front: list[TrialPoint] = []
+    best_latency = float("inf")
+    group_error: float | None = None
+    group_best = float("inf")
+    for point in candidates:
+        latency = point.latency_us[target]
+        if point.error != group_error:
+            best_latency = min(best_latency, group_best)
+            group_error, group_best = point.error, latency
+        if latency < best_latency and latency <= group_best:
+            front.append(point)
+    return sorted(front, key=lambda p: (p.latency_us[target], p.error))

@@ -1,0 +1,101 @@
+"""Schema management: upgrade with Alembic, and refuse a database at another schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from search.errors import SchemaError, StorageError
+
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+VERSION_TABLE = "hwprune_alembic_version"
+
+
+def _config(url: str) -> object:
+    from alembic.config import Config
+
+    if not (ALEMBIC_DIR / "env.py").is_file():
+        raise StorageError(
+            f"hwprune's migrations are missing from {ALEMBIC_DIR}: install hwprune from its "
+            "source tree (pip install -e .)"
+        )
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.attributes["url"] = url
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_config("sqlite://")).get_current_head()  # type: ignore[arg-type]
+    if head is None:
+        raise StorageError(f"no migrations found in {ALEMBIC_DIR}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision recorded in ``hwprune_alembic_version``, or None for a new database."""
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot read the schema version of {engine.url!r}: {exc}") from exc
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched."""
+    from alembic import command
+
+    try:
+        command.upgrade(_config(url), revision)  # type: ignore[arg-type]
+    except SQLAlchemyError as exc:
+        raise StorageError(f"migrating {url} failed: {exc}") from exc
+
+
+def ensure_schema(engine: Engine, url: str) -> None:
+    """Create hwprune's tables in a new database; refuse one at another revision.
+
+    Raises:
+        SchemaError: the database is at an older or unknown revision, with the command to run.
+    """
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        names = set(inspect(engine).get_table_names())
+        if any(n.startswith("hwprune_") and n != VERSION_TABLE for n in names):
+            raise SchemaError(
+                f"database {_safe(url)} has hwprune tables but no schema version: "
+                "it was not created by hwprune's migrations; use a new database"
+            )
+        upgrade(url)
+        return
+    from alembic.script import ScriptDirectory
+
+    known = {s.revision for s in ScriptDirectory.from_config(_config(url)).walk_revisions()}  # type: ignore[arg-type]
+    if current in known:
+        raise SchemaError(
+            f"database schema at {current}, this hwprune expects {head}: "
+            f"run `hwprune db upgrade --db {_safe(url)}` (stored trials are kept)"
+        )
+    raise SchemaError(
+        f"database schema at {current}, which this hwprune does not know (it expects {head}): "
+        "it was written by a newer hwprune; upgrade hwprune"
+    )
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"

@@ -1,0 +1,93 @@
+"""hwprune's own tables. Optuna's tables hold studies, trials, plans and objective values;
+these hold what Optuna does not: search configurations, artifacts and the measurement cache.
+
+Every table name starts with ``hwprune_`` so that the Alembic environment can leave Optuna's
+tables alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TABLE_PREFIX = "hwprune_"
+
+
+def _utcnow() -> dt.datetime:
+    # Naive UTC, as Optuna stores it: SQLite has no time zones and PostgreSQL would convert.
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SearchRow(Base):
+    __tablename__ = "hwprune_searches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    study_name: Mapped[str] = mapped_column(String(200), nullable=False)
+    config_json: Mapped[str] = mapped_column(Text, nullable=False)
+    base_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    space_fingerprint: Mapped[str] = mapped_column(String(16), nullable=False)
+    space_json: Mapped[str] = mapped_column(Text, nullable=False)
+    base_json: Mapped[str] = mapped_column(Text, nullable=False)
+    versions_json: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+
+
+class ArtifactRow(Base):
+    """ONNX bytes by sha256: workers and remote agents fetch them from here."""
+
+    __tablename__ = "hwprune_artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+
+
+class MeasurementRow(Base):
+    """The latency cache: one row per architecture x profile settings x reference model."""
+
+    __tablename__ = "hwprune_measurements"
+    __table_args__ = (
+        UniqueConstraint("signature", "profile_fingerprint", "reference_sha256",
+                         name="uq_hwprune_measurements_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    signature: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    profile: Mapped[str] = mapped_column(String(100), nullable=False)
+    profile_fingerprint: Mapped[str] = mapped_column(String(16), nullable=False)
+    # "" for an unpaired measurement; else the artifact it was timed interleaved with.
+    reference_sha256: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    artifact_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    median_us: Mapped[float] = mapped_column(Float, nullable=False)
+    p10_us: Mapped[float] = mapped_column(Float, nullable=False)
+    p90_us: Mapped[float] = mapped_column(Float, nullable=False)
+    mean_us: Mapped[float] = mapped_column(Float, nullable=False)
+    stdev_us: Mapped[float] = mapped_column(Float, nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    ci_low_us: Mapped[float] = mapped_column(Float, nullable=False)
+    ci_high_us: Mapped[float] = mapped_column(Float, nullable=False)
+    ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ratio_ci_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ratio_ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    converged: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    backend: Mapped[str] = mapped_column(String(50), nullable=False)
+    backend_version: Mapped[str] = mapped_column(String(50), nullable=False)
+    device: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)

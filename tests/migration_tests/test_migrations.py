@@ -1,0 +1,82 @@
+"""hwprune's Alembic migrations on real SQLite and PostgreSQL databases, beside Optuna's tables."""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from search.errors import SchemaError
+from search.storage import Repository, current_revision, ensure_schema, head_revision, upgrade
+from search.storage.migrate import _config
+
+OUR_TABLES = {"hwprune_searches", "hwprune_artifacts", "hwprune_measurements"}
+
+
+def _optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(url)
+
+
+def test_upgrade_from_empty(db_url: str) -> None:
+    upgrade(db_url)
+    engine = create_engine(db_url)
+    names = set(inspect(engine).get_table_names())
+    assert OUR_TABLES <= names
+    assert "hwprune_alembic_version" in names
+    assert "alembic_version" not in names  # Optuna's version table is not ours to create
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("optuna_first", [True, False])
+def test_coexists_with_optuna_either_order(db_url: str, optuna_first: bool) -> None:
+    if optuna_first:
+        _optuna_storage(db_url)
+        Repository(db_url).close()
+    else:
+        Repository(db_url).close()
+        _optuna_storage(db_url)
+    storage = _optuna_storage(db_url)  # Optuna's own schema check passes
+    study = optuna.create_study(storage=storage, study_name="s")
+    assert study.study_name == "s"
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        ours = connection.execute(text("SELECT version_num FROM hwprune_alembic_version")).scalar_one()
+        theirs = connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert ours == head_revision() and theirs != ours
+    engine.dispose()
+
+
+def test_alembic_check_is_clean(db_url: str) -> None:
+    from alembic import command
+
+    _optuna_storage(db_url)  # Optuna's 13 tables must not show up as "to be dropped"
+    upgrade(db_url)
+    command.check(_config(db_url))  # type: ignore[arg-type]  # raises on any difference
+
+
+def test_unknown_revision_is_refused_and_data_kept(db_url: str) -> None:
+    upgrade(db_url)
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, content, created_at) "
+                                "VALUES ('abc', 1, :b, CURRENT_TIMESTAMP)"), {"b": b"x"})
+        connection.execute(text("UPDATE hwprune_alembic_version SET version_num = 'ffff'"))
+    with pytest.raises(SchemaError, match="schema at ffff, which this hwprune does not know.*upgrade hwprune"):
+        ensure_schema(engine, db_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM hwprune_artifacts")).scalar_one() == 1
+    engine.dispose()
+
+
+def test_tables_without_version_are_refused(db_url: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE hwprune_searches (id INTEGER PRIMARY KEY)"))
+    with pytest.raises(SchemaError, match="has hwprune tables but no schema version"):
+        ensure_schema(engine, db_url)
+    engine.dispose()

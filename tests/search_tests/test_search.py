@@ -1,0 +1,226 @@
+"""End-to-end searches on the digits example, on SQLite and PostgreSQL, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from search.cli import app
+from search.storage import Repository
+
+runner = CliRunner()
+FAST = ["--example", "digits", "--recovery-steps", "3"]
+
+
+@pytest.fixture
+def env(hwprune_cache: Path, digits_bundle: Any) -> dict[str, str]:
+    return {"HWPRUNE_CACHE": str(hwprune_cache), "HWPRUNE_HEARTBEAT_S": "1", "HWPRUNE_GRACE_S": "3"}
+
+
+def _study(db_url: str, name: str) -> optuna.Study:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.load_study(study_name=f"hwprune:{name}", storage=db_url)
+
+
+def _invoke(args: list[str], env: dict[str, str]) -> Any:
+    result = runner.invoke(app, args, env=env)
+    return result
+
+
+def test_search_end_to_end(db_url: str, env: dict[str, str], tmp_path: Path) -> None:
+    result = _invoke(["search", "start", "--name", "e2e", *FAST, "--trials", "5", "--db", db_url, "--json"], env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["search"]["completed"] == 5
+    study = _study(db_url, "e2e")
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 5
+    base = trials[0]
+    assert base.number == 0 and base.user_attrs["base"] is True
+    assert all(v == base.distributions[k].high for k, v in base.params.items())  # dense: widest everywhere
+    assert base.user_attrs["latency"]["cpu-ort-fp32"]["ratio"] == 1.0
+    for trial in trials:
+        attrs = trial.user_attrs
+        for key in ("error", "accuracy", "latency_us", "macs", "params", "signature", "artifact_sha256", "plan"):
+            assert key in attrs, key
+        assert trial.value == pytest.approx(attrs["reward"])
+        assert attrs["macs"] <= base.user_attrs["macs"]
+    # Pareto JSON keys and consistency with the stored trials.
+    pareto = _invoke(["pareto", "e2e", "--db", db_url, "--json"], env)
+    assert pareto.exit_code == 0, pareto.output
+    rows = json.loads(pareto.stdout)
+    assert rows
+    for row in rows:
+        for key in ("trial", "error", "accuracy", "latency_us", "speedup", "macs", "params"):
+            assert key in row
+        stored = study.trials[row["trial"]].user_attrs
+        assert row["latency_us"] == stored["latency_us"]
+    # Status and list.
+    status = json.loads(_invoke(["search", "status", "e2e", "--db", db_url, "--json"], env).stdout)
+    assert status["completed"] == 5 and status["trials_asked"] == 5
+    listing = json.loads(_invoke(["search", "list", "--db", db_url, "--json"], env).stdout)
+    assert [row["name"] for row in listing] == ["e2e"]
+    # Export re-materialises bit-identically (the export checks the stored sha256 itself).
+    number = rows[0]["trial"]
+    out = tmp_path / "one"
+    exported = _invoke(["export", "e2e", "--trial", str(number), "--out", str(out), "--db", db_url], env)
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnx_sha256"] == study.trials[number].user_attrs["artifact_sha256"]
+    front = tmp_path / "front"
+    exported = _invoke(["export", "e2e", "--pareto", "--out", str(front), "--db", db_url], env)
+    assert exported.exit_code == 0, exported.output
+    assert {p.name for p in front.iterdir()} == {f"trial-{row['trial']}" for row in rows}
+
+
+def test_resume_extends_and_cache_avoids_remeasuring(db_url: str, env: dict[str, str]) -> None:
+    first = _invoke(["search", "start", "--name", "r", *FAST, "--trials", "3", "--db", db_url, "--json"], env)
+    assert first.exit_code == 0, first.output
+    resumed = _invoke(["search", "resume", "r", "--trials", "6", "--db", db_url, "--json"], env)
+    assert resumed.exit_code == 0, resumed.output
+    study = _study(db_url, "r")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 6
+    signatures = {t.user_attrs["signature"] for t in complete}
+    repo = Repository(db_url)
+    try:
+        # One cached measurement per distinct pruned architecture: the base is measured once
+        # at creation, and a repeated architecture is never measured again.
+        assert repo.count_measurements() == len(signatures) - 1
+    finally:
+        repo.close()
+    cached = [t for t in complete[1:] if t.user_attrs["latency"]["cpu-ort-fp32"]["cached"]]
+    assert len(cached) == len(complete) - len(signatures)
+
+
+def test_incompatible_restart_is_refused(db_url: str, env: dict[str, str]) -> None:
+    assert _invoke(["search", "start", "--name", "c", *FAST, "--trials", "2", "--db", db_url], env).exit_code == 0
+    before = len(_study(db_url, "c").trials)
+    result = _invoke(["search", "start", "--name", "c", "--example", "digits", "--recovery-steps", "7",
+                      "--sampler", "random", "--trials", "3", "--db", db_url], env)
+    assert result.exit_code == 2
+    assert "exists with another configuration" in result.stderr
+    assert "recovery" in result.stderr and "sampler: 'tpe' -> 'random'" in result.stderr
+    assert len(_study(db_url, "c").trials) == before
+    # Same config with a larger budget resumes.
+    again = _invoke(["search", "start", "--name", "c", *FAST, "--trials", "3", "--db", db_url], env)
+    assert again.exit_code == 0, again.output
+    assert len(_study(db_url, "c").get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+BAD_CONFIGS = [
+    (["--name", "x"], "give exactly one of 'example'"),
+    (["--name", "x", "--example", "digits", "--model", "pkg.mod:fn"], "give exactly one of 'example'"),
+    (["--name", "bad name!", "--example", "digits"], "field 'name'"),
+    (["--name", "x", "--example", "digits", "--sampler", "cmaes"], "field 'sampler': Input should be 'tpe'"),
+    (["--name", "x", "--example", "digits", "--objective", "speed"], "field 'objective'"),
+    (["--name", "x", "--example", "digits", "--trials", "0"], "field 'trials': Input should be greater than or equal to 1"),
+    (["--name", "x", "--example", "digits", "--error-ceiling", "1.5"], "field 'constraints.error_ceiling'"),
+    (["--name", "x", "--example", "digits", "--latency-budget-ratio", "0"], "field 'constraints.latency_budget_ratio'"),
+    (["--name", "x", "--example", "digits", "--importance", "fisher"], "field 'importance'"),
+    (["--name", "x", "--example", "digits", "-p", "cpu-ort-fp32", "-p", "cpu-ort-fp32"], "targets repeat"),
+    (["--name", "x", "--example", "digits", "-p", "gpu-9000"], "no hardware profile 'gpu-9000'; known:"),
+    (["--name", "x", "--example", "digits", "-p", "jetson-orin-ort-cpu"], "is measured on a remote device"),
+    (["--name", "x", "--example", "mnist9"], "no built-in example 'mnist9'"),
+    (["--name", "x", "--model", "no_such_module:make"], "cannot import model plugin module 'no_such_module'"),
+    (["--name", "x", "--example", "digits", "--recovery-steps", "-1"], "field 'recovery.steps'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_CONFIGS)
+def test_bad_configs_are_refused_and_store_nothing(
+    tmp_path: Path, env: dict[str, str], args: list[str], message: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    result = _invoke(["search", "start", *args, "--db", url], env)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if (tmp_path / "h.db").exists():
+        repo = Repository(url)
+        try:
+            assert repo.list_searches() == []
+        finally:
+            repo.close()
+
+
+def test_bad_config_file(tmp_path: Path, env: dict[str, str]) -> None:
+    config = tmp_path / "search.yaml"
+    config.write_text("name: f\nexample: digits\nrecovery: {stepz: 3}\n")
+    result = _invoke(["search", "start", "--config", str(config), "--db", f"sqlite:///{tmp_path / 'h.db'}"], env)
+    assert result.exit_code == 2
+    assert "unknown field 'recovery.stepz'; allowed: steps, lr, distill, threads" in result.stderr
+
+
+def test_unknown_search(tmp_path: Path, env: dict[str, str]) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    for args in (["search", "resume", "nope"], ["search", "status", "nope"], ["pareto", "nope"]):
+        result = _invoke([*args, "--db", url], env)
+        assert result.exit_code == 2
+        assert "no search named 'nope'" in result.stderr
+
+
+def _completed(db_url: str, name: str) -> tuple[int, int]:
+    try:
+        study = _study(db_url, name)
+    except KeyError:
+        return 0, 0
+    trials = study.get_trials(deepcopy=False)
+    return (sum(t.state == TrialState.COMPLETE for t in trials), sum(t.state == TrialState.RUNNING for t in trials))
+
+
+def test_resume_after_sigkill(db_url: str, env: dict[str, str]) -> None:
+    """A real SIGKILL of a real search process; the resumed search loses and duplicates nothing."""
+    trials = 6
+    command = [sys.executable, "-m", "search", "search", "start", "--name", "k", *FAST,
+               "--trials", str(trials), "--db", db_url]
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            done, running = _completed(db_url, "k")
+            if done >= 2 and running == 1:
+                break
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "search made no progress"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        if process.stderr is not None:
+            process.stderr.close()
+    study = _study(db_url, "k")
+    before = {t.number: t.values for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    killed = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
+    assert len(killed) == 1
+    time.sleep(3.5)  # past the grace period: the killed trial's heartbeat is stale
+    result = _invoke(["search", "resume", "k", "--db", db_url, "--json"], env)
+    assert result.exit_code == 0, result.output
+    study = _study(db_url, "k")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == trials
+    assert len({t.number for t in complete}) == trials
+    for number, values in before.items():  # nothing completed was lost or changed
+        assert study.trials[number].values == values
+    assert study.trials[killed[0]].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == study.trials[killed[0]].params
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
