@@ -361,6 +361,7 @@ def export_command(
 
 
 # The search commands register themselves on ``app``.
+from search import cli_agents as _cli_agents  # noqa: E402,F401
 from search import cli_search as _cli_search  # noqa: E402,F401
 
 

@@ -46,12 +46,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress d
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes on this machine.")]
 
 
-def _runtime(db: str | None, worker_index: int = 0) -> Any:
+WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if no agent serves a remote target yet.")]
+
+
+def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = False) -> Any:
     from search.controller import Runtime
 
     heartbeat, grace = heartbeat_settings()
     return Runtime(db_url=db_url(db), profile_dirs=tuple(_state.profile_dirs), cache_dir=cache_dir(),
-                   heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index)
+                   heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
+                   wait_for_agents=wait_for_agents)
 
 
 def _quiet_optuna() -> None:
@@ -158,12 +162,12 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
 
 
 def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    from search.controller import load_study, summary
+    from search.controller import load_study, pareto_rows, summary
 
     study = load_study(prepared.record, runtime)
     info = summary(prepared.record, study)
     target = prepared.config.targets[0]
-    rows = _pareto_rows(prepared.record, study, target)
+    rows = pareto_rows(prepared.record, study, target)
     if as_json:
         _echo_json({"search": info, "pareto": rows})
         return
@@ -196,6 +200,7 @@ def search_start(
     importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
     workers: WorkersOpt = 1,
+    wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -211,7 +216,7 @@ def search_start(
                             "error_ceiling": error_ceiling},
             "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
         })
-        runtime = _runtime(db)
+        runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
         prepared = prepare(config, runtime)
         _run(prepared, runtime, workers=workers, as_json=as_json)
@@ -224,6 +229,7 @@ def search_resume(
     trials: Annotated[int | None, typer.Option(help="New number of completed trials to reach.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
     workers: WorkersOpt = 1,
+    wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -232,7 +238,7 @@ def search_resume(
         from search.controller import prepare, replace_budget
         from search.storage import Repository
 
-        runtime = _runtime(db)
+        runtime = _runtime(db, wait_for_agents=wait_for_agents)
         repo = Repository(runtime.db_url)
         try:
             record = repo.get_search(name)
@@ -311,30 +317,6 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
 # --- Pareto -----------------------------------------------------------------------------------
 
 
-def _pareto_rows(record: Any, study: Any, target: str) -> list[dict[str, Any]]:
-    from search.controller import trial_points
-    from search.pareto import pareto_front
-
-    if target not in record.config["targets"]:
-        raise ConfigError(f"target {target!r} is not one of this search's: {', '.join(record.config['targets'])}")
-    base = record.base
-    base_latency = {k: v["median_us"] for k, v in base["measurements"].items()}
-    rows = []
-    for point in pareto_front(trial_points(study), target):
-        rows.append({
-            "trial": point.trial,
-            "error": point.error,
-            "accuracy": point.accuracy,
-            "accuracy_change": (base["error"] - point.error),
-            "latency_us": dict(point.latency_us),
-            "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0},
-            "macs": point.macs,
-            "params": point.params,
-            "reward": point.reward,
-        })
-    return rows
-
-
 def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
                   "MACs (M)", "params (M)", title=f"Pareto front: error x latency on {target}")
@@ -355,7 +337,7 @@ def pareto_command(
 ) -> None:
     """The non-dominated trials of a search on error x latency for one target."""
     with _handle_errors():
-        from search.controller import load_study
+        from search.controller import load_study, pareto_rows
         from search.storage import Repository
 
         runtime = _runtime(db)
@@ -366,7 +348,7 @@ def pareto_command(
             repo.close()
         _quiet_optuna()
         chosen = target or record.config["targets"][0]
-        rows = _pareto_rows(record, load_study(record, runtime), chosen)
+        rows = pareto_rows(record, load_study(record, runtime), chosen)
         if as_json:
             _echo_json(rows)
             return
@@ -377,7 +359,7 @@ def export_from_search(
     name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
-    from search.controller import _check_same_base, _load_model_and_space, load_study
+    from search.controller import _check_same_base, _load_model_and_space, load_study, pareto_rows
     from search.materialize import rebuild_trial, write_model_dir
     from search.storage import Repository
 
@@ -401,7 +383,7 @@ def export_from_search(
             raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
         numbers = [trial]
     else:
-        numbers = [row["trial"] for row in _pareto_rows(record, study, config.targets[0])]
+        numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
     base_latency = {k: v["median_us"] for k, v in record.base["measurements"].items()}
     with tempfile.TemporaryDirectory() as tmp:
         for number in numbers:
@@ -439,6 +421,9 @@ def demo(
         config = load_search_config(None, {
             "name": name, "example": "digits", "targets": ["cpu-ort-fp32"], "trials": trials,
             "sampler": "tpe", "recovery": {"steps": 40}, "timeout_s": 540,
+            # digits is easy: several plans reach 0 errors on its 360 validation images, and
+            # -0 * log(latency) would tie them all; one image's worth of error breaks the tie.
+            "error_floor": 1 / 360,
         })
         runtime = _runtime(db)
         _quiet_optuna()

@@ -29,12 +29,13 @@ from search.bundle import ModelBundle, load_bundle
 from search.config import SearchConfig, incompatibilities, resolve_profile
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
-from search.latency import TargetMeter, measure_base
+from search.latency import LocalMeter, RemoteMeter, measure_base
 from search.objective import KNOWN_ERRORS, SearchContext, run_trial
-from search.pareto import TrialPoint
+from search.pareto import TrialPoint, pareto_front
 from search.pruning import architecture_signature
 from search.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
+from search.storage.queue import JobQueue
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Runtime:
     heartbeat_s: int = 10
     grace_s: int = 30
     worker_index: int = 0
+    wait_for_agents: bool = False
+    agent_live_s: float = 60.0
 
 
 def study_name(search: str) -> str:
@@ -115,12 +118,6 @@ class Prepared:
 
 def _load_model_and_space(config: SearchConfig, runtime: Runtime) -> tuple[ModelBundle, SearchSpace, list[HardwareProfile]]:
     profiles = [resolve_profile(name, runtime.profile_dirs) for name in config.targets]
-    for profile in profiles:
-        if profile.location != "local":
-            raise ConfigError(
-                f"target {profile.name!r} is measured on a remote device; remote agents are not "
-                "available in this hwprune release: choose local targets (hwprune profiles list)"
-            )
     bundle = load_bundle(config.model_spec, cache_dir=runtime.cache_dir)
     space = build_space(bundle.model, bundle.example_input, profiles,
                         keep_ratios=config.keep_ratios, ignored=config.ignored_layers)
@@ -149,6 +146,7 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
                     f"resume it with `hwprune search resume {config.name}` or choose a new --name"
                 )
         bundle, space, profiles = _load_model_and_space(config, runtime)
+        check_agents(profiles, repo, runtime)
         if existing is not None:
             _check_same_base(existing, bundle, space)
             repo.update_budget(config.name, trials=config.trials, timeout_s=config.timeout_s)
@@ -158,6 +156,20 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
         return Prepared(record, config, bundle, space, profiles)
     finally:
         repo.close()
+
+
+def check_agents(profiles: Sequence[HardwareProfile], repo: Repository, runtime: Runtime) -> None:
+    """Refuse remote targets that no live agent serves, unless told to wait for agents."""
+    if runtime.wait_for_agents:
+        return
+    queue = JobQueue(repo.engine)
+    for profile in profiles:
+        if profile.location == "remote" and not queue.live_agents(profile.name, runtime.agent_live_s):
+            raise ConfigError(
+                f"no live agent serves remote profile {profile.name!r}: register one with `hwprune "
+                f"agents add NAME --profile {profile.name}`, start `hwprune serve`, run `hwprune agent "
+                f"--server URL --token TOKEN --profile {profile.name}` on the device, or pass --wait-for-agents"
+            )
 
 
 def _check_same_base(record: SearchRecord, bundle: ModelBundle, space: SearchSpace) -> None:
@@ -183,12 +195,16 @@ def _create(
     profiles: list[HardwareProfile],
 ) -> SearchRecord:
     base_error = float(bundle.error_fn(bundle.model, bundle.val_loader))
+    signature = architecture_signature(bundle.model, {})
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
                                batch_size=profiles[0].batch_size)
-        content = artifact.path.read_bytes()
-        measurements = {p.name: measure_base(p, artifact.path).to_dict() for p in profiles}
-    repo.put_artifact(artifact.sha256, content)
+        repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
+        measurements = {
+            p.name: measure_base(p, artifact.path, repo=repo, sha256=artifact.sha256,
+                                 signature=signature).to_dict()
+            for p in profiles
+        }
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
@@ -200,7 +216,7 @@ def _create(
             "error": base_error,
             "macs": space.base_macs,
             "params": space.base_params,
-            "signature": architecture_signature(bundle.model, {}),
+            "signature": signature,
             "artifact_sha256": artifact.sha256,
             "measurements": measurements,
         },
@@ -282,16 +298,18 @@ def run_worker(
         partial.replace(base_path)
     with ExitStack() as stack:
         stack.callback(repo.close)
-        meters = [
-            stack.enter_context(
-                TargetMeter(
-                    profile, repo, base_path=base_path, base_sha256=record.base["artifact_sha256"],
-                    base_signature=record.base["signature"],
-                    base_median_us=record.base["measurements"][profile.name]["median_us"],
-                )
-            )
-            for profile in prepared.profiles
-        ]
+        meters: list[LocalMeter | RemoteMeter] = []
+        for profile in prepared.profiles:
+            base_median = record.base["measurements"][profile.name]["median_us"]
+            if profile.location == "remote":
+                meter: LocalMeter | RemoteMeter = RemoteMeter(
+                    profile, repo, base_sha256=record.base["artifact_sha256"],
+                    base_signature=record.base["signature"], base_median_us=base_median)
+            else:
+                meter = LocalMeter(profile, repo, base_path=base_path,
+                                   base_sha256=record.base["artifact_sha256"],
+                                   base_signature=record.base["signature"], base_median_us=base_median)
+            meters.append(stack.enter_context(meter))
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,
@@ -371,3 +389,25 @@ def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float
     return SearchConfig.model_validate(data)
 
 
+
+
+def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[dict[str, Any]]:
+    """The Pareto front on ``target`` as rows with speedups and accuracy change against the base."""
+    if target not in record.config["targets"]:
+        raise ConfigError(f"target {target!r} is not one of this search's: {', '.join(record.config['targets'])}")
+    base = record.base
+    base_latency = {k: v["median_us"] for k, v in base["measurements"].items()}
+    rows = []
+    for point in pareto_front(trial_points(study), target):
+        rows.append({
+            "trial": point.trial,
+            "error": point.error,
+            "accuracy": point.accuracy,
+            "accuracy_change": (base["error"] - point.error),
+            "latency_us": dict(point.latency_us),
+            "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0},
+            "macs": point.macs,
+            "params": point.params,
+            "reward": point.reward,
+        })
+    return rows

@@ -1,22 +1,29 @@
-"""Latency of a trial's model on each target: the cache first, else the target's backend.
+"""Latency of a trial's model on each target: the cache first, else the target's backend here,
+or a job for a remote agent.
 
 Every candidate is timed interleaved with the base model (paired mode) and its latency reported
 as ``ratio x base median``: on a shared machine the ratio is steady where absolute medians drift
 (docs/benchmarks.md). The base median is measured once, when the search is created.
+
+Measuring is two-phase (``start`` then ``Pending.result``) so that the jobs of several remote
+targets run on their devices at the same time.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from hardware_profiles import HardwareProfile
-from latency_models import LatencyBackend, Measurement, registry
+from latency_models import LatencyBackend, Measurement, MeasurementError, MeasurementTimeout, registry
 from search.errors import ConfigError
 from search.storage import Repository
+from search.storage.queue import DONE, FAILED, JobQueue
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +49,21 @@ class TargetLatency:
         }
 
 
-class TargetMeter:
+class Pending:
+    """A measurement under way; ``result()`` waits for it."""
+
+    def __init__(self, wait: Callable[[], TargetLatency]) -> None:
+        self._wait = wait
+
+    def result(self) -> TargetLatency:
+        return self._wait()
+
+
+def _done(value: TargetLatency) -> Pending:
+    return Pending(lambda: value)
+
+
+class LocalMeter:
     """Measures trials on one local target, paired with the base model, through the cache."""
 
     def __init__(
@@ -56,10 +77,7 @@ class TargetMeter:
         base_median_us: float,
     ) -> None:
         if profile.location != "local":
-            raise ConfigError(
-                f"target {profile.name!r} is measured on a remote device; remote agents are not "
-                "available in this hwprune release: choose a local profile"
-            )
+            raise ConfigError(f"target {profile.name!r} is remote: use RemoteMeter")
         self.profile = profile
         self.repo = repo
         self.base_path = base_path
@@ -68,7 +86,7 @@ class TargetMeter:
         self.base_median_us = base_median_us
         self._backend: LatencyBackend | None = None
 
-    def __enter__(self) -> TargetMeter:
+    def __enter__(self) -> LocalMeter:
         self._backend = registry.get(self.profile.backend)(self.profile)
         self._backend.open()
         return self
@@ -83,6 +101,10 @@ class TargetMeter:
             self._backend.close()
             self._backend = None
 
+    def start(self, artifact: Path, sha256: str, signature: str) -> Pending:
+        """Measure here and now (the local CPU or GPU is not shared between targets)."""
+        return _done(self.measure(artifact, signature))
+
     def measure(self, artifact: Path, signature: str) -> TargetLatency:
         """The latency of ``artifact`` (architecture ``signature``) on this target."""
         name = self.profile.name
@@ -93,7 +115,7 @@ class TargetMeter:
         if hit is not None and hit.ratio is not None:
             return self._latency(hit.measurement, hit.ratio, hit.ratio_ci, cached=True)
         if self._backend is None:
-            raise RuntimeError("TargetMeter used outside its context")
+            raise RuntimeError("LocalMeter used outside its context")
         paired = self._backend.measure_paired(artifact, self.base_path)
         ratio_ci = (paired.ratio_ci_low, paired.ratio_ci_high)
         stored = self.repo.put_measurement(
@@ -120,12 +142,94 @@ class TargetMeter:
         )
 
 
-def measure_base(profile: HardwareProfile, artifact: Path) -> Measurement:
-    """The base model alone on a local target: the reference every trial's ratio multiplies."""
-    if profile.location != "local":
-        raise ConfigError(
-            f"target {profile.name!r} is measured on a remote device; remote agents are not "
-            "available in this hwprune release: choose a local profile"
-        )
-    with registry.get(profile.backend)(profile) as backend:
-        return backend.measure(artifact)
+class RemoteMeter:
+    """Measures trials on a remote target: a job in the queue, served by an agent via the hub."""
+
+    def __init__(
+        self,
+        profile: HardwareProfile,
+        repo: Repository,
+        *,
+        base_sha256: str,
+        base_signature: str,
+        base_median_us: float,
+        poll_s: float = 0.2,
+    ) -> None:
+        self.profile = profile
+        self.repo = repo
+        self.queue = JobQueue(repo.engine)
+        self.base_sha256 = base_sha256
+        self.base_signature = base_signature
+        self.base_median_us = base_median_us
+        self.poll_s = poll_s
+
+    def __enter__(self) -> RemoteMeter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def start(self, artifact: Path, sha256: str, signature: str) -> Pending:
+        name = self.profile.name
+        if signature == self.base_signature:
+            return _done(TargetLatency(name, self.base_median_us, 1.0, (1.0, 1.0), self.base_median_us, True))
+        fingerprint = self.profile.fingerprint()
+        hit = self.repo.find_measurement(signature, fingerprint, self.base_sha256)
+        if hit is not None and hit.ratio is not None:
+            return _done(self._latency(hit.measurement.median_us, hit.ratio, hit.ratio_ci, cached=True))
+        job_id = self.queue.submit(signature=signature, profile=name, profile_fingerprint=fingerprint,
+                                   artifact_sha256=sha256, reference_sha256=self.base_sha256)
+
+        def wait() -> TargetLatency:
+            result = wait_for_job(self.queue, job_id, timeout_s=self.profile.timeout_s, poll_s=self.poll_s,
+                                  profile=name)
+            ratio = result.get("ratio")
+            if ratio is None:
+                raise MeasurementError(f"agent result for job {job_id} has no ratio to the base model")
+            ci = result.get("ratio_ci")
+            return self._latency(float(result["measurement"]["median_us"]), float(ratio),
+                                 (float(ci[0]), float(ci[1])) if ci else None, cached=False)
+
+        return Pending(wait)
+
+    def _latency(self, median_us: float, ratio: float, ratio_ci: tuple[float, float] | None,
+                 *, cached: bool) -> TargetLatency:
+        return TargetLatency(self.profile.name, ratio * self.base_median_us, ratio,
+                             ratio_ci or (ratio, ratio), median_us, cached)
+
+
+def wait_for_job(queue: JobQueue, job_id: int, *, timeout_s: float, poll_s: float, profile: str) -> dict[str, Any]:
+    """Poll a job until done; its result body. Failure and timeout raise ``MeasurementError``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = queue.get(job_id)
+        if job is None:
+            raise MeasurementError(f"job {job_id} vanished from the queue")
+        if job.status == DONE and job.result is not None:
+            return job.result
+        if job.status == FAILED:
+            raise MeasurementError(f"remote measurement on {profile!r} failed: {job.last_error}")
+        if time.monotonic() > deadline:
+            raise MeasurementTimeout(
+                f"no agent finished job {job_id} on {profile!r} within the profile's timeout of "
+                f"{timeout_s:g} s (status {job.status}); check `hwprune agents list`"
+            )
+        time.sleep(poll_s)
+
+
+def measure_base(profile: HardwareProfile, artifact: Path, *, repo: Repository, sha256: str,
+                 signature: str, poll_s: float = 0.2) -> Measurement:
+    """The base model alone on a target: the reference every trial's ratio multiplies."""
+    if profile.location == "local":
+        with registry.get(profile.backend)(profile) as backend:
+            # Every trial's latency is a ratio times this median: take the middle of three
+            # measurements so that one disturbed run does not scale the whole search.
+            runs = sorted((backend.measure(artifact) for _ in range(3)), key=lambda m: m.median_us)
+            return runs[1]
+    queue = JobQueue(repo.engine)
+    job_id = queue.submit(signature=signature, profile=profile.name, profile_fingerprint=profile.fingerprint(),
+                          artifact_sha256=sha256)
+    result = wait_for_job(queue, job_id, timeout_s=profile.timeout_s, poll_s=poll_s, profile=profile.name)
+    from latency_models.wire import MeasurementBody
+
+    return MeasurementBody.model_validate(result["measurement"]).to_measurement()

@@ -23,7 +23,7 @@ from search.bundle import ModelBundle
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.export import export_onnx
-from search.latency import TargetMeter
+from search.latency import LocalMeter, RemoteMeter
 from search.recovery import RecoveryConfig, recover, recovery_for
 from search.reward import reward
 from search.space import SearchSpace, apply
@@ -41,7 +41,7 @@ class SearchContext:
     config: SearchConfig
     bundle: ModelBundle
     space: SearchSpace
-    meters: Sequence[TargetMeter]
+    meters: Sequence[LocalMeter | RemoteMeter]
     repo: Repository
     artifact_dir: Path
     batch_size: int
@@ -96,8 +96,11 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
     latencies = {}
     with _stage(trial, "measure"):
-        for meter in ctx.meters:
-            latencies[meter.profile.name] = meter.measure(artifact.path, pruned.signature)
+        # Remote jobs are queued first so that every device works at once.
+        pending = [(m.profile.name, m.start(artifact.path, artifact.sha256, pruned.signature))
+                   for m in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter))]
+        for name, waiting in pending:
+            latencies[name] = waiting.result()
     primary = latencies[ctx.config.targets[0]]
     with _stage(trial, "reward"):
         score = reward(error, primary.latency_us, error_floor=ctx.config.error_floor)

@@ -7,7 +7,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -196,3 +199,140 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# --- the hub on loopback, and agents as real subprocesses ----------------------------------------
+
+
+class HubThread:
+    """The hub (real uvicorn) in a thread on 127.0.0.1; ``restart()`` keeps its port."""
+
+    def __init__(self, db_url: str, *, lease_s: float = 2.0, max_result_bytes: int | None = None) -> None:
+        from search.service import HubSettings
+
+        extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        self.settings = HubSettings(db_url=db_url, lease_s=lease_s, **extra)
+        self.port = 0
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HubThread:
+        import uvicorn
+
+        from search.service import create_app
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = int(sock.getsockname()[1])
+        self._socket = sock
+        config = uvicorn.Config(create_app(self.settings), log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the hub did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def start_hub() -> Iterator[Callable[..., HubThread]]:
+    hubs: list[HubThread] = []
+
+    def start(db_url: str, **kwargs: Any) -> HubThread:
+        hub = HubThread(db_url, **kwargs).start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        hub.stop()
+
+
+# Runs ``hwprune`` with torch, optuna and torch-pruning made unimportable: the agent's whole code
+# path (CLI, HTTP client, ONNX checks, ONNX Runtime) must work on a device that has none of them.
+AGENT_LAUNCHER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'optuna', 'torch_pruning'}:
+            raise ImportError(f'{name} is blocked: the agent must not import it')
+        return None
+sys.meta_path.insert(0, _Block())
+from search.cli import main
+sys.argv = ['hwprune'] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.fixture
+def agent_launcher() -> str:
+    return AGENT_LAUNCHER
+
+
+@pytest.fixture
+def spawn_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(hub_url: str, token: str, profile: str, profiles_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+        work = tmp_path / f"agent-{len(processes)}"
+        env = {**os.environ, "HWPRUNE_AGENT_TOKEN": token, "HWPRUNE_PROFILES": str(profiles_dir),
+               "HWPRUNE_CACHE": str(work)}
+        log = (tmp_path / f"agent-{len(processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-c", AGENT_LAUNCHER, "agent", "--server", hub_url, "--profile", profile,
+             "--poll", "0.1", "--heartbeat", "0.3", *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        processes.append(process)
+        return process
+
+    yield spawn
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+STANDIN_PROFILE = """\
+description: Loopback stand-in for a Jetson Orin's CPU cores, served by an agent on this machine.
+backend: onnxruntime
+device_class: jetson-orin
+location: remote
+threads: 1
+warmup: {runs: 3, min_seconds: 0}
+repeat: {min_runs: 10, max_runs: 400, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.03}
+channel_multiple: 16
+timeout_s: 120
+"""
+
+
+@pytest.fixture
+def standin_profiles(tmp_path: Path) -> Path:
+    """A folder whose ``jetson-orin-ort-cpu`` is a fast loopback stand-in (named so above)."""
+    folder = tmp_path / "standin-profiles"
+    folder.mkdir()
+    (folder / "jetson-orin-ort-cpu.yaml").write_text(STANDIN_PROFILE)
+    return folder

@@ -91,3 +91,46 @@ class MeasurementRow(Base):
     backend_version: Mapped[str] = mapped_column(String(50), nullable=False)
     device: Mapped[str] = mapped_column(String(200), nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+
+
+class AgentRow(Base):
+    """A remote profiler: its token is stored as a sha256 hash, never in clear."""
+
+    __tablename__ = "hwprune_agents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    profile: Mapped[str] = mapped_column(String(100), nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    revoked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    jobs_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    environment_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+
+
+class JobRow(Base):
+    """One measurement to be made by an agent: queued -> leased -> done | failed."""
+
+    __tablename__ = "hwprune_jobs"
+    __table_args__ = (
+        UniqueConstraint("signature", "profile_fingerprint", "reference_sha256",
+                         name="uq_hwprune_jobs_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    profile: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    profile_fingerprint: Mapped[str] = mapped_column(String(16), nullable=False)
+    signature: Mapped[str] = mapped_column(String(64), nullable=False)
+    artifact_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    reference_sha256: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    lease_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    done_by_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)

@@ -123,7 +123,8 @@ def test_ort_adaptive_stopping_stops_early_when_precise(
     with registry.get("onnxruntime")(loose) as backend:
         m = backend.measure(onnx_artifact)
     assert m.converged
-    assert m.n == loose.repeat.min_runs
+    # Stopped at one of the first checks, far below the caps (a loaded machine may need a few).
+    assert loose.repeat.min_runs <= m.n <= 200
     assert m.elapsed_s < 30.0
 
 

@@ -133,7 +133,7 @@ BAD_CONFIGS = [
     (["--name", "x", "--example", "digits", "--importance", "fisher"], "field 'importance'"),
     (["--name", "x", "--example", "digits", "-p", "cpu-ort-fp32", "-p", "cpu-ort-fp32"], "targets repeat"),
     (["--name", "x", "--example", "digits", "-p", "gpu-9000"], "no hardware profile 'gpu-9000'; known:"),
-    (["--name", "x", "--example", "digits", "-p", "jetson-orin-ort-cpu"], "is measured on a remote device"),
+    (["--name", "x", "--example", "digits", "-p", "jetson-orin-ort-cpu"], "no live agent serves remote profile"),
     (["--name", "x", "--example", "mnist9"], "no built-in example 'mnist9'"),
     (["--name", "x", "--model", "no_such_module:make"], "cannot import model plugin module 'no_such_module'"),
     (["--name", "x", "--example", "digits", "--recovery-steps", "-1"], "field 'recovery.steps'"),
@@ -224,3 +224,16 @@ def test_resume_after_sigkill(db_url: str, env: dict[str, str]) -> None:
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == study.trials[killed[0]].params
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_parallel_workers(db_url: str, env: dict[str, str]) -> None:
+    """Two worker processes on one search share the study; each trial number is unique."""
+    result = _invoke(["search", "start", "--name", "p", *FAST, "--trials", "6", "--workers", "2",
+                      "--db", db_url, "--json"], env)
+    assert result.exit_code == 0, result.output
+    study = _study(db_url, "p")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    # Each worker stops after the trial that reaches the budget: at most one extra per worker.
+    assert 6 <= len(complete) <= 7
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len({t.number for t in complete}) == len(complete)

@@ -1,0 +1,218 @@
+"""The remote profiler agent: runs on the device, pulls jobs from the hub, measures them.
+
+It imports neither torch nor optuna (a device needs only a runtime, httpx and this package).
+Each job: download the ONNX artifact (and the reference, for a paired job) by sha256, check the
+bytes against the hash and with ``onnx.checker``, measure with the backend the profile names, post
+the result with the environment. While measuring, a heartbeat thread keeps the lease alive. When
+the hub is unreachable the agent retries with exponential backoff and keeps any finished result
+until the hub takes it. On SIGTERM it finishes the job in hand, posts it and exits; a second
+SIGTERM releases the job instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+from hardware_profiles import HardwareProfile
+from latency_models import registry
+from latency_models.base import LatencyBackend
+from latency_models.errors import ArtifactError, LatencyError
+from latency_models.remote import HubClient, HubRefused, HubUnavailable
+from latency_models.wire import JobSpec, MeasurementBody, ResultBody
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _Released(Exception):
+    """The job was given back (second SIGTERM or lease lost): stop working on it."""
+
+
+class Agent:
+    """A pull loop for one profile. ``stop()`` (or SIGTERM) ends it after the job in hand."""
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        token: str,
+        profile: HardwareProfile,
+        work_dir: Path,
+        poll_s: float = 1.0,
+        heartbeat_s: float = 2.0,
+        max_backoff_s: float = 30.0,
+        max_jobs: int | None = None,
+    ) -> None:
+        self.server = server
+        self.token = token
+        self.profile = profile
+        self.work_dir = work_dir
+        self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self.max_backoff_s = max_backoff_s
+        self.max_jobs = max_jobs
+        self.jobs_done = 0
+        self._stop = threading.Event()
+        self._release = threading.Event()
+        self._client = HubClient(server, token)
+        self._backend: LatencyBackend | None = None
+
+    # --- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def on_term(_signum: int, _frame: FrameType | None) -> None:
+            if self._stop.is_set():
+                logger.warning("second SIGTERM: releasing the job in hand")
+                self._release.set()
+            else:
+                logger.warning("SIGTERM: finishing the job in hand, then exiting")
+                self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def environment(self) -> dict[str, str]:
+        backend = self._backend
+        return {
+            "agent_profile": self.profile.name,
+            "profile_fingerprint": self.profile.fingerprint(),
+            "backend": self.profile.backend,
+            "backend_version": backend.version() if backend else "",
+            "device": backend.device() if backend else "",
+            "host": platform.node(),
+            "python": platform.python_version(),
+        }
+
+    # --- loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve jobs until stopped; returns the number of jobs measured."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._backend = registry.get(self.profile.backend)(self.profile)
+        self._backend.open()
+        try:
+            self._retry(lambda: self._client.heartbeat(environment=self.environment()))
+            while not self._stop.is_set():
+                job = self._retry(lambda: self._client.lease(self.profile.name))
+                if job is None:
+                    if self._stop.wait(self.poll_s):
+                        break
+                    self._retry(lambda: self._client.heartbeat())
+                    continue
+                self._serve(job)
+                if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
+                    break
+        except _Released:
+            logger.warning("stopped while the hub was unreachable")
+        finally:
+            self._backend.close()
+            self._client.close()
+        return self.jobs_done
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        """Call the hub until it answers; back off while it is down. 4xx errors propagate."""
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except HubUnavailable as exc:
+                if self._release.is_set():
+                    raise _Released() from exc
+                logger.warning("%s; retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(self.max_backoff_s, delay * 2)
+
+    def _serve(self, job: JobSpec) -> None:
+        logger.info("job %d: %s on %s (attempt %d)", job.id, job.artifact_sha256[:12], job.profile, job.attempt)
+        lease_lost = threading.Event()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_loop, args=(job.id, done, lease_lost), daemon=True)
+        beat.start()
+        try:
+            body = self._measure(job)
+        except (ArtifactError, LatencyError) as exc:
+            done.set()
+            logger.error("job %d failed: %s", job.id, exc)
+            self._retry(lambda: self._client.post_failure(job.id, f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            done.set()
+            beat.join(timeout=10)
+        if self._release.is_set() or lease_lost.is_set():
+            if not lease_lost.is_set():
+                self._retry(lambda: self._client.release(job.id))
+            logger.warning("job %d given back unposted", job.id)
+            return
+        outcome = self._retry(lambda: self._client.post_result(job.id, body))
+        if outcome == "conflict":
+            logger.warning("job %d: the hub gave it to another agent meanwhile", job.id)
+            return
+        self.jobs_done += 1
+
+    def _heartbeat_loop(self, job_id: int, done: threading.Event, lease_lost: threading.Event) -> None:
+        client = HubClient(self.server, self.token)
+        try:
+            while not done.wait(self.heartbeat_s):
+                try:
+                    if client.heartbeat(job_id=job_id) is False:
+                        lease_lost.set()
+                except (HubUnavailable, HubRefused) as exc:
+                    logger.warning("heartbeat for job %d failed: %s", job_id, exc)
+        finally:
+            client.close()
+
+    def _fetch(self, sha256: str) -> Path:
+        path = self.work_dir / f"{sha256}.onnx"
+        if path.is_file() and _sha256(path.read_bytes()) == sha256:
+            return path
+        content = self._retry(lambda: self._client.artifact(sha256))
+        if _sha256(content) != sha256:
+            raise ArtifactError(f"artifact {sha256[:12]} arrived with another sha256: refusing it")
+        _check_onnx(content, sha256)
+        partial = path.with_suffix(".tmp")
+        partial.write_bytes(content)
+        partial.replace(path)
+        return path
+
+    def _measure(self, job: JobSpec) -> ResultBody:
+        if job.profile_fingerprint != self.profile.fingerprint():
+            raise ArtifactError(
+                f"profile {job.profile!r} here has settings {self.profile.fingerprint()}, the hub "
+                f"asked for {job.profile_fingerprint}: update this device's profile file"
+            )
+        if self._backend is None:
+            raise RuntimeError("agent backend not open")
+        artifact = self._fetch(job.artifact_sha256)
+        if job.reference_sha256:
+            reference = self._fetch(job.reference_sha256)
+            paired = self._backend.measure_paired(artifact, reference)
+            return ResultBody(measurement=MeasurementBody.of(paired.candidate), ratio=paired.ratio,
+                              ratio_ci=(paired.ratio_ci_low, paired.ratio_ci_high))
+        return ResultBody(measurement=MeasurementBody.of(self._backend.measure(artifact)))
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _check_onnx(content: bytes, sha256: str) -> None:
+    """Only ONNX is ever loaded here: never a pickle, whatever the hub sends."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(content)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ArtifactError(f"artifact {sha256[:12]} is not a valid ONNX model: {exc}") from exc

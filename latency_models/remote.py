@@ -1,0 +1,92 @@
+"""The agent's HTTP client for the hub: one method per endpoint, errors mapped to ours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from latency_models.errors import LatencyError
+from latency_models.wire import (
+    API_PREFIX,
+    FailureBody,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    JobSpec,
+    LeaseRequest,
+    ResultBody,
+)
+
+
+class HubUnavailable(LatencyError):
+    """The hub could not be reached or answered 5xx: retry later."""
+
+
+class HubRefused(LatencyError):
+    """The hub answered 4xx: the request itself is wrong (bad token, wrong profile)."""
+
+    exit_code = 2
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HubClient:
+    """Synchronous client; each call is one request. Not shared between threads."""
+
+    def __init__(self, server: str, token: str, *, timeout_s: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.server = server.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.server + API_PREFIX,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise HubUnavailable(f"hub {self.server} unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            raise HubUnavailable(f"hub {self.server} answered {response.status_code}: {response.text[:200]}")
+        if response.status_code >= 400 and response.status_code != 409:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise HubRefused(response.status_code, f"hub refused {method} {path} ({response.status_code}): {detail}")
+        return response
+
+    def heartbeat(self, *, job_id: int | None = None, environment: dict[str, str] | None = None) -> bool | None:
+        body = HeartbeatRequest(job_id=job_id, environment=environment)
+        response = self._request("POST", "/agents/heartbeat", json=body.model_dump())
+        return HeartbeatResponse.model_validate(response.json()).lease_held
+
+    def lease(self, profile: str) -> JobSpec | None:
+        response = self._request("POST", "/jobs/lease", json=LeaseRequest(profile=profile).model_dump())
+        if response.status_code == 204:
+            return None
+        return JobSpec.model_validate(response.json())
+
+    def artifact(self, sha256: str) -> bytes:
+        return self._request("GET", f"/artifacts/{sha256}").content
+
+    def post_result(self, job_id: int, result: ResultBody) -> str:
+        """Returns ``accepted``, ``duplicate`` or ``conflict`` (another agent holds the job)."""
+        response = self._request("POST", f"/jobs/{job_id}/result", content=result.model_dump_json(),
+                                 headers={"Content-Type": "application/json"})
+        return "conflict" if response.status_code == 409 else str(response.json()["status"])
+
+    def post_failure(self, job_id: int, error: str) -> str:
+        response = self._request("POST", f"/jobs/{job_id}/failure", json=FailureBody(error=error[:2000]).model_dump())
+        return "conflict" if response.status_code == 409 else str(response.json()["status"])
+
+    def release(self, job_id: int) -> str:
+        response = self._request("POST", f"/jobs/{job_id}/release")
+        return "conflict" if response.status_code == 409 else str(response.json()["status"])

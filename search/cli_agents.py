@@ -1,0 +1,158 @@
+"""``hwprune serve``, ``hwprune agents ...`` and ``hwprune agent``: the remote-profiler commands.
+
+``hwprune agent`` runs on the device: its path imports neither torch nor optuna.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
+from search.config import cache_dir, check_backend, db_url
+from search.errors import ConfigError
+
+agents_app = typer.Typer(help="Register, list and revoke remote profiler agents.", no_args_is_help=True)
+app.add_typer(agents_app, name="agents")
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
+TOKEN_ENV = "HWPRUNE_AGENT_TOKEN"
+
+
+def _queue(db: str | None) -> tuple[object, object]:
+    from search.storage import Repository
+    from search.storage.queue import JobQueue
+
+    repo = Repository(db_url(db))
+    return repo, JobQueue(repo.engine)
+
+
+@agents_app.command("add")
+def agents_add(
+    name: Annotated[str, typer.Argument(help="Agent name, e.g. the device's host name.")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="The profile this agent serves.")],
+    db: DbOpt = None,
+) -> None:
+    """Register an agent and print its token (shown once; only its hash is stored)."""
+    with _handle_errors():
+        from hardware_profiles import load_profile
+
+        check_backend(load_profile(profile, _state.profile_dirs))
+        repo, queue = _queue(db)
+        try:
+            token = queue.add_agent(name, profile)  # type: ignore[attr-defined]
+        finally:
+            repo.close()  # type: ignore[attr-defined]
+        typer.echo(token)
+        _stderr().print(f"agent {name!r} serves {profile}; keep the token above, it is not shown again",
+                        highlight=False)
+
+
+@agents_app.command("list")
+def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Registered agents: profile, last seen, jobs done, state."""
+    with _handle_errors():
+        repo, queue = _queue(db)
+        try:
+            agents = queue.list_agents()  # type: ignore[attr-defined]
+        finally:
+            repo.close()  # type: ignore[attr-defined]
+        rows = [{
+            "name": a.name, "profile": a.profile, "jobs_done": a.jobs_done,
+            "last_seen": a.last_seen.isoformat() if a.last_seen else None,
+            "state": "revoked" if a.revoked else ("live" if a.is_live(60) else "idle"),
+            "environment": a.environment,
+        } for a in agents]
+        if as_json:
+            _echo_json(rows)
+            return
+        table = Table("name", "profile", "state", "last seen (UTC)", "jobs done", "device")
+        for row in rows:
+            device = (row["environment"] or {}).get("device", "")
+            table.add_row(row["name"], row["profile"], row["state"], (row["last_seen"] or "never")[:19],
+                          str(row["jobs_done"]), device)
+        _stdout().print(table)
+
+
+@agents_app.command("revoke")
+def agents_revoke(name: Annotated[str, typer.Argument()], db: DbOpt = None) -> None:
+    """Revoke an agent's token; its leased jobs go back to the queue."""
+    with _handle_errors():
+        repo, queue = _queue(db)
+        try:
+            queue.revoke_agent(name)  # type: ignore[attr-defined]
+        finally:
+            repo.close()  # type: ignore[attr-defined]
+        typer.echo(f"revoked {name}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("serve")
+def serve(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.", min=0, max=65535)] = 8787,
+    lease_seconds: Annotated[float, typer.Option(help="A lease lasts this long without a heartbeat.", min=1)] = 60.0,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+) -> None:
+    """Run the hub: the HTTP API agents pull measurement jobs from."""
+    with _handle_errors():
+        import uvicorn
+
+        from search.service import HubSettings, create_app
+
+        if not _is_loopback(host) and ssl_certfile is None:
+            logging.getLogger("hwprune.serve").warning(
+                "binding %s without TLS: tokens and models cross the network in clear; put the hub "
+                "behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", host)
+            _stderr().print(f"[yellow]warning:[/yellow] hub on {host} without TLS; see README "
+                            "(TLS proxy)", highlight=False)
+        application = create_app(HubSettings(db_url=db_url(db), lease_s=lease_seconds))
+        uvicorn.run(application, host=host, port=port, log_level="debug" if _state.debug else "warning",
+                    ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                    ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+
+
+@app.command("agent")
+def agent(
+    server: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub.example:8787.")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="The profile this device serves.")],
+    token: Annotated[str | None, typer.Option(help=f"Bearer token; default ${TOKEN_ENV}.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Where downloaded models are kept.")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between polls when idle.", min=0.01)] = 1.0,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between heartbeats during a job.", min=0.1)] = 2.0,
+    max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.", min=1)] = None,
+) -> None:
+    """Serve measurement jobs on this device (runs until SIGTERM or Ctrl-C)."""
+    with _handle_errors():
+        from hardware_profiles import load_profile
+        from latency_models.agent import Agent
+
+        secret = token or os.environ.get(TOKEN_ENV)
+        if not secret:
+            raise ConfigError(f"give --token or set {TOKEN_ENV} (from `hwprune agents add`)")
+        resolved = load_profile(profile, _state.profile_dirs)
+        check_backend(resolved)
+        worker = Agent(server=server, token=secret, profile=resolved,
+                       work_dir=work_dir or cache_dir() / "agent", poll_s=poll, heartbeat_s=heartbeat,
+                       max_jobs=max_jobs)
+        worker.install_signal_handlers()
+        logging.getLogger("latency_models").setLevel(logging.INFO)
+        _stderr().print(f"agent serving {profile} from {server}", highlight=False)
+        done = worker.run()
+        _stderr().print(f"agent stopped after {done} jobs", highlight=False)
