@@ -20,7 +20,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
 def write_section(key: str, title: str, command: str, body: str) -> None:
@@ -31,7 +32,8 @@ def write_section(key: str, title: str, command: str, body: str) -> None:
         f"Measured {stamp} on {machine()}.\nCommand: `{command}`\n\n{body.rstrip()}\n"
         f"<!-- {key}:end -->\n"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure here was measured by the command shown with it.\n\n"
+    header = "# Benchmarks\n\nEvery figure here was measured by the command shown with it.\n\n"
+    text = DOC.read_text() if DOC.exists() else header
     pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
     DOC.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
-
 import optuna  # noqa: E402
+from _report import write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
 from search.controller import Runtime, load_study, prepare, run_worker, trial_points  # noqa: E402
@@ -43,7 +42,7 @@ REFERENCE = (0.10, 1.05)
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
     """Area dominated by ``points`` (both coordinates minimised) inside ``reference``."""
-    inside = sorted((e, l) for e, l in points if e < reference[0] and l < reference[1])
+    inside = sorted((e, lat) for e, lat in points if e < reference[0] and lat < reference[1])
     area, best_latency = 0.0, reference[1]
     for index, (error, latency) in enumerate(inside):
         if latency >= best_latency:
@@ -117,9 +116,9 @@ def main() -> None:
             uniform = results["uniform"]
             threshold = max(p.accuracy for p in uniform) - 0.005
 
-            def fastest(points: list[TrialPoint]) -> tuple[TrialPoint, float]:
+            def fastest(points: list[TrialPoint], bar: float = threshold) -> tuple[TrialPoint, float]:
                 ratios = relative(points)
-                chosen = min((p for p in points if p.accuracy >= threshold - 1e-12), key=lambda p: ratios[p.trial])
+                chosen = min((p for p in points if p.accuracy >= bar - 1e-12), key=lambda p: ratios[p.trial])
                 return chosen, ratios[chosen.trial]
 
             _, uniform_ratio = fastest(uniform)

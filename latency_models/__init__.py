@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from latency_models import ort as _ort  # noqa: F401  (registers "onnxruntime")
 from latency_models import trt as _trt  # noqa: F401  (registers "tensorrt")
+from latency_models import trtexec as _trtexec  # noqa: F401  (registers "trtexec")
 from latency_models.base import (
     LatencyBackend,
     Measurement,

@@ -144,8 +144,9 @@ class Agent:
             body = self._measure(job)
         except (ArtifactError, LatencyError) as exc:
             done.set()
-            logger.error("job %d failed: %s", job.id, exc)
-            self._retry(lambda: self._client.post_failure(job.id, f"{type(exc).__name__}: {exc}"))
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.error("job %d failed: %s", job.id, reason)
+            self._retry(lambda: self._client.post_failure(job.id, reason))
             return
         finally:
             done.set()

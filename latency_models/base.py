@@ -125,10 +125,10 @@ class LatencyBackend(abc.ABC):
     def __init__(self, profile: HardwareProfile) -> None:
         self.profile = profile
 
-    def open(self) -> None:
+    def open(self) -> None:  # noqa: B027 - a default, not an abstract method
         """Import the backend's library and check the device. Default: nothing to do."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default, not an abstract method
         """Release what ``open()`` acquired. Default: nothing to do."""
 
     def __enter__(self) -> LatencyBackend:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hardware_profiles import ProfileError, discover, load_profile_file
@@ -65,7 +66,7 @@ def _handle_errors() -> Iterator[None]:
     except _KNOWN_ERRORS as exc:
         if _state.debug:
             raise
-        _stderr().print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        _stderr().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True)
         raise typer.Exit(getattr(exc, "exit_code", 1)) from None
     except KeyboardInterrupt:
         _stderr().print("[red]interrupted[/red]")
@@ -74,7 +75,7 @@ def _handle_errors() -> Iterator[None]:
         if _state.debug:
             raise
         _stderr().print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (run with --debug for the "
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (run with --debug for the "
             "traceback, and please report it)",
             highlight=False,
         )
@@ -113,7 +114,7 @@ def profiles_list(
 ) -> None:
     """List every hardware profile, built-in and the user's."""
     with _handle_errors():
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, source in discover(_state.profile_dirs).items():
             profile = load_profile_file(source.path)
             rows.append(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
@@ -156,3 +157,35 @@ def agent(
         _stderr().print(f"agent serving {profile} from {server}", highlight=False)
         done = worker.run()
         _stderr().print(f"agent stopped after {done} jobs", highlight=False)
+
+
+@app.command("doctor")
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="Build and time ResNet-18 dense and 2:4 with TensorRT.")] = False,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",
+) -> None:
+    """Show versions and which latency backends run here; with --gpu, verify TensorRT and 2:4."""
+    with _handle_errors():
+        from hardware_profiles import discover, load_profile_file
+        from search.controller import package_versions
+        from search.doctor import backend_statuses, gpu_check
+
+        profiles = [load_profile_file(s.path) for s in discover(_state.profile_dirs).values()]
+        if not gpu:
+            out = _stdout()
+            for package, version in package_versions().items():
+                out.print(f"{package}: {version}", highlight=False)
+            table = Table("backend", "runs here", "detail")
+            for status in backend_statuses(profiles):
+                table.add_row(status.name, "yes" if status.available else "no", escape(status.detail))
+            out.print(table)
+            return
+        from hardware_profiles import load_profile
+
+        rows = gpu_check(load_profile(profile, _state.profile_dirs))
+        table = Table("model", "median us", "ratio to dense", "layers on sparse kernels", "2:4 layers",
+                      title=f"TensorRT self-check on {profile}")
+        for row in rows:
+            table.add_row(row.model, f"{row.median_us:.1f}", f"{row.ratio_to_dense:.3f}",
+                          str(row.sparse_layers), str(row.nm_layers))
+        _stdout().print(table)

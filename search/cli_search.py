@@ -188,13 +188,17 @@ def search_start(
     config_file: Annotated[Path | None, typer.Option("--config", help="Search config YAML.")] = None,
     example: Annotated[str | None, typer.Option("--example", help="Built-in example: digits.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Plugin package.module:function.")] = None,
-    target: Annotated[list[str] | None, typer.Option("--target", "-p", help="Target profile (repeatable; first is primary).")] = None,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-p", help="Target profile (repeatable; first is primary).")
+    ] = None,
     objective: Annotated[str | None, typer.Option(help="reward or pareto.")] = None,
     sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random.")] = None,
     trials: Annotated[int | None, typer.Option(help="Completed trials to reach.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
     latency_budget_us: Annotated[float | None, typer.Option(help="Constraint: latency on the primary target.")] = None,
-    latency_budget_ratio: Annotated[float | None, typer.Option(help="Constraint: latency over the base model's.")] = None,
+    latency_budget_ratio: Annotated[
+        float | None, typer.Option(help="Constraint: latency over the base model's.")
+    ] = None,
     error_ceiling: Annotated[float | None, typer.Option(help="Constraint: highest error allowed.")] = None,
     recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
     importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,

@@ -116,7 +116,9 @@ class Prepared:
     profiles: list[HardwareProfile]
 
 
-def _load_model_and_space(config: SearchConfig, runtime: Runtime) -> tuple[ModelBundle, SearchSpace, list[HardwareProfile]]:
+def _load_model_and_space(
+    config: SearchConfig, runtime: Runtime
+) -> tuple[ModelBundle, SearchSpace, list[HardwareProfile]]:
     profiles = [resolve_profile(name, runtime.profile_dirs) for name in config.targets]
     bundle = load_bundle(config.model_spec, cache_dir=runtime.cache_dir)
     space = build_space(bundle.model, bundle.example_input, profiles,
@@ -223,7 +225,10 @@ def _create(
         versions=package_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
     )
-    directions = ["maximize"] if config.objective == "reward" else ["minimize"] * (1 + len(profiles))
+    directions: list[optuna.study.StudyDirection] = (
+        [optuna.study.StudyDirection.MAXIMIZE] if config.objective == "reward"
+        else [optuna.study.StudyDirection.MINIMIZE] * (1 + len(profiles))
+    )
     storage = optuna_storage(runtime)
     study = optuna.create_study(study_name=record.study_name, storage=storage,
                                 directions=directions, load_if_exists=True)
@@ -309,7 +314,8 @@ def run_worker(
                 meter = LocalMeter(profile, repo, base_path=base_path,
                                    base_sha256=record.base["artifact_sha256"],
                                    base_signature=record.base["signature"], base_median_us=base_median)
-            meters.append(stack.enter_context(meter))
+            stack.enter_context(meter)
+            meters.append(meter)
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,20 @@ logger = logging.getLogger(__name__)
 
 EXAMPLES = ("digits",)
 
-# Bump when the architecture or the training recipe changes: it keys the cache.
-_DIGITS_RECIPE = {"version": 1, "widths": (32, 64, 128), "epochs": 12, "lr": 3e-3, "seed": 0,
-                  "batch": 64, "size": 16}
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How the digits model is built and trained; every field keys the cache."""
+
+    version: int = 1  # bump when the architecture or the training code changes
+    widths: tuple[int, ...] = (32, 64, 128)
+    epochs: int = 12
+    lr: float = 3e-3
+    seed: int = 0
+    batch: int = 64
+    size: int = 16
+
+
+DIGITS_RECIPE = Recipe()
 
 
 class ResidualBlock(nn.Module):
@@ -38,7 +50,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(out)))
+        result: torch.Tensor = F.relu(x + self.bn2(self.conv2(out)))
+        return result
 
 
 class DigitsNet(nn.Module):
@@ -67,7 +80,8 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return logits
 
 
 def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,8 +99,8 @@ def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return images[train], labels[train], images[val], labels[val]
 
 
-def _cache_key(recipe: dict[str, object], images: torch.Tensor) -> str:
-    digest = hashlib.sha256(repr(sorted(recipe.items())).encode())
+def _cache_key(recipe: Recipe, images: torch.Tensor) -> str:
+    digest = hashlib.sha256(repr(recipe).encode())
     digest.update(images.numpy().tobytes())
     digest.update(torch.__version__.split("+")[0].encode())
     return digest.hexdigest()[:16]
@@ -101,7 +115,7 @@ def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epoch
     for epoch in range(epochs):
         for inputs, targets in loader:
             optimizer.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
+            F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             schedule.step()
         logger.info("digits: epoch %d/%d", epoch + 1, epochs)
@@ -110,18 +124,14 @@ def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epoch
 
 def digits(*, cache_dir: Path) -> ModelBundle:
     """The ``digits`` example: trained on first use (about half a minute on 2 cores), then cached."""
-    recipe = _DIGITS_RECIPE
-    size = int(recipe["size"])  # type: ignore[call-overload]
-    x_train, y_train, x_val, y_val = _digits_tensors(size)
-    generator = torch.Generator().manual_seed(int(recipe["seed"]))  # type: ignore[call-overload]
-    train_loader = DataLoader(
-        TensorDataset(x_train, y_train), batch_size=int(recipe["batch"]),  # type: ignore[call-overload]
-        shuffle=True, generator=generator,
-    )
+    recipe = DIGITS_RECIPE
+    x_train, y_train, x_val, y_val = _digits_tensors(recipe.size)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=recipe.batch, shuffle=True,
+                              generator=generator)
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
-    widths = tuple(recipe["widths"])  # type: ignore[arg-type]
-    torch.manual_seed(int(recipe["seed"]))  # type: ignore[call-overload]
-    model = DigitsNet(widths)
+    torch.manual_seed(recipe.seed)
+    model = DigitsNet(recipe.widths)
     path = cache_dir / "examples" / f"digits-{_cache_key(recipe, x_train)}.pt"
     if path.is_file():
         try:
@@ -131,7 +141,7 @@ def digits(*, cache_dir: Path) -> ModelBundle:
             path.unlink(missing_ok=True)
     if not path.is_file():
         logger.warning("training the digits example once; cached at %s", path)
-        _train(model, train_loader, int(recipe["epochs"]), float(recipe["lr"]))  # type: ignore[call-overload, arg-type]
+        _train(model, train_loader, recipe.epochs, recipe.lr)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
         torch.save(model.state_dict(), partial)

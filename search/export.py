@@ -64,7 +64,7 @@ def _export_bytes(model: nn.Module, example: torch.Tensor, *, dynamo: bool, opse
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # file-like objects are accepted by the TorchScript exporter
             dynamo=False,
             opset_version=opset or 17,
             input_names=["input"],

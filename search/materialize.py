@@ -15,9 +15,9 @@ from search.bundle import ModelBundle
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.export import OnnxArtifact, export_onnx
-from search.recovery import RecoveryConfig, recover, recovery_for
 from search.plan import Plan
 from search.pruning import PrunedModel
+from search.recovery import RecoveryConfig, recover, recovery_for
 from search.space import SearchSpace, apply
 
 STATE_FILE = "model.pt"

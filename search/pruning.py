@@ -109,11 +109,7 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
         if isinstance(module, _PRUNABLE):
 
             def hook(mod: nn.Module, _inp: Any, out: torch.Tensor, name: str = name) -> None:
-                per_output = (
-                    mod.in_features
-                    if isinstance(mod, nn.Linear)
-                    else (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-                )
+                per_output = _macs_per_output(mod)
                 macs[name] = macs.get(name, 0) + int(out.numel()) * per_output
                 order.append(name)
 
@@ -125,6 +121,15 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
         for handle in handles:
             handle.remove()
     return macs, order
+
+
+def _macs_per_output(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return int(layer.in_features)
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return int(layer.in_channels // layer.groups) * int(kh) * int(kw)
+    return 0
 
 
 def _attention_modules(model: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -163,8 +168,8 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
     modules = dict(model.named_modules())
     unknown = [name for name in ignored if name not in modules]
     if unknown:
-        layers = ", ".join(n for n, m in modules.items() if isinstance(m, _PRUNABLE))
-        raise PlanError(f"unknown layer(s) to ignore: {', '.join(unknown)}; layers: {layers}")
+        known = ", ".join(n for n, m in modules.items() if isinstance(m, _PRUNABLE))
+        raise PlanError(f"unknown layer(s) to ignore: {', '.join(unknown)}; layers: {known}")
     macs, order = _layer_macs(model, example)
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
@@ -307,7 +312,7 @@ def apply_pruning(
                 raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
             if info.attention is not None:
                 # torch-pruning resizes the tensors; the module's head count is ours to update.
-                setattr(modules[info.attention], "num_heads", target)
+                modules[info.attention].num_heads = target
         model.zero_grad(set_to_none=True)
     tp_warnings = tuple(str(w.message) for w in caught)
     masks: dict[str, torch.Tensor] = {}

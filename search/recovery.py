@@ -93,7 +93,7 @@ def _train(
             kd = F.kl_div(F.log_softmax(outputs / config.temperature, dim=1), soft,
                           reduction="batchmean") * config.temperature**2
             loss = (1 - config.distill) * loss + config.distill * kd
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         if masks:
             with torch.no_grad():

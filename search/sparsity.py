@@ -65,7 +65,9 @@ def apply_nm(layer: nn.Module, n: int, m: int) -> torch.Tensor:
             f"{type(layer).__name__} with input size {input_size(layer)} cannot take {n}:{m} "
             f"sparsity: it needs a dense Conv2d or Linear with input size divisible by {m}"
         )
-    weight = layer.weight  # type: ignore[union-attr]
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise PlanError(f"{type(layer).__name__} has no weight tensor to sparsify")
     mask = nm_mask(weight, n, m)
     with torch.no_grad():
         weight.mul_(mask)

@@ -27,7 +27,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        result: torch.Tensor = F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return result
 
 
 class ResNet18(nn.Module):
@@ -49,7 +50,8 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        result: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return result
 
 
 class InvertedResidual(nn.Module):
@@ -65,7 +67,8 @@ class InvertedResidual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_residual else self.conv(x)
+        result: torch.Tensor = x + self.conv(x) if self.use_residual else self.conv(x)
+        return result
 
 
 class MobileNetV2(nn.Module):
@@ -84,7 +87,8 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Linear(256, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        result: torch.Tensor = self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return result
 
 
 class Attention(nn.Module):
@@ -103,7 +107,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         attn = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(-1)
         out = (attn @ v).transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return self.proj(out)
+        result: torch.Tensor = self.proj(out)
+        return result
 
 
 class EncoderBlock(nn.Module):
@@ -117,7 +122,8 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        result: torch.Tensor = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return result
 
 
 class TinyTransformer(nn.Module):
@@ -131,7 +137,8 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+        result: torch.Tensor = self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+        return result
 
 
 def randomize_norms(model: nn.Module) -> nn.Module:
@@ -140,8 +147,9 @@ def randomize_norms(model: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            if module.running_mean is not None and module.running_var is not None:
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
             module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
     return model.eval()
 

@@ -14,8 +14,8 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch

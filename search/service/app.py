@@ -161,7 +161,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         outcome = await run_in_threadpool(_accept, job_id, me, body)
         return _answer(outcome, job_id)
 
-    def _accept(job_id: int, me: CurrentAgentRecord, body: ResultBody) -> str:
+    def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
         outcome = queue().complete(me, job_id, body.model_dump(mode="json"))
         if outcome == Outcome.ACCEPTED:
             job = queue().get(job_id)

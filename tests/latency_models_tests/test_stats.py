@@ -21,15 +21,15 @@ def test_median_interval_covers_true_median_about_95_percent() -> None:
     covered = 0
     trials = 400
     for _ in range(trials):
-        s = summarize(rng.lognormal(0.0, 0.5, 200))
+        s = summarize(rng.lognormal(0.0, 0.5, 200).tolist())
         covered += s.ci_low <= 1.0 <= s.ci_high
     assert 0.92 <= covered / trials <= 0.995
 
 
 def test_interval_narrows_with_more_samples() -> None:
     rng = np.random.default_rng(2)
-    small = summarize(rng.normal(100, 5, 50))
-    large = summarize(rng.normal(100, 5, 5000))
+    small = summarize(rng.normal(100, 5, 50).tolist())
+    large = summarize(rng.normal(100, 5, 5000).tolist())
     assert large.rel_halfwidth < small.rel_halfwidth / 5
 
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hardware_profiles import load_profile
 from search.bundle import ModelBundle, load_bundle
 from search.errors import ModelLoadError
-from search.materialize import load_pruned, write_model_dir
 from search.export import export_onnx
+from search.materialize import load_pruned, write_model_dir
 from search.recovery import RecoveryConfig, recover
 from search.space import apply, build_space
 

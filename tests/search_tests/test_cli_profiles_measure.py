@@ -71,7 +71,7 @@ def test_profiles_validate_unknown_backend(tmp_path: Path) -> None:
     path.write_text("backend: tvm\ndevice_class: cpu\n")
     result = runner.invoke(app, ["profiles", "validate", str(path)])
     assert result.exit_code == 2
-    assert "backend 'tvm' is unknown; known: onnxruntime, tensorrt" in result.stderr
+    assert "backend 'tvm' is unknown; known: onnxruntime, tensorrt, trtexec" in result.stderr
 
 
 def test_measure_json(fast_profile_path: Path, onnx_artifact: Path) -> None:
@@ -132,3 +132,31 @@ def test_measure_errors(
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_doctor_lists_backends() -> None:
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.stdout and "torch-pruning" in result.stdout
+    assert "hwprune[tensorrt]" in result.stdout  # rich markup must not eat the extra's brackets
+
+
+def test_doctor_gpu_refuses_without_tensorrt() -> None:
+    from latency_models.trt import cuda_device_count
+
+    if cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    result = runner.invoke(app, ["doctor", "--gpu"])
+    assert result.exit_code == 2
+    assert "needs the tensorrt package and an NVIDIA GPU: pip install 'hwprune[tensorrt]'" in result.stderr
+
+
+def test_gpu_check_plumbing_on_the_onnxruntime_cpu_backend() -> None:
+    """The self-check's export, 2:4 plan and paired timing, run on ONNX Runtime CPU as a stand-in
+    for TensorRT (no GPU here): CPU kernels ignore 2:4, so no speedup is expected or asserted."""
+    from hardware_profiles import load_profile
+    from search.doctor import gpu_check
+
+    rows = gpu_check(load_profile("cpu-ort-fp32"), resolution=64)
+    assert [r.model for r in rows] == ["resnet18 dense", "resnet18 2:4"]
+    assert rows[1].nm_layers > 10 and rows[0].median_us > 0 and rows[1].ratio_to_dense > 0

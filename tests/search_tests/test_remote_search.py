@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 

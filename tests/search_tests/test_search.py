@@ -50,7 +50,7 @@ def test_search_end_to_end(db_url: str, env: dict[str, str], tmp_path: Path) -> 
     assert len(trials) == 5
     base = trials[0]
     assert base.number == 0 and base.user_attrs["base"] is True
-    assert all(v == base.distributions[k].high for k, v in base.params.items())  # dense: widest everywhere
+    assert all(v == base.distributions[k].high for k, v in base.params.items())  # dense: widest
     assert base.user_attrs["latency"]["cpu-ort-fp32"]["ratio"] == 1.0
     for trial in trials:
         attrs = trial.user_attrs
@@ -127,7 +127,8 @@ BAD_CONFIGS = [
     (["--name", "bad name!", "--example", "digits"], "field 'name'"),
     (["--name", "x", "--example", "digits", "--sampler", "cmaes"], "field 'sampler': Input should be 'tpe'"),
     (["--name", "x", "--example", "digits", "--objective", "speed"], "field 'objective'"),
-    (["--name", "x", "--example", "digits", "--trials", "0"], "field 'trials': Input should be greater than or equal to 1"),
+    (["--name", "x", "--example", "digits", "--trials", "0"],
+     "field 'trials': Input should be greater than or equal to 1"),
     (["--name", "x", "--example", "digits", "--error-ceiling", "1.5"], "field 'constraints.error_ceiling'"),
     (["--name", "x", "--example", "digits", "--latency-budget-ratio", "0"], "field 'constraints.latency_budget_ratio'"),
     (["--name", "x", "--example", "digits", "--importance", "fisher"], "field 'importance'"),

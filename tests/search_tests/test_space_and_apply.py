@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def test_heads_really_removed(build_architecture: Factory, cpu: HardwareProfile)
     space = build_space(model, example, [cpu])
     plan = Plan(channels={"blocks.0.attn.qkv": 0.5, "blocks.1.attn.qkv": 0.25})
     pruned = apply(model, example, space, plan)
-    blocks = pruned.model.blocks  # type: ignore[attr-defined]
+    blocks: Any = pruned.model.blocks
     assert [blocks[0].attn.num_heads, blocks[1].attn.num_heads] == [2, 1]
     assert blocks[0].attn.qkv.out_features == 3 * 2 * 16
     assert blocks[0].attn.proj.in_features == 2 * 16
@@ -186,14 +187,15 @@ def test_removing_a_head_equals_silencing_it(build_architecture: Factory, cpu: H
     """Pruning 3 of 4 heads gives the base model's output with those heads' values zeroed."""
     model, example = build_architecture("transformer", 0)
     space = build_space(model, example, [cpu])
-    pruned = apply(model, example, space, Plan(channels={"blocks.1.attn.qkv": 0.25})).model
-    kept_v = pruned.blocks[1].attn.qkv.weight.detach()[32:48]  # type: ignore[index]
-    base_qkv = model.blocks[1].attn.qkv  # type: ignore[index]
+    pruned: Any = apply(model, example, space, Plan(channels={"blocks.1.attn.qkv": 0.25})).model
+    base: Any = model
+    kept_v = pruned.blocks[1].attn.qkv.weight.detach()[32:48]
+    base_qkv = base.blocks[1].attn.qkv
     base_v = base_qkv.weight.detach()[128:192].view(4, 16, -1)
     kept_head = next(h for h in range(4) if torch.equal(base_v[h], kept_v))
-    reference = copy.deepcopy(model)
+    reference: Any = copy.deepcopy(model)
     with torch.no_grad():
-        qkv = reference.blocks[1].attn.qkv  # type: ignore[index]
+        qkv = reference.blocks[1].attn.qkv
         for head in range(4):
             if head != kept_head:
                 qkv.weight[128 + 16 * head : 128 + 16 * (head + 1)] = 0

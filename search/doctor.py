@@ -1,0 +1,81 @@
+"""Self-checks: which backends run here, and a dense vs 2:4 comparison on a GPU.
+
+``gpu_check`` is the first thing to run on a machine with an NVIDIA GPU and TensorRT: it builds
+and times a ResNet-18 (ImageNet width, 224x224) dense and with 2:4 sparsity on every eligible
+layer, and reports which layers TensorRT ran with sparse kernels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hardware_profiles import HardwareProfile
+from latency_models import LatencyError, registry
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str
+
+
+def backend_statuses(profiles: list[HardwareProfile]) -> list[BackendStatus]:
+    """Open every registered backend with a profile that uses it; report what happened."""
+    statuses = []
+    by_backend = {p.backend: p for p in profiles}
+    for name in registry.names():
+        profile = by_backend.get(name)
+        if profile is None and profiles:
+            # A backend no profile names yet (trtexec): try it with the first profile's settings.
+            profile = profiles[0].model_copy(update={"backend": name})
+        if profile is None:
+            statuses.append(BackendStatus(name, False, "no profile to try it with"))
+            continue
+        try:
+            with registry.get(name)(profile) as backend:
+                statuses.append(BackendStatus(name, True, f"{backend.version()} on {backend.device()}"))
+        except LatencyError as exc:
+            statuses.append(BackendStatus(name, False, str(exc)))
+    return statuses
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCheckRow:
+    model: str
+    median_us: float
+    ratio_to_dense: float
+    sparse_layers: int
+    nm_layers: int
+
+
+def gpu_check(profile: HardwareProfile, *, resolution: int = 224) -> list[GpuCheckRow]:
+    """Time ResNet-18 dense and 2:4 on ``profile``'s GPU backend (raises where it cannot run)."""
+    from search.export import export_onnx
+    from search.plan import Plan
+    from search.space import apply, build_space
+    from search.zoo import make_architecture
+
+    model, example = make_architecture("resnet18-full", resolution=resolution)
+    nm_profile = profile if "2:4" in profile.sparsity_patterns else profile.model_copy(
+        update={"sparsity_patterns": ("2:4",)})
+    space = build_space(model, example, [nm_profile])
+    sparse_plan = Plan(sparsity={choice.layer: "2:4" for choice in space.sparsity})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, registry.get(profile.backend)(nm_profile) as backend:
+        dense = export_onnx(model, example, Path(tmp), batch_size=profile.batch_size)
+        sparse_model = apply(model, example, space, sparse_plan).model
+        sparse = export_onnx(sparse_model, example, Path(tmp), batch_size=profile.batch_size)
+        dense_result = backend.measure(dense.path)
+        paired = backend.measure_paired(sparse.path, dense.path)
+        report = getattr(backend, "sparse_report", {})
+        sparse_counts = sorted(len(v) for v in report.values())
+        rows.append(GpuCheckRow("resnet18 dense", dense_result.median_us, 1.0,
+                                sparse_counts[0] if sparse_counts else 0, 0))
+        rows.append(GpuCheckRow("resnet18 2:4", paired.candidate.median_us, paired.ratio,
+                                sparse_counts[-1] if sparse_counts else 0, len(sparse_plan.sparsity)))
+    return rows
+
+
