@@ -102,7 +102,10 @@ def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers
             # (grouped by the parameters that appear together) models their interactions.
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                               constant_liar=True, n_startup_trials=startup)
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
+        # Classic independent TPE. Optuna 5's default TPE is already multivariate, which would
+        # make `tpe` and `amc` propose the very same plans.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=False, constant_liar=True,
+                                          n_startup_trials=startup)
 
 
 @dataclass

@@ -67,3 +67,23 @@ def test_pareto_ignores_points_without_the_target() -> None:
     a = TrialPoint(0, 0.1, {"t": 10.0}, 0, 0, None, True)
     b = TrialPoint(1, 0.2, {"u": 5.0}, 0, 0, None, True)
     assert pareto_front([a, b], "t") == [a]
+
+
+def test_samplers_differ() -> None:
+    """tpe (independent) and amc (multivariate) must not propose the same plans."""
+    import optuna
+
+    from search.config import load_search_config
+    from search.controller import make_sampler
+
+    def proposals(sampler_name: str) -> list[dict[str, int]]:
+        config = load_search_config(None, {"name": "s", "example": "digits", "sampler": sampler_name, "trials": 24})
+        study = optuna.create_study(sampler=make_sampler(config))
+        study.optimize(lambda t: float(sum((t.suggest_int(f"k{i}", 0, 6) - 3) ** 2 for i in range(6))),
+                       n_trials=20)
+        return [t.params for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tpe, amc = proposals("tpe"), proposals("amc")
+    assert tpe[:6] == amc[:6]  # the same seeded random start-up
+    assert tpe[6:] != amc[6:]
