@@ -27,7 +27,7 @@ from latency_models import registry
 from latency_models.base import LatencyBackend
 from latency_models.errors import ArtifactError, LatencyError
 from latency_models.remote import HubClient, HubRefused, HubUnavailable
-from latency_models.wire import JobSpec, MeasurementBody, ResultBody
+from latency_models.wire import JobSpec, ResultBody
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +199,9 @@ class Agent:
         if job.reference_sha256:
             reference = self._fetch(job.reference_sha256)
             paired = self._backend.measure_paired(artifact, reference)
-            return ResultBody(measurement=MeasurementBody.of(paired.candidate), ratio=paired.ratio,
+            return ResultBody(measurement=paired.candidate, ratio=paired.ratio,
                               ratio_ci=(paired.ratio_ci_low, paired.ratio_ci_high))
-        return ResultBody(measurement=MeasurementBody.of(self._backend.measure(artifact)))
+        return ResultBody(measurement=self._backend.measure(artifact))
 
 
 def _sha256(content: bytes) -> str:

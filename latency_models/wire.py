@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from latency_models.base import Measurement
 
@@ -45,39 +45,20 @@ class HeartbeatResponse(_Body):
     lease_held: bool | None = None
 
 
-class MeasurementBody(_Body):
-    """``latency_models.Measurement`` on the wire."""
-
-    profile: str
-    backend: str
-    backend_version: str
-    device: str
-    threads: int | None
-    median_us: Annotated[float, Field(gt=0)]
-    p10_us: float
-    p90_us: float
-    mean_us: float
-    stdev_us: float
-    n: Annotated[int, Field(ge=1)]
-    ci_low_us: float
-    ci_high_us: float
-    converged: bool
-    elapsed_s: float
-    artifact_sha256: str
-    settings_fingerprint: str
-
-    @classmethod
-    def of(cls, measurement: Measurement) -> MeasurementBody:
-        return cls.model_validate(measurement.to_dict())
-
-    def to_measurement(self) -> Measurement:
-        return Measurement(**self.model_dump())
-
-
 class ResultBody(_Body):
-    measurement: MeasurementBody
+    """A measurement (the ``Measurement`` dataclass, validated field by field) and, for a paired
+    job, the ratio to the reference with its 95% interval."""
+
+    measurement: Measurement
     ratio: Annotated[float, Field(gt=0)] | None = None
     ratio_ci: tuple[float, float] | None = None
+
+    @field_validator("measurement")
+    @classmethod
+    def _plausible(cls, value: Measurement) -> Measurement:
+        if not value.median_us > 0 or value.n < 1:
+            raise ValueError(f"implausible measurement: median {value.median_us} us over {value.n} runs")
+        return value
 
 
 class FailureBody(_Body):

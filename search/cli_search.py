@@ -239,15 +239,10 @@ def search_resume(
 ) -> None:
     """Resume a stored search with its stored configuration."""
     with _handle_errors():
-        from search.controller import prepare, replace_budget
-        from search.storage import Repository
+        from search.controller import find_record, prepare, replace_budget
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
-        repo = Repository(runtime.db_url)
-        try:
-            record = repo.get_search(name)
-        finally:
-            repo.close()
+        record = find_record(name, runtime)
         config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout)
         _quiet_optuna()
         prepared = prepare(config, runtime)
@@ -300,15 +295,10 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One search's progress: trials by state, best reward, base figures."""
     with _handle_errors():
-        from search.controller import load_study, summary
-        from search.storage import Repository
+        from search.controller import find_record, load_study, summary
 
         runtime = _runtime(db)
-        repo = Repository(runtime.db_url)
-        try:
-            record = repo.get_search(name)
-        finally:
-            repo.close()
+        record = find_record(name, runtime)
         _quiet_optuna()
         info = summary(record, load_study(record, runtime))
         if as_json:
@@ -341,15 +331,10 @@ def pareto_command(
 ) -> None:
     """The non-dominated trials of a search on error x latency for one target."""
     with _handle_errors():
-        from search.controller import load_study, pareto_rows
-        from search.storage import Repository
+        from search.controller import find_record, load_study, pareto_rows
 
         runtime = _runtime(db)
-        repo = Repository(runtime.db_url)
-        try:
-            record = repo.get_search(name)
-        finally:
-            repo.close()
+        record = find_record(name, runtime)
         _quiet_optuna()
         chosen = target or record.config["targets"][0]
         rows = pareto_rows(record, load_study(record, runtime), chosen)
@@ -363,21 +348,15 @@ def export_from_search(
     name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
-    from search.controller import _check_same_base, _load_model_and_space, load_study, pareto_rows
+    from search.controller import load_prepared, load_study, pareto_rows
     from search.materialize import rebuild_trial, write_model_dir
-    from search.storage import Repository
 
     if (trial is None) == (not pareto):
         raise ConfigError("give exactly one of --trial K or --pareto")
     runtime = _runtime(db)
-    repo = Repository(runtime.db_url)
-    try:
-        record = repo.get_search(name)
-    finally:
-        repo.close()
-    config = SearchConfig.model_validate(record.config)
-    bundle, space, profiles = _load_model_and_space(config, runtime)
-    _check_same_base(record, bundle, space)
+    prepared = load_prepared(name, runtime)
+    record, config, bundle, space, profiles = (prepared.record, prepared.config, prepared.bundle,
+                                               prepared.space, prepared.profiles)
     _quiet_optuna()
     study = load_study(record, runtime)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}

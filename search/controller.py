@@ -242,6 +242,24 @@ def _create(
     return record
 
 
+def find_record(name: str, runtime: Runtime) -> SearchRecord:
+    """The stored search called ``name`` (``SearchNotFoundError`` lists the others)."""
+    repo = Repository(runtime.db_url)
+    try:
+        return repo.get_search(name)
+    finally:
+        repo.close()
+
+
+def load_prepared(name: str, runtime: Runtime) -> Prepared:
+    """A stored search with its model and space rebuilt and checked against what was stored."""
+    record = find_record(name, runtime)
+    config = SearchConfig.model_validate(record.config)
+    bundle, space, profiles = _load_model_and_space(config, runtime)
+    _check_same_base(record, bundle, space)
+    return Prepared(record, config, bundle, space, profiles)
+
+
 def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -273,15 +291,7 @@ def run_worker(
 ) -> optuna.Study:
     """Run trials of an existing search until its budget is met (or this run's timeout)."""
     if prepared is None:
-        repo = Repository(runtime.db_url)
-        try:
-            record = repo.get_search(name)
-        finally:
-            repo.close()
-        config = SearchConfig.model_validate(record.config)
-        bundle, space, profiles = _load_model_and_space(config, runtime)
-        _check_same_base(record, bundle, space)
-        prepared = Prepared(record, config, bundle, space, profiles)
+        prepared = load_prepared(name, runtime)
     config = prepared.config
     record = prepared.record
     storage = optuna_storage(runtime)

@@ -230,6 +230,4 @@ def measure_base(profile: HardwareProfile, artifact: Path, *, repo: Repository, 
     job_id = queue.submit(signature=signature, profile=profile.name, profile_fingerprint=profile.fingerprint(),
                           artifact_sha256=sha256)
     result = wait_for_job(queue, job_id, timeout_s=profile.timeout_s, poll_s=poll_s, profile=profile.name)
-    from latency_models.wire import MeasurementBody
-
-    return MeasurementBody.model_validate(result["measurement"]).to_measurement()
+    return Measurement(**result["measurement"])

@@ -11,13 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from latency_models.wire import (
     API_PREFIX,
@@ -60,6 +60,7 @@ async def _current_agent(request: Request) -> AgentRecord:
 
 
 CurrentAgent = Annotated[AgentRecord, Depends(_current_agent)]
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 def create_app(settings: HubSettings) -> FastAPI:
@@ -151,13 +152,17 @@ def create_app(settings: HubSettings) -> FastAPI:
             raise HTTPException(409, f"job {job_id} is not leased by this agent")
         return StatusBody(status=outcome)
 
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/result")
-    async def result(job_id: int, request: Request, me: CurrentAgent) -> StatusBody:
+    async def _parse(request: Request, schema: type[BodyT]) -> BodyT:
+        # Bodies are read by hand (not as FastAPI parameters) so the size cap applies first.
         raw = await _bounded_body(request)
         try:
-            body = ResultBody.model_validate_json(raw)
+            return schema.model_validate_json(raw)
         except ValidationError as exc:
-            raise HTTPException(422, f"invalid result: {exc.errors()[:3]}") from exc
+            raise HTTPException(422, f"invalid {schema.__name__}: {exc.errors()[:3]}") from exc
+
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/result")
+    async def result(job_id: int, request: Request, me: CurrentAgent) -> StatusBody:
+        body = await _parse(request, ResultBody)
         outcome = await run_in_threadpool(_accept, job_id, me, body)
         return _answer(outcome, job_id)
 
@@ -168,18 +173,14 @@ def create_app(settings: HubSettings) -> FastAPI:
             if job is not None:
                 repo().put_measurement(
                     signature=job.signature, profile_fingerprint=job.profile_fingerprint,
-                    measurement=body.measurement.to_measurement(), reference_sha256=job.reference_sha256,
+                    measurement=body.measurement, reference_sha256=job.reference_sha256,
                     ratio=body.ratio, ratio_ci=body.ratio_ci,
                 )
         return outcome
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure")
     async def failure(job_id: int, request: Request, me: CurrentAgent) -> StatusBody:
-        raw = await _bounded_body(request)
-        try:
-            body = FailureBody.model_validate_json(raw)
-        except ValidationError as exc:
-            raise HTTPException(422, f"invalid failure: {exc.errors()[:3]}") from exc
+        body = await _parse(request, FailureBody)
         return _answer(await run_in_threadpool(queue().fail, me, job_id, body.error), job_id)
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/release")

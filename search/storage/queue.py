@@ -14,17 +14,17 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, or_, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from search.errors import ConfigError, StorageError
 from search.storage.models import AgentRow, JobRow
+from search.storage.session import transaction
 
 QUEUED, LEASED, DONE, FAILED = "queued", "leased", "done", "failed"
 
@@ -87,20 +87,8 @@ class JobQueue:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._postgres = engine.dialect.name == "postgresql"
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        session = self._sessions()
-        try:
-            yield session
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            raise
-        except SQLAlchemyError as exc:
-            session.rollback()
-            raise StorageError(f"job queue database error: {exc}") from exc
-        finally:
-            session.close()
+    def _session(self) -> AbstractContextManager[Session]:
+        return transaction(self._sessions, "the job queue")
 
     # --- agents -----------------------------------------------------------------------------
 

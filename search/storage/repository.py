@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from latency_models import Measurement
 from search.errors import SearchNotFoundError, StorageError
 from search.storage.migrate import _safe, ensure_schema
 from search.storage.models import ArtifactRow, MeasurementRow, SearchRow
+from search.storage.session import transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,20 +66,8 @@ class Repository:
                 raise StorageError(f"cannot reach database {_safe(url)}: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        session = self._sessions()
-        try:
-            yield session
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            raise
-        except SQLAlchemyError as exc:
-            session.rollback()
-            raise StorageError(f"database error on {_safe(self.url)}: {exc}") from exc
-        finally:
-            session.close()
+    def _session(self) -> AbstractContextManager[Session]:
+        return transaction(self._sessions, _safe(self.url))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,7 +15,7 @@ from search.errors import SchemaError
 from search.storage import Repository, current_revision, ensure_schema, head_revision, upgrade
 from search.storage.migrate import _config
 
-OUR_TABLES = {"hwprune_searches", "hwprune_artifacts", "hwprune_measurements"}
+OUR_TABLES = {"hwprune_searches", "hwprune_artifacts", "hwprune_measurements", "hwprune_agents", "hwprune_jobs"}
 
 
 def _optuna_storage(url: str) -> optuna.storages.RDBStorage:
@@ -79,4 +82,47 @@ def test_tables_without_version_are_refused(db_url: str) -> None:
         connection.execute(text("CREATE TABLE hwprune_searches (id INTEGER PRIMARY KEY)"))
     with pytest.raises(SchemaError, match="has hwprune tables but no schema version"):
         ensure_schema(engine, db_url)
+    engine.dispose()
+
+
+ASSETS = Path(__file__).with_name("assets")
+
+
+def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) -> None:
+    """A database written by the released 0001 schema (a finished 6-trial search, checked in)."""
+    from typer.testing import CliRunner
+
+    from search.cli import app
+
+    db = tmp_path / "old.db"
+    shutil.copyfile(ASSETS / "schema_0001.db", db)
+    url = f"sqlite:///{db}"
+    with pytest.raises(SchemaError, match=r"schema at 0001, this hwprune expects 0002: run `hwprune db upgrade --db "):
+        Repository(url)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["search", "status", "t1", "--db", url])
+    assert refused.exit_code == 2 and "run `hwprune db upgrade" in refused.stderr
+    upgraded = runner.invoke(app, ["db", "upgrade", "--db", url])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "schema 0001 -> 0002" in upgraded.stdout
+    status = runner.invoke(app, ["search", "status", "t1", "--db", url, "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["completed"] == 6
+    pareto = runner.invoke(app, ["pareto", "t1", "--db", url, "--json"])
+    assert pareto.exit_code == 0 and json.loads(pareto.stdout)
+
+
+def test_upgrade_from_0001_keeps_rows(db_url: str) -> None:
+    upgrade(db_url, "0001")
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, content, created_at) "
+                                "VALUES ('abc', 1, :b, CURRENT_TIMESTAMP)"), {"b": b"x"})
+    with pytest.raises(SchemaError, match="schema at 0001"):
+        ensure_schema(engine, db_url)
+    upgrade(db_url)
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM hwprune_artifacts")).scalar_one() == 1
+        assert connection.execute(text("SELECT count(*) FROM hwprune_jobs")).scalar_one() == 0
     engine.dispose()

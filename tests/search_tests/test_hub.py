@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from latency_models import file_sha256
-from latency_models.wire import MeasurementBody, ResultBody
+from latency_models import Measurement, file_sha256
+from latency_models.wire import ResultBody
 from search.storage import Repository
 from search.storage.queue import JobQueue
 
@@ -38,7 +38,7 @@ def _client(hub: dict[str, Any], who: str | None) -> httpx.Client:
 
 
 def _result(sha: str) -> dict[str, Any]:
-    measurement = MeasurementBody(
+    measurement = Measurement(
         profile=PROFILE, backend="onnxruntime", backend_version="x", device="d", threads=1, median_us=100.0,
         p10_us=90.0, p90_us=110.0, mean_us=100.0, stdev_us=5.0, n=10, ci_low_us=98.0, ci_high_us=102.0,
         converged=True, elapsed_s=0.1, artifact_sha256=sha, settings_fingerprint="f" * 16,

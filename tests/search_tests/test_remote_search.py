@@ -45,6 +45,16 @@ def _completed(db_url: str, name: str) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def _hub_with_two_agents(db_url: str, profiles: Path, start_hub: Callable[..., Any],
+                         spawn_agent: Callable[..., subprocess.Popen[bytes]]) -> tuple[Any, JobQueue]:
+    hub = start_hub(db_url)
+    queue = JobQueue(Repository(db_url).engine)
+    for name in ("orin-1", "orin-2"):
+        spawn_agent(hub.url, queue.add_agent(name, PROFILE), PROFILE, profiles)
+    _wait(lambda: len(queue.live_agents(PROFILE, 60)) == 2, 60, "two live agents")
+    return hub, queue
+
+
 def _env(hwprune_cache: Path, profiles: Path) -> dict[str, str]:
     return {"HWPRUNE_CACHE": str(hwprune_cache), "HWPRUNE_PROFILES": str(profiles),
             "HWPRUNE_HEARTBEAT_S": "1", "HWPRUNE_GRACE_S": "3"}
@@ -78,11 +88,7 @@ def test_remote_search_completes(
     db_url: str, digits_bundle: Any, hwprune_cache: Path, standin_profiles: Path,
     start_hub: Callable[..., Any], spawn_agent: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
-    hub = start_hub(db_url)
-    queue = JobQueue(Repository(db_url).engine)
-    for name in ("orin-1", "orin-2"):
-        spawn_agent(hub.url, queue.add_agent(name, PROFILE), PROFILE, standin_profiles)
-    _wait(lambda: len(queue.live_agents(PROFILE, 60)) == 2, 60, "two live agents")
+    hub, queue = _hub_with_two_agents(db_url, standin_profiles, start_hub, spawn_agent)
     env = _env(hwprune_cache, standin_profiles)
     result = runner.invoke(app, ["search", "start", "--name", "remote", "--example", "digits",
                                  "-p", PROFILE, "-p", "cpu-ort-fp32", "--trials", "4",
@@ -146,11 +152,7 @@ def test_hub_restart_mid_search(
     db_url: str, digits_bundle: Any, hwprune_cache: Path, standin_profiles: Path,
     start_hub: Callable[..., Any], spawn_agent: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
-    hub = start_hub(db_url)
-    queue = JobQueue(Repository(db_url).engine)
-    for name in ("orin-1", "orin-2"):
-        spawn_agent(hub.url, queue.add_agent(name, PROFILE), PROFILE, standin_profiles)
-    _wait(lambda: len(queue.live_agents(PROFILE, 60)) == 2, 60, "two live agents")
+    hub, queue = _hub_with_two_agents(db_url, standin_profiles, start_hub, spawn_agent)
     env = {**os.environ, **_env(hwprune_cache, standin_profiles)}
     search = subprocess.Popen(
         [sys.executable, "-m", "search", "search", "start", "--name", "restart", "--example", "digits",
