@@ -171,3 +171,32 @@ def test_hub_restart_mid_search(
             search.communicate()
     assert _completed(db_url, "restart") == 6
     assert all(job.status == DONE for job in queue.jobs())
+
+
+def test_agent_finishes_its_job_on_sigterm(
+    tmp_path: Path, standin_profiles: Path, onnx_artifact: Path,
+    start_hub: Callable[..., Any], spawn_agent: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    slow = tmp_path / "slow-profiles"
+    slow.mkdir()
+    (slow / f"{PROFILE}.yaml").write_text((standin_profiles / f"{PROFILE}.yaml").read_text().replace(
+        "max_runs: 400, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.03",
+        "max_runs: 1000000, max_seconds: 2.0, check_every: 5, target_rel_precision: 0.0001"))
+    from hardware_profiles import load_profile
+
+    repo = Repository(db_url)
+    queue = JobQueue(repo.engine)
+    sha = file_sha256(onnx_artifact)
+    repo.put_artifact(sha, onnx_artifact.read_bytes())
+    fingerprint = load_profile(PROFILE, [slow]).fingerprint()
+    job_id = queue.submit(signature="s", profile=PROFILE, profile_fingerprint=fingerprint,
+                          artifact_sha256=sha)
+    hub = start_hub(db_url, lease_s=30.0)
+    agent = spawn_agent(hub.url, queue.add_agent("a", PROFILE), PROFILE, slow)
+    _wait(lambda: queue.get(job_id).status == "leased", 60, "the lease")  # type: ignore[union-attr]
+    time.sleep(0.3)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    job = queue.get(job_id)
+    assert job is not None and job.status == DONE and job.attempts == 1

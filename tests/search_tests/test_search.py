@@ -241,3 +241,78 @@ def test_parallel_workers(db_url: str, env: dict[str, str]) -> None:
     assert 6 <= len(complete) <= 7
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert len({t.number for t in complete}) == len(complete)
+
+
+FLAKY_PLUGIN = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from search.bundle import ModelBundle, classification_error
+from search.errors import SearchError
+
+calls = {"n": 0}
+FAIL_WITH = SearchError
+
+
+def error_fn(model, batches):
+    # Call 1 scores the base model; call 2 is trial 1's evaluation: it fails.
+    calls["n"] += 1
+    if calls["n"] == 2:
+        raise FAIL_WITH("validation shard unavailable")
+    return classification_error(model, batches)
+
+
+def bundle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    return ModelBundle(name="flaky", model=model, example_input=x[:1], train_loader=loader,
+                       val_loader=loader, error_fn=error_fn)
+'''
+
+
+@pytest.fixture
+def flaky_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"flaky_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(FLAKY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_failing_trial_is_stored_and_the_search_goes_on(
+    tmp_path: Path, env: dict[str, str], flaky_plugin: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    result = _invoke(["search", "start", "--name", "f", "--model", f"{flaky_plugin}:bundle", "--trials", "4",
+                      "--recovery-steps", "2", "--db", url, "--json"], env)
+    assert result.exit_code == 0, result.output
+    study = _study(url, "f")
+    failures = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failures) == 1  # the second evaluation, whichever trial made it
+    failed = failures[0]
+    assert failed.user_attrs["fail_stage"] == "evaluate"
+    assert failed.user_attrs["fail_reason"] == "SearchError: validation shard unavailable"
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_unexpected_error_is_recorded_then_stops_the_search(
+    tmp_path: Path, env: dict[str, str], flaky_plugin: str
+) -> None:
+    import importlib
+
+    module = importlib.import_module(flaky_plugin)
+    module.FAIL_WITH = ZeroDivisionError  # a bug, not a known error
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    result = _invoke(["search", "start", "--name", "b", "--model", f"{flaky_plugin}:bundle", "--trials", "4",
+                      "--recovery-steps", "2", "--db", url], env)
+    assert result.exit_code == 1
+    assert "internal error: ZeroDivisionError: validation shard unavailable" in result.stderr
+    failures = _study(url, "b").get_trials(states=(TrialState.FAIL,))
+    assert len(failures) == 1
+    trial = failures[0]
+    assert trial.user_attrs["fail_stage"] == "evaluate"
+    assert "ZeroDivisionError" in trial.user_attrs["fail_traceback"]
