@@ -116,7 +116,6 @@ def create_app(settings: HubSettings) -> FastAPI:
     def lease(body: LeaseRequest, me: CurrentAgent) -> JobSpec | Response:
         if body.profile != me.profile:
             raise HTTPException(403, f"this token serves profile {me.profile!r}, not {body.profile!r}")
-        queue().touch(me.id)
         job = queue().lease(me, settings.lease_s)
         if job is None:
             return Response(status_code=204)
@@ -167,15 +166,13 @@ def create_app(settings: HubSettings) -> FastAPI:
         return _answer(outcome, job_id)
 
     def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
-        outcome = queue().complete(me, job_id, body.model_dump(mode="json"))
-        if outcome == Outcome.ACCEPTED:
-            job = queue().get(job_id)
-            if job is not None:
-                repo().put_measurement(
-                    signature=job.signature, profile_fingerprint=job.profile_fingerprint,
-                    measurement=body.measurement, reference_sha256=job.reference_sha256,
-                    ratio=body.ratio, ratio_ci=body.ratio_ci,
-                )
+        outcome, job = queue().complete(me, job_id, body.model_dump(mode="json"))
+        if outcome == Outcome.ACCEPTED and job is not None:
+            repo().put_measurement(
+                signature=job.signature, profile_fingerprint=job.profile_fingerprint,
+                measurement=body.measurement, reference_sha256=job.reference_sha256,
+                ratio=body.ratio, ratio_ci=body.ratio_ci,
+            )
         return outcome
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure")

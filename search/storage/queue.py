@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +83,14 @@ class Outcome:
 class JobQueue:
     """Agents and jobs in one database (the engine of a ``Repository``)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, expire_every_s: float = 0.5) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._postgres = engine.dialect.name == "postgresql"
+        # Looking for expired leases on every lease call costs two UPDATEs; twice a second is
+        # plenty next to leases that last seconds to minutes.
+        self._expire_every_s = expire_every_s
+        self._expired_at = 0.0
 
     def _session(self) -> AbstractContextManager[Session]:
         return transaction(self._sessions, "the job queue")
@@ -195,11 +200,14 @@ class JobQueue:
         )
 
     def lease(self, agent: AgentRecord, lease_s: float) -> JobRecord | None:
-        """Give ``agent`` the oldest queued job of its profile, or None."""
+        """Give ``agent`` the oldest queued job of its profile, or None; marks the agent seen."""
         for _ in range(5):
             now = _now()
             with self._session() as session:
-                self._expire(session, now)
+                session.execute(update(AgentRow).where(AgentRow.id == agent.id).values(last_seen=now))
+                if time.monotonic() - self._expired_at >= self._expire_every_s:
+                    self._expire(session, now)
+                    self._expired_at = time.monotonic()
                 query = (select(JobRow.id).where(JobRow.status == QUEUED, JobRow.profile == agent.profile)
                          .order_by(JobRow.id).limit(1))
                 if self._postgres:
@@ -218,17 +226,18 @@ class JobQueue:
                     return _job(row)  # type: ignore[arg-type]
         return None  # lost every race: the caller polls again
 
-    def complete(self, agent: AgentRecord, job_id: int, result: dict[str, Any]) -> str:
-        """Accept a result once, from the lease holder."""
+    def complete(self, agent: AgentRecord, job_id: int, result: dict[str, Any]) -> tuple[str, JobRecord | None]:
+        """Accept a result once, from the lease holder; returns the outcome and the job."""
         now = _now()
         with self._session() as session:
             row = session.get(JobRow, job_id)
             if row is None:
-                return Outcome.UNKNOWN
+                return Outcome.UNKNOWN, None
+            job = _job(row)
             if row.status == DONE:
-                return Outcome.DUPLICATE if row.done_by_agent_id == agent.id else Outcome.NOT_HOLDER
+                return (Outcome.DUPLICATE if row.done_by_agent_id == agent.id else Outcome.NOT_HOLDER), job
             if row.status != LEASED or row.lease_agent_id != agent.id:
-                return Outcome.NOT_HOLDER
+                return Outcome.NOT_HOLDER, job
             done = session.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.status == LEASED,
                                      JobRow.lease_agent_id == agent.id)
@@ -236,10 +245,10 @@ class JobQueue:
                         done_by_agent_id=agent.id, lease_expires_at=None, updated_at=now)
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
-                return Outcome.NOT_HOLDER
+                return Outcome.NOT_HOLDER, job
             session.execute(update(AgentRow).where(AgentRow.id == agent.id)
                             .values(jobs_done=AgentRow.jobs_done + 1, last_seen=now))
-            return Outcome.ACCEPTED
+            return Outcome.ACCEPTED, job
 
     def fail(self, agent: AgentRecord, job_id: int, error: str) -> str:
         """The holder could not measure: queue again, or fail past the attempt cap."""

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,11 +43,23 @@ class CachedMeasurement:
     ratio_ci: tuple[float, float] | None
 
 
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    # WAL lets readers (searches, the hub) proceed while one writer commits, and NORMAL
+    # synchronisation skips an fsync per commit (still crash-safe in WAL mode): the job queue
+    # commits several times per round trip.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite waits for locks instead of failing at once."""
     try:
         if url.startswith("sqlite"):
-            return create_engine(url, connect_args={"timeout": 60})
+            engine = create_engine(url, connect_args={"timeout": 60})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
         return create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StorageError(f"cannot use database {url!r}: {exc}") from exc

@@ -17,7 +17,7 @@ SHA = "a" * 64
 @pytest.fixture
 def queue(db_url: str) -> JobQueue:
     repo = Repository(db_url)
-    return JobQueue(repo.engine)
+    return JobQueue(repo.engine, expire_every_s=0.0)  # look for expired leases on every call
 
 
 def _agent(queue: JobQueue, name: str, profile: str = "p") -> AgentRecord:
@@ -81,21 +81,21 @@ def test_expired_lease_goes_back_then_fails_past_the_cap(queue: JobQueue) -> Non
     assert job is not None and job.status == FAILED
     assert "lease expired on every attempt" in (job.last_error or "")
     # A result from the agent whose lease expired long ago is refused.
-    assert queue.complete(a, job_id, {"x": 1}) == Outcome.NOT_HOLDER
+    assert queue.complete(a, job_id, {"x": 1})[0] == Outcome.NOT_HOLDER
 
 
 def test_result_accepted_once_from_the_holder(queue: JobQueue) -> None:
     a, b = _agent(queue, "a"), _agent(queue, "b")
     job_id = _submit(queue, 1)
     assert queue.lease(a, 60) is not None
-    assert queue.complete(b, job_id, {"by": "b"}) == Outcome.NOT_HOLDER
-    assert queue.complete(a, job_id, {"by": "a"}) == Outcome.ACCEPTED
-    assert queue.complete(a, job_id, {"by": "a"}) == Outcome.DUPLICATE
-    assert queue.complete(b, job_id, {"by": "b"}) == Outcome.NOT_HOLDER
+    assert queue.complete(b, job_id, {"by": "b"})[0] == Outcome.NOT_HOLDER
+    assert queue.complete(a, job_id, {"by": "a"})[0] == Outcome.ACCEPTED
+    assert queue.complete(a, job_id, {"by": "a"})[0] == Outcome.DUPLICATE
+    assert queue.complete(b, job_id, {"by": "b"})[0] == Outcome.NOT_HOLDER
     job = queue.get(job_id)
     assert job is not None and job.status == DONE and job.result == {"by": "a"}
     assert [x.jobs_done for x in queue.list_agents()] == [1, 0]
-    assert queue.complete(a, 9999, {}) == Outcome.UNKNOWN
+    assert queue.complete(a, 9999, {})[0] == Outcome.UNKNOWN
 
 
 def test_failure_requeues_until_the_cap(queue: JobQueue) -> None:
