@@ -305,7 +305,7 @@ def test_unexpected_error_is_recorded_then_stops_the_search(
     import importlib
 
     module = importlib.import_module(flaky_plugin)
-    module.FAIL_WITH = ZeroDivisionError  # a bug, not a known error
+    module.__dict__["FAIL_WITH"] = ZeroDivisionError  # a bug, not a known error
     url = f"sqlite:///{tmp_path / 'h.db'}"
     result = _invoke(["search", "start", "--name", "b", "--model", f"{flaky_plugin}:bundle", "--trials", "4",
                       "--recovery-steps", "2", "--db", url], env)
