@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--db", default=None, help="default: a new SQLite file")
+    parser.add_argument("--hub-workers", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db or f"sqlite:///{tmp}/hub.db"
@@ -64,7 +65,8 @@ def main() -> None:
         for index in range(args.jobs):
             queue.submit(signature=f"sig{index}", profile=PROFILE, profile_fingerprint="f" * 16, artifact_sha256=SHA)
         port = free_port()
-        hub = subprocess.Popen([sys.executable, "-m", "search", "serve", "--db", url, "--port", str(port)],
+        hub = subprocess.Popen([sys.executable, "-m", "search", "serve", "--db", url, "--port", str(port),
+                                "--workers", str(args.hub_workers)],
                                env=os.environ.copy())
         server = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -110,18 +112,22 @@ def main() -> None:
         repo.close()
     backend = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
     rate = sum(trips) / elapsed
-    line = (f"| {backend} | {args.clients} | {args.jobs} | {sum(trips)} | {elapsed:.2f} | {rate:.0f} | "
-            f"{lost} | {duplicated} | {cached} |")
+    line = (f"| {backend} | {args.hub_workers} | {args.clients} | {args.jobs} | {sum(trips)} | "
+            f"{elapsed:.2f} | {rate:.0f} | {lost} | {duplicated} | {cached} |")
     print(line)
     body_md = (
         "The measurement is replaced by an immediate fixed result (no model runs): this times the hub "
-        "(one `hwprune serve` process, uvicorn) and its queue only. Each client is a thread with its own "
-        "token looping lease -> post result; a round trip is one lease plus one result.\n\n"
-        "| database | clients | jobs | round trips | seconds | round trips/s | lost | duplicated | cache rows |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + line + "\n\nAim: >= 200 round trips/s, 0 lost, 0 duplicated.\n"
+        "(`hwprune serve`, uvicorn, on the same 2 cores as the clients) and its queue only. Each client "
+        "is a thread with its own token looping lease -> post result; a round trip is one lease plus one "
+        "result.\n\n"
+        "| database | hub workers | clients | jobs | round trips | seconds | round trips/s | lost | duplicated "
+        "| cache rows |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + line + "\n\nAim: >= 200 round trips/s, 0 lost, 0 duplicated.\n"
     )
-    write_section(f"hub-{backend.lower()}", f"Hub throughput on {backend} (bench/hub.py)",
-                  f".venv/bin/python bench/hub.py --jobs {args.jobs} --clients {args.clients}"
+    write_section(f"hub-{backend.lower()}-w{args.hub_workers}",
+                  f"Hub throughput on {backend}, {args.hub_workers} hub worker(s) (bench/hub.py)",
+                  f".venv/bin/python bench/hub.py --jobs {args.jobs} --clients {args.clients} "
+                  f"--hub-workers {args.hub_workers}"
                   + (" --db postgresql+psycopg://..." if args.db else ""), body_md)
 
 

@@ -110,6 +110,7 @@ def serve(
     lease_seconds: Annotated[float, typer.Option(help="A lease lasts this long without a heartbeat.", min=1)] = 60.0,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    workers: Annotated[int, typer.Option(help="Hub worker processes (they share the database).", min=1)] = 1,
 ) -> None:
     """Run the hub: the HTTP API agents pull measurement jobs from."""
     with _handle_errors():
@@ -123,10 +124,17 @@ def serve(
                 "behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", host)
             _stderr().print(f"[yellow]warning:[/yellow] hub on {host} without TLS; see README "
                             "(TLS proxy)", highlight=False)
-        application = create_app(HubSettings(db_url=db_url(db), lease_s=lease_seconds))
-        uvicorn.run(application, host=host, port=port, log_level="debug" if _state.debug else "warning",
-                    ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-                    ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+        options = {"host": host, "port": port, "log_level": "debug" if _state.debug else "warning",
+                   "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
+                   "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None}
+        if workers == 1:
+            uvicorn.run(create_app(HubSettings(db_url=db_url(db), lease_s=lease_seconds)), **options)  # type: ignore[arg-type]
+            return
+        from search.service.app import DB_ENV, LEASE_ENV
+
+        os.environ[DB_ENV] = db_url(db)
+        os.environ[LEASE_ENV] = str(lease_seconds)
+        uvicorn.run("search.service.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
 
 
 @app.command("agent")

@@ -8,6 +8,7 @@ for jobs they hold. Errors answer ``{"error": <type>, "detail": <message>}``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -216,3 +217,13 @@ def create_app(settings: HubSettings) -> FastAPI:
         return pareto_rows(record, study, target or record.config["targets"][0])
 
     return app
+
+
+DB_ENV = "HWPRUNE_HUB_DB"
+LEASE_ENV = "HWPRUNE_HUB_LEASE_S"
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn's worker processes (``hwprune serve --workers N``): each worker builds
+    its app from the settings ``hwprune serve`` put in the environment."""
+    return create_app(HubSettings(db_url=os.environ[DB_ENV], lease_s=float(os.environ.get(LEASE_ENV, "60"))))
