@@ -25,6 +25,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from hardware_profiles import HardwareProfile
+from latency_models import registry
 from search.bundle import ModelBundle, load_bundle
 from search.config import SearchConfig, incompatibilities, resolve_profile
 from search.errors import ConfigError, StorageError
@@ -151,7 +152,7 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
                     f"resume it with `hwprune search resume {config.name}` or choose a new --name"
                 )
         bundle, space, profiles = _load_model_and_space(config, runtime)
-        check_agents(profiles, repo, runtime)
+        check_targets(profiles, repo, runtime)
         if existing is not None:
             _check_same_base(existing, bundle, space)
             repo.update_budget(config.name, trials=config.trials, timeout_s=config.timeout_s)
@@ -163,8 +164,13 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
         repo.close()
 
 
-def check_agents(profiles: Sequence[HardwareProfile], repo: Repository, runtime: Runtime) -> None:
-    """Refuse remote targets that no live agent serves, unless told to wait for agents."""
+def check_targets(profiles: Sequence[HardwareProfile], repo: Repository, runtime: Runtime) -> None:
+    """Refuse local targets whose backend cannot run here, and remote targets that no live agent
+    serves (unless told to wait for agents), before anything is stored."""
+    for profile in profiles:
+        if profile.location == "local":
+            with registry.get(profile.backend)(profile):
+                pass
     if runtime.wait_for_agents:
         return
     queue = JobQueue(repo.engine)

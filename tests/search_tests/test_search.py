@@ -161,6 +161,27 @@ def test_bad_configs_are_refused_and_store_nothing(
             repo.close()
 
 
+def test_target_whose_backend_cannot_run_here_stores_nothing(tmp_path: Path, env: dict[str, str]) -> None:
+    from latency_models.trt import cuda_device_count
+
+    if cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    result = _invoke(["search", "start", "--name", "g", "--example", "digits", "-p", "ampere-trt-fp16",
+                      "--db", url], env)
+    assert result.exit_code == 2
+    assert "needs the tensorrt package and an NVIDIA GPU" in result.stderr
+    repo = Repository(url)
+    try:
+        assert repo.list_searches() == [] and repo.get_artifact("0" * 64) is None
+        from sqlalchemy import text
+
+        with repo.engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM hwprune_artifacts")).scalar_one() == 0
+    finally:
+        repo.close()
+
+
 def test_bad_config_file(tmp_path: Path, env: dict[str, str]) -> None:
     config = tmp_path / "search.yaml"
     config.write_text("name: f\nexample: digits\nrecovery: {stepz: 3}\n")
