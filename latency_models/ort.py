@@ -17,7 +17,7 @@ from latency_models.timing import Runner
 
 INPUT_SEED = 0
 
-_DTYPES: dict[str, Any] = {
+ONNX_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -67,10 +67,10 @@ def resolve_shape(
 def random_input(shape: tuple[int, ...], onnx_type: str, rng: np.random.Generator) -> Any:
     """Seeded input of one type: normal floats; integers in [0, 2) so any index is valid."""
     try:
-        dtype = _DTYPES[onnx_type]
+        dtype = ONNX_DTYPES[onnx_type]
     except KeyError:
         raise ArtifactError(
-            f"input type {onnx_type} is not supported; supported: {', '.join(_DTYPES)}"
+            f"input type {onnx_type} is not supported; supported: {', '.join(ONNX_DTYPES)}"
         ) from None
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(shape).astype(dtype)

@@ -28,7 +28,7 @@ import numpy as np
 from hardware_profiles import HardwareProfile
 from latency_models.base import LatencyBackend
 from latency_models.errors import ArtifactError, BackendUnavailable, MeasurementError
-from latency_models.ort import random_input, resolve_shape
+from latency_models.ort import ONNX_DTYPES, random_input, resolve_shape
 from latency_models.registry import register
 from latency_models.timing import Runner
 
@@ -328,6 +328,6 @@ class TensorRTBackend(LatencyBackend):
 
 
 def _onnx_type(dtype: np.dtype[Any]) -> str:
-    names = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
-             "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+    """The ONNX type name ``random_input`` takes for a numpy dtype (ONNX Runtime's own table)."""
+    names = {np.dtype(numpy_type).name: onnx_type for onnx_type, numpy_type in ONNX_DTYPES.items()}
     return names.get(dtype.name, "tensor(float)")

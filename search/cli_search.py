@@ -268,7 +268,7 @@ def search_worker(
 def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the searches in the database."""
     with _handle_errors():
-        from search.controller import load_study, summary
+        from search.controller import load_study, optuna_storage, summary
         from search.storage import Repository
 
         runtime = _runtime(db)
@@ -278,7 +278,8 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         finally:
             repo.close()
         _quiet_optuna()
-        rows = [summary(r, load_study(r, runtime)) for r in records]
+        storage = optuna_storage(runtime)  # one connection for every search listed
+        rows = [summary(r, load_study(r, runtime, storage=storage)) for r in records]
         if as_json:
             _echo_json(rows)
             return

@@ -30,7 +30,7 @@ from search.bundle import ModelBundle, load_bundle
 from search.config import SearchConfig, incompatibilities, resolve_profile
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
-from search.latency import LocalMeter, RemoteMeter, measure_base
+from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
 from search.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.pareto import TrialPoint, pareto_front
 from search.pruning import architecture_signature
@@ -322,11 +322,11 @@ def run_worker(
         partial.replace(base_path)
     with ExitStack() as stack:
         stack.callback(repo.close)
-        meters: list[LocalMeter | RemoteMeter] = []
+        meters: list[Meter] = []
         for profile in prepared.profiles:
             base_median = record.base["measurements"][profile.name]["median_us"]
             if profile.location == "remote":
-                meter: LocalMeter | RemoteMeter = RemoteMeter(
+                meter: Meter = RemoteMeter(
                     profile, repo, base_sha256=record.base["artifact_sha256"],
                     base_signature=record.base["signature"], base_median_us=base_median)
             else:
@@ -354,8 +354,10 @@ def run_worker(
     return study
 
 
-def load_study(record: SearchRecord, runtime: Runtime) -> optuna.Study:
-    return optuna.load_study(study_name=record.study_name, storage=optuna_storage(runtime))
+def load_study(record: SearchRecord, runtime: Runtime, *,
+               storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """A stored search's study; pass ``storage`` to reuse an open one instead of connecting again."""
+    return optuna.load_study(study_name=record.study_name, storage=storage or optuna_storage(runtime))
 
 
 def trial_points(study: optuna.Study) -> list[TrialPoint]:

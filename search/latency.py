@@ -63,27 +63,62 @@ def _done(value: TargetLatency) -> Pending:
     return Pending(lambda: value)
 
 
-class LocalMeter:
-    """Measures trials on one local target, paired with the base model, through the cache."""
+class Meter:
+    """One target's measurements of trials, paired with the base model, through the cache.
 
-    def __init__(
-        self,
-        profile: HardwareProfile,
-        repo: Repository,
-        *,
-        base_path: Path,
-        base_sha256: str,
-        base_signature: str,
-        base_median_us: float,
-    ) -> None:
-        if profile.location != "local":
-            raise ConfigError(f"target {profile.name!r} is remote: use RemoteMeter")
+    ``start`` answers the base model itself and cached architectures at once; anything else
+    goes to ``_start_new``, which the local and remote meters implement.
+    """
+
+    def __init__(self, profile: HardwareProfile, repo: Repository, *, base_sha256: str,
+                 base_signature: str, base_median_us: float) -> None:
         self.profile = profile
         self.repo = repo
-        self.base_path = base_path
         self.base_sha256 = base_sha256
         self.base_signature = base_signature
         self.base_median_us = base_median_us
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+    def start(self, artifact: Path, sha256: str, signature: str) -> Pending:
+        """Begin measuring ``artifact`` (architecture ``signature``); ``result()`` gives it."""
+        if signature == self.base_signature:
+            return _done(self._latency(self.base_median_us, 1.0, (1.0, 1.0), cached=True))
+        fingerprint = self.profile.fingerprint()
+        hit = self.repo.find_measurement(signature, fingerprint, self.base_sha256)
+        if hit is not None and hit.ratio is not None:
+            return _done(self._latency(hit.measurement.median_us, hit.ratio, hit.ratio_ci, cached=True))
+        return self._start_new(artifact, sha256, signature, fingerprint)
+
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
+        raise NotImplementedError
+
+    def _latency(self, median_us: float, ratio: float, ratio_ci: tuple[float, float] | None,
+                 *, cached: bool) -> TargetLatency:
+        return TargetLatency(self.profile.name, ratio * self.base_median_us, ratio,
+                             ratio_ci or (ratio, ratio), median_us, cached)
+
+
+class LocalMeter(Meter):
+    """Measures with the target's backend in this process, here and now (the local CPU or GPU
+    is not shared between targets)."""
+
+    def __init__(self, profile: HardwareProfile, repo: Repository, *, base_path: Path, base_sha256: str,
+                 base_signature: str, base_median_us: float) -> None:
+        if profile.location != "local":
+            raise ConfigError(f"target {profile.name!r} is remote: use RemoteMeter")
+        super().__init__(profile, repo, base_sha256=base_sha256, base_signature=base_signature,
+                         base_median_us=base_median_us)
+        self.base_path = base_path
         self._backend: LatencyBackend | None = None
 
     def __enter__(self) -> LocalMeter:
@@ -101,19 +136,7 @@ class LocalMeter:
             self._backend.close()
             self._backend = None
 
-    def start(self, artifact: Path, sha256: str, signature: str) -> Pending:
-        """Measure here and now (the local CPU or GPU is not shared between targets)."""
-        return _done(self.measure(artifact, signature))
-
-    def measure(self, artifact: Path, signature: str) -> TargetLatency:
-        """The latency of ``artifact`` (architecture ``signature``) on this target."""
-        name = self.profile.name
-        if signature == self.base_signature:
-            return TargetLatency(name, self.base_median_us, 1.0, (1.0, 1.0), self.base_median_us, True)
-        fingerprint = self.profile.fingerprint()
-        hit = self.repo.find_measurement(signature, fingerprint, self.base_sha256)
-        if hit is not None and hit.ratio is not None:
-            return self._latency(hit.measurement, hit.ratio, hit.ratio_ci, cached=True)
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
         if self._backend is None:
             raise RuntimeError("LocalMeter used outside its context")
         paired = self._backend.measure_paired(artifact, self.base_path)
@@ -126,57 +149,22 @@ class LocalMeter:
             ratio=paired.ratio,
             ratio_ci=ratio_ci,
         )
-        return self._latency(stored.measurement, stored.ratio or paired.ratio,
-                             stored.ratio_ci or ratio_ci, cached=False)
-
-    def _latency(
-        self, measurement: Measurement, ratio: float, ratio_ci: tuple[float, float] | None, *, cached: bool
-    ) -> TargetLatency:
-        return TargetLatency(
-            target=self.profile.name,
-            latency_us=ratio * self.base_median_us,
-            ratio=ratio,
-            ratio_ci=ratio_ci or (ratio, ratio),
-            median_us=measurement.median_us,
-            cached=cached,
-        )
+        return _done(self._latency(stored.measurement.median_us, stored.ratio or paired.ratio,
+                                   stored.ratio_ci or ratio_ci, cached=False))
 
 
-class RemoteMeter:
-    """Measures trials on a remote target: a job in the queue, served by an agent via the hub."""
+class RemoteMeter(Meter):
+    """Measures through a job in the queue, served by an agent via the hub."""
 
-    def __init__(
-        self,
-        profile: HardwareProfile,
-        repo: Repository,
-        *,
-        base_sha256: str,
-        base_signature: str,
-        base_median_us: float,
-        poll_s: float = 0.2,
-    ) -> None:
-        self.profile = profile
-        self.repo = repo
+    def __init__(self, profile: HardwareProfile, repo: Repository, *, base_sha256: str, base_signature: str,
+                 base_median_us: float, poll_s: float = 0.2) -> None:
+        super().__init__(profile, repo, base_sha256=base_sha256, base_signature=base_signature,
+                         base_median_us=base_median_us)
         self.queue = JobQueue(repo.engine)
-        self.base_sha256 = base_sha256
-        self.base_signature = base_signature
-        self.base_median_us = base_median_us
         self.poll_s = poll_s
 
-    def __enter__(self) -> RemoteMeter:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
-
-    def start(self, artifact: Path, sha256: str, signature: str) -> Pending:
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
         name = self.profile.name
-        if signature == self.base_signature:
-            return _done(TargetLatency(name, self.base_median_us, 1.0, (1.0, 1.0), self.base_median_us, True))
-        fingerprint = self.profile.fingerprint()
-        hit = self.repo.find_measurement(signature, fingerprint, self.base_sha256)
-        if hit is not None and hit.ratio is not None:
-            return _done(self._latency(hit.measurement.median_us, hit.ratio, hit.ratio_ci, cached=True))
         job_id = self.queue.submit(signature=signature, profile=name, profile_fingerprint=fingerprint,
                                    artifact_sha256=sha256, reference_sha256=self.base_sha256)
 
@@ -191,11 +179,6 @@ class RemoteMeter:
                                  (float(ci[0]), float(ci[1])) if ci else None, cached=False)
 
         return Pending(wait)
-
-    def _latency(self, median_us: float, ratio: float, ratio_ci: tuple[float, float] | None,
-                 *, cached: bool) -> TargetLatency:
-        return TargetLatency(self.profile.name, ratio * self.base_median_us, ratio,
-                             ratio_ci or (ratio, ratio), median_us, cached)
 
 
 def wait_for_job(queue: JobQueue, job_id: int, *, timeout_s: float, poll_s: float, profile: str) -> dict[str, Any]:

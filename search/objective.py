@@ -23,7 +23,7 @@ from search.bundle import ModelBundle
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.export import export_onnx
-from search.latency import LocalMeter, RemoteMeter
+from search.latency import LocalMeter, Meter
 from search.recovery import RecoveryConfig, recover, recovery_for
 from search.reward import reward
 from search.space import SearchSpace, apply
@@ -41,7 +41,7 @@ class SearchContext:
     config: SearchConfig
     bundle: ModelBundle
     space: SearchSpace
-    meters: Sequence[LocalMeter | RemoteMeter]
+    meters: Sequence[Meter]
     repo: Repository
     artifact_dir: Path
     batch_size: int

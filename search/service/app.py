@@ -88,6 +88,16 @@ def create_app(settings: HubSettings) -> FastAPI:
     def repo() -> Repository:
         return state["repo"]  # type: ignore[no-any-return]
 
+    def study(name: str) -> tuple[Any, Any]:
+        """A search's record and study, through one Optuna storage opened on first use."""
+        from search.controller import Runtime, load_study, optuna_storage
+
+        record = repo().get_search(name)
+        runtime = Runtime(db_url=settings.db_url)
+        if "optuna" not in state:
+            state["optuna"] = optuna_storage(runtime)
+        return record, load_study(record, runtime, storage=state["optuna"])
+
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": "HTTPException", "detail": exc.detail}, status_code=exc.status_code,
@@ -194,27 +204,22 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/searches/{{name}}")
     def search(name: str) -> dict[str, Any]:
-        from search.controller import Runtime, load_study, summary
+        from search.controller import summary
 
-        record = repo().get_search(name)
-        return summary(record, load_study(record, Runtime(db_url=settings.db_url)))
+        return summary(*study(name))
 
     @app.get(f"{API_PREFIX}/searches/{{name}}/trials")
     def trials(name: str) -> list[dict[str, Any]]:
-        from search.controller import Runtime, load_study
-
-        record = repo().get_search(name)
-        study = load_study(record, Runtime(db_url=settings.db_url))
+        _, found = study(name)
         return [{"trial": t.number, "state": t.state.name, "values": t.values, "params": t.params,
-                 "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)]
+                 "user_attrs": t.user_attrs} for t in found.get_trials(deepcopy=False)]
 
     @app.get(f"{API_PREFIX}/searches/{{name}}/pareto")
     def pareto(name: str, target: str | None = None) -> list[dict[str, Any]]:
-        from search.controller import Runtime, load_study, pareto_rows
+        from search.controller import pareto_rows
 
-        record = repo().get_search(name)
-        study = load_study(record, Runtime(db_url=settings.db_url))
-        return pareto_rows(record, study, target or record.config["targets"][0])
+        record, found = study(name)
+        return pareto_rows(record, found, target or record.config["targets"][0])
 
     return app
 

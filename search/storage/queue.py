@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -291,11 +291,8 @@ class JobQueue:
 
     def counts(self) -> dict[str, int]:
         with self._session() as session:
-            rows = session.scalars(select(JobRow.status)).all()
-        counted: dict[str, int] = {}
-        for status in rows:
-            counted[status] = counted.get(status, 0) + 1
-        return counted
+            rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        return {str(status): int(count) for status, count in rows}
 
     def jobs(self) -> list[JobRecord]:
         with self._session() as session:

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -192,7 +192,7 @@ class Repository:
 
     def count_measurements(self) -> int:
         with self._session() as session:
-            return len(session.scalars(select(MeasurementRow.id)).all())
+            return int(session.scalar(select(func.count()).select_from(MeasurementRow)) or 0)
 
 
 def _search_record(row: SearchRow) -> SearchRecord:
