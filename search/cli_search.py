@@ -46,6 +46,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress d
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes on this machine.")]
 
 
+MaxFailuresOpt = Annotated[int | None, typer.Option(
+    "--max-failures", min=1, help="Stop after this many trials fail in a row (default 5).")]
 WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if no agent serves a remote target yet.")]
 
 
@@ -153,8 +155,9 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
         env[PROFILES_ENV] = os.pathsep.join(str(d) for d in _state.profile_dirs)
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "search", "search", "worker", name, "--db", url,
-             "--worker-index", str(index)],
+            # --debug carries over so that a worker's own traceback is shown, not only the parent's.
+            [sys.executable, "-m", "search", *(["--debug"] if _state.debug else []), "search", "worker",
+             name, "--db", url, "--worker-index", str(index)],
             env=env,
         )
         for index in range(workers)
@@ -203,6 +206,7 @@ def search_start(
     recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
     importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
+    max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
@@ -219,6 +223,7 @@ def search_start(
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},
             "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
+            "max_consecutive_failures": max_failures,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
@@ -232,6 +237,7 @@ def search_resume(
     name: Annotated[str, typer.Argument(help="Search name.")],
     trials: Annotated[int | None, typer.Option(help="New number of completed trials to reach.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
+    max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
@@ -243,7 +249,8 @@ def search_resume(
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         record = find_record(name, runtime)
-        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout)
+        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout,
+                                max_consecutive_failures=max_failures)
         _quiet_optuna()
         prepared = prepare(config, runtime)
         _run(prepared, runtime, workers=workers, as_json=as_json)

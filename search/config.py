@@ -122,6 +122,7 @@ class SearchConfig(_Section):
     ignored_layers: list[str] = []
     error_floor: Annotated[float, Field(ge=0, lt=1)] = 0.0
     seed: int = 0
+    max_consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
 
     @model_validator(mode="after")
     def _one_model_and_a_budget(self) -> SearchConfig:
@@ -138,7 +139,7 @@ class SearchConfig(_Section):
         return self.example or self.model or ""
 
 
-RESUMABLE_FIELDS = frozenset({"trials", "timeout_s"})
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures"})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:

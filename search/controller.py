@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from hardware_profiles import HardwareProfile
 from latency_models import registry
@@ -31,17 +31,16 @@ from search.config import SearchConfig, incompatibilities, resolve_profile
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
 from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
-from search.objective import KNOWN_ERRORS, SearchContext, run_trial
+from search.objective import SearchContext, run_trial
 from search.pareto import TrialPoint, pareto_front
 from search.pruning import architecture_signature
 from search.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
 from search.storage.queue import JobQueue
+from search.storage.study_storage import open_study_storage
+from search.trial_loop import LoopLimits, TrialCallback, run_trials
 
 logger = logging.getLogger(__name__)
-
-TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
@@ -72,19 +71,8 @@ def package_versions() -> dict[str, str]:
 
 
 def optuna_storage(runtime: Runtime) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with the heartbeat on and a retry for trials whose process died."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat: experimental, wanted
-        try:
-            return optuna.storages.RDBStorage(
-                runtime.db_url,
-                engine_kwargs={"connect_args": {"timeout": 60}} if runtime.db_url.startswith("sqlite") else None,
-                heartbeat_interval=runtime.heartbeat_s,
-                grace_period=runtime.grace_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
-        except Exception as exc:  # SQLAlchemy or driver errors surface as many types
-            raise StorageError(f"Optuna cannot open the database: {exc}") from exc
+    """Optuna's storage for this runtime's database (see ``open_study_storage``)."""
+    return open_study_storage(runtime.db_url, heartbeat_s=runtime.heartbeat_s, grace_s=runtime.grace_s)
 
 
 def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -270,24 +258,6 @@ def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-class _StopRules:
-    """Stop once the asked number of trials completed, or when trials keep failing."""
-
-    def __init__(self, target: int | None, max_failures: int) -> None:
-        self.target = target
-        self.max_failures = max_failures
-        self.failures = 0
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            self.failures += 1
-            if self.failures >= self.max_failures:
-                logger.error("stopping: %d trials failed in this run", self.failures)
-                study.stop()
-        if self.target is not None and completed(study) >= self.target:
-            study.stop()
-
-
 def run_worker(
     name: str,
     runtime: Runtime,
@@ -303,10 +273,6 @@ def run_worker(
     storage = optuna_storage(runtime)
     study = optuna.load_study(study_name=record.study_name, storage=storage,
                               sampler=make_sampler(config, runtime.worker_index))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        # A trial of a killed worker is failed (and retried) once its heartbeat is stale.
-        optuna.storages.fail_stale_trials(study)
     if config.trials is not None and completed(study) >= config.trials:
         return study
     repo = Repository(runtime.db_url)
@@ -340,17 +306,12 @@ def run_worker(
             artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,
             base_error=record.base["error"], base_signature=record.base["signature"],
         )
-        callbacks: list[TrialCallback] = [_StopRules(config.trials, max(10, config.trials or 10))]
-        if on_trial is not None:
-            callbacks.append(on_trial)
-        study.optimize(
-            lambda trial: run_trial(trial, ctx),
-            timeout=config.timeout_s,
-            catch=KNOWN_ERRORS,
-            callbacks=callbacks,
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
+        callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
+        limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
+                            max_consecutive_failures=config.max_consecutive_failures)
+        result = run_trials(study, lambda trial: run_trial(trial, ctx), limits, callbacks=callbacks)
+        logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
+                    runtime.worker_index, result.completed, result.failed, result.taken_over)
     return study
 
 
@@ -407,8 +368,11 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float | None) -> SearchConfig:
+def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float | None,
+                   max_consecutive_failures: int | None = None) -> SearchConfig:
     data = config.model_dump()
+    if max_consecutive_failures is not None:
+        data["max_consecutive_failures"] = max_consecutive_failures
     if trials is not None:
         data["trials"] = trials
     if timeout_s is not None:
