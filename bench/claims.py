@@ -1,8 +1,8 @@
 """Stress of the trial claim, repeated: how often does an enqueued trial run twice?
 
-Each round prepares a fresh study with 40 enqueued plans and starts 4 worker processes for 6 s
-(heartbeat 1 s, grace 3 s); in every round worker 0 is SIGKILLed inside its first trial so that a
-stale-trial retry is claimed too. A round fails when any trial was started by two workers, a plan
+Each round prepares a fresh study with 40 enqueued plans and starts 4 worker processes that run
+until every plan completed (at most 60 s; heartbeat 1 s, grace 3 s); in every round worker 0 is
+SIGKILLed inside its first trial so that a stale-trial retry is claimed too. A round fails when any trial was started by two workers, a plan
 did not complete exactly once, a live worker exited non-zero, or a trial was left RUNNING/WAITING.
 
 Modes: ``hwprune`` (``search.storage.study_storage``: SQLite transactions take the write lock at
@@ -33,7 +33,7 @@ stress = importlib.util.module_from_spec(_spec)
 sys.modules["claim_stress"] = stress
 _spec.loader.exec_module(stress)
 
-PLANS, WORKERS, RUN_S = 40, 4, 6.0
+PLANS, WORKERS, RUN_S = 40, 4, 60.0
 
 
 def _fresh_url(base: str | None, folder: Path, index: int) -> tuple[str, str]:
@@ -73,7 +73,8 @@ def main() -> None:
                      (time.perf_counter() - started) / args.rounds))
     backend = "PostgreSQL" if args.db else "SQLite"
     body = [
-        f"{WORKERS} worker processes, {PLANS} enqueued plans, {RUN_S:g} s per round, heartbeat 1 s, grace 3 s; "
+        f"{WORKERS} worker processes, {PLANS} enqueued plans, workers run until every plan completed (at most "
+        f"{RUN_S:g} s), heartbeat 1 s, grace 3 s; "
         f"worker 0 SIGKILLed inside its first trial every round. Backend: {backend}.",
         "",
         "| mode | rounds | failed rounds | trials started twice | plans not completed once | workers exited non-zero "

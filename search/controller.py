@@ -12,8 +12,9 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -26,8 +27,10 @@ from optuna.trial import TrialState
 
 from hardware_profiles import HardwareProfile
 from latency_models import registry
+from search import confirmation
 from search.bundle import ModelBundle, load_bundle
-from search.config import SearchConfig, incompatibilities, resolve_profile
+from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
+from search.confirmation import Confirmation
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
 from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
@@ -218,6 +221,7 @@ def _create(
             "signature": signature,
             "artifact_sha256": artifact.sha256,
             "measurements": measurements,
+            "error_floor": resolve_error_floor(config, base_error),
         },
         versions=package_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
@@ -258,6 +262,47 @@ def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def _base_artifact(record: SearchRecord, repo: Repository, runtime: Runtime) -> tuple[Path, Path]:
+    """The artifact folder and the base model's ONNX file in it, written from the database once."""
+    base_content = repo.get_artifact(record.base["artifact_sha256"])
+    if base_content is None:
+        raise StorageError(f"the base model artifact of search {record.name!r} is missing from the database")
+    artifact_dir = runtime.cache_dir / "artifacts"
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    base_path = artifact_dir / f"{record.base['artifact_sha256']}.onnx"
+    if not base_path.exists():
+        partial = base_path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(base_content)
+        partial.replace(base_path)
+    return artifact_dir, base_path
+
+
+def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
+    """One meter per target (local or remote), entered on ``stack``."""
+    record = prepared.record
+    meters: list[Meter] = []
+    for profile in prepared.profiles:
+        base_median = record.base["measurements"][profile.name]["median_us"]
+        if profile.location == "remote":
+            meter: Meter = RemoteMeter(
+                profile, repo, base_sha256=record.base["artifact_sha256"],
+                base_signature=record.base["signature"], base_median_us=base_median)
+        else:
+            meter = LocalMeter(profile, repo, base_path=base_path,
+                               base_sha256=record.base["artifact_sha256"],
+                               base_signature=record.base["signature"], base_median_us=base_median)
+        stack.enter_context(meter)
+        meters.append(meter)
+    return meters
+
+
+def error_floor_of(record: SearchRecord) -> float:
+    """The reward's error floor as resolved when the search was created."""
+    if "error_floor" in record.base:
+        return float(record.base["error_floor"])
+    return resolve_error_floor(SearchConfig.model_validate(record.config), record.base["error"])
+
+
 def run_worker(
     name: str,
     runtime: Runtime,
@@ -276,35 +321,15 @@ def run_worker(
     if config.trials is not None and completed(study) >= config.trials:
         return study
     repo = Repository(runtime.db_url)
-    base_content = repo.get_artifact(record.base["artifact_sha256"])
-    if base_content is None:
-        raise StorageError(f"the base model artifact of search {name!r} is missing from the database")
-    artifact_dir = runtime.cache_dir / "artifacts"
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    base_path = artifact_dir / f"{record.base['artifact_sha256']}.onnx"
-    if not base_path.exists():
-        partial = base_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(base_content)
-        partial.replace(base_path)
     with ExitStack() as stack:
         stack.callback(repo.close)
-        meters: list[Meter] = []
-        for profile in prepared.profiles:
-            base_median = record.base["measurements"][profile.name]["median_us"]
-            if profile.location == "remote":
-                meter: Meter = RemoteMeter(
-                    profile, repo, base_sha256=record.base["artifact_sha256"],
-                    base_signature=record.base["signature"], base_median_us=base_median)
-            else:
-                meter = LocalMeter(profile, repo, base_path=base_path,
-                                   base_sha256=record.base["artifact_sha256"],
-                                   base_signature=record.base["signature"], base_median_us=base_median)
-            stack.enter_context(meter)
-            meters.append(meter)
+        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        meters = _open_meters(prepared, repo, base_path, stack)
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,
             base_error=record.base["error"], base_signature=record.base["signature"],
+            error_floor=error_floor_of(record),
         )
         callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
         limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
@@ -315,44 +340,159 @@ def run_worker(
     return study
 
 
+ConfirmCallback = Callable[[int, str, Confirmation], None]
+
+
+def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: ConfirmCallback | None = None) -> int:
+    """Confirm every trial on the search's fronts (one per target) with independent sessions.
+
+    First the base model is measured again on each local target, so that absolute latencies
+    track the machine as it is now. Then, until every front holds only confirmed figures, each
+    unconfirmed front trial is measured in a fresh paired session (a third when the two
+    disagree); a confirmation that raises a trial's figure can push it off the front and let
+    another in, which is confirmed in turn. Returns the number of sessions measured.
+    """
+    record = prepared.record
+    study = load_study(record, runtime)
+    repo = Repository(runtime.db_url)
+    sessions = 0
+    with ExitStack() as stack:
+        stack.callback(repo.close)
+        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
+        for profile in prepared.profiles:
+            if profile.location == "local":
+                base_now[profile.name] = measure_base(
+                    profile, base_path, repo=repo, sha256=record.base["artifact_sha256"],
+                    signature=record.base["signature"]).median_us
+        study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
+        meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
+        for _ in range(completed(study) * len(meters) + 1):  # each pass confirms at least one
+            todo = _unconfirmed_front(record, study)
+            if not todo:
+                break
+            for target, point in todo:
+                path = artifact_dir / f"{point.artifact_sha256}.onnx"
+                if not path.exists():
+                    content = repo.get_artifact(point.artifact_sha256)
+                    if content is None:
+                        raise StorageError(f"trial {point.trial}'s ONNX artifact is missing from the database")
+                    path.write_bytes(content)
+                first = point.first_session[target]
+                found = [confirmation.Session(first.ratio, first.ratio_ci)]
+                started = time.perf_counter()
+                while confirmation.needs_another(found):
+                    measured = meters[target].confirm(path, point.artifact_sha256, point.signature,
+                                                      session=len(found)).result()
+                    found.append(confirmation.Session(measured.ratio, measured.ratio_ci))
+                    sessions += 1
+                verdict = confirmation.conclude(found, elapsed_s=time.perf_counter() - started)
+                study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
+                logger.info("trial %d on %s: ratio %.4f then %s -> %.4f", point.trial, target, first.ratio,
+                            ", ".join(f"{s.ratio:.4f}" for s in found[1:]), verdict.ratio)
+                if on_confirmed is not None:
+                    on_confirmed(point.trial, target, verdict)
+    return sessions
+
+
+def _unconfirmed_front(record: SearchRecord, study: optuna.Study) -> list[tuple[str, TrialPoint]]:
+    points = trial_points(study, record)
+    todo = []
+    for target in record.config["targets"]:
+        todo += [(target, p) for p in pareto_front(points, target) if not p.confirmed.get(target)]
+    return todo
+
+
 def load_study(record: SearchRecord, runtime: Runtime, *,
                storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """A stored search's study; pass ``storage`` to reuse an open one instead of connecting again."""
     return optuna.load_study(study_name=record.study_name, storage=storage or optuna_storage(runtime))
 
 
-def trial_points(study: optuna.Study) -> list[TrialPoint]:
-    """Every completed trial with its stored figures."""
+def base_latency_us(record: SearchRecord, study: optuna.Study) -> dict[str, float]:
+    """The base model's latency per target: as re-measured at the last confirmation, else as
+    measured when the search was created."""
+    now = study.user_attrs.get(confirmation.BASE_NOW_KEY, {})
+    return {target: float(now.get(target, m["median_us"])) for target, m in record.base["measurements"].items()}
+
+
+def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> list[TrialPoint]:
+    """Every completed trial with its figures; with ``record``, latencies are confirmed ratios
+    where confirmed (else first sessions) times the base model's current latency."""
+    confirmations = confirmation.stored(study.user_attrs) if record is not None else {}
+    base_now = base_latency_us(record, study) if record is not None else {}
+    base_signature = record.base["signature"] if record is not None else None
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         if "error" not in attrs:
             continue
+        signature = str(attrs.get("signature", ""))
+        latency_us = dict(attrs.get("latency_us", {}))
+        ratios: dict[str, float] = {}
+        intervals: dict[str, tuple[float, float]] = {}
+        confirmed: dict[str, bool] = {}
+        first: dict[str, confirmation.Session] = {}
+        for target, figures in attrs.get("latency", {}).items():
+            first[target] = confirmation.Session.from_dict(figures)
+            verdict = confirmations.get((target, signature))
+            if signature == base_signature:  # the reference itself: 1 by definition
+                ratios[target], intervals[target], confirmed[target] = 1.0, (1.0, 1.0), True
+            elif verdict is not None:
+                ratios[target], intervals[target], confirmed[target] = verdict.ratio, verdict.interval, True
+            else:
+                ratios[target], intervals[target] = first[target].ratio, first[target].ratio_ci
+                confirmed[target] = False
+            if target in base_now:
+                latency_us[target] = ratios[target] * base_now[target]
         constraints = trial.constraints.values()
         points.append(
             TrialPoint(
                 trial=trial.number,
                 error=float(attrs["error"]),
-                latency_us=dict(attrs.get("latency_us", {})),
+                latency_us=latency_us,
                 macs=int(attrs.get("macs", 0)),
                 params=int(attrs.get("params", 0)),
                 reward=attrs.get("reward"),
                 feasible=all(v <= 0 for v in constraints),
                 plan=attrs.get("plan", {}),
-                signature=str(attrs.get("signature", "")),
+                signature=signature,
                 artifact_sha256=str(attrs.get("artifact_sha256", "")),
+                ratio=ratios,
+                ratio_interval=intervals,
+                confirmed=confirmed,
+                first_session=first,
+                stage_s=dict(attrs.get("stage_s", {})),
             )
         )
     return points
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
-    """Counts by state, the best reward and the base figures, for ``search status``."""
+    """Counts by state, failures by stage, stage times, the best trial and the base figures."""
     states: dict[str, int] = {}
+    failures: dict[str, dict[str, Any]] = {}
     for trial in study.get_trials(deepcopy=False):
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
-    points = trial_points(study)
-    rewards = [p.reward for p in points if p.reward is not None and p.feasible]
+        if trial.state == TrialState.FAIL:
+            stage = str(trial.user_attrs.get("fail_stage", "unknown"))
+            entry = failures.setdefault(stage, {"count": 0, "first_trial": trial.number,
+                                                "first_reason": trial.user_attrs.get("fail_reason", "")})
+            entry["count"] += 1
+    points = trial_points(study, record)
+    feasible = [p for p in points if p.reward is not None and p.feasible]
+    best = max(feasible, key=lambda p: p.reward or 0.0) if feasible else None
+    stage_times: dict[str, list[float]] = {}
+    for point in points:
+        for stage, seconds in point.stage_s.items():
+            stage_times.setdefault(stage, []).append(seconds)
+    confirmed = sum(all(p.confirmed.values()) for p in points if p.confirmed)
     return {
         "name": record.name,
         "targets": record.config["targets"],
@@ -361,11 +501,30 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "trials_asked": record.config["trials"],
         "trials": states,
         "completed": states.get("COMPLETE", 0),
-        "best_reward": max(rewards) if rewards else None,
+        "infeasible": sum(not p.feasible for p in points),
+        "failures_by_stage": failures,
+        "stage_median_s": {stage: _median(values) for stage, values in sorted(stage_times.items())},
+        "best_reward": best.reward if best is not None else None,
+        "best_trial": best.trial if best is not None else None,
+        "best_is_base": best is not None and best.signature == record.base["signature"],
+        "error_floor": error_floor_of(record),
+        "confirmed_trials": confirmed,
         "base_error": record.base["error"],
-        "base_latency_us": {k: v["median_us"] for k, v in record.base["measurements"].items()},
+        "base_latency_us": base_latency_us(record, study),
         "created_at": record.created_at.isoformat(),
     }
+
+
+def best_is_base_warning(info: dict[str, Any], config: SearchConfig) -> str | None:
+    """A warning when the search's best trial is the dense base model, naming the flags to change."""
+    if not info["best_is_base"] or config.objective != "reward" or info["completed"] < 2:
+        return None
+    return (
+        f"the best trial is the dense base model (error {info['base_error']:.4g}): no pruned plan scored a "
+        f"higher reward with error floor {info['error_floor']:.4g}. Raise --error-floor to accept more error "
+        "for speed, give --latency-budget-ratio R (AMC's resource-constrained mode: the most accurate plan "
+        "within R x the base latency wins), or use --objective pareto to see the whole trade-off"
+    )
 
 
 def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float | None,
@@ -380,23 +539,31 @@ def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float
     return SearchConfig.model_validate(data)
 
 
-
-
 def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[dict[str, Any]]:
-    """The Pareto front on ``target`` as rows with speedups and accuracy change against the base."""
+    """The Pareto front on ``target`` as rows with speedups and accuracy change against the base.
+
+    Latencies are confirmed figures where the trial was confirmed (``confirmed`` says which),
+    times the base model's latency as last measured; ``speedup_interval`` is the range a
+    re-measurement is expected in.
+    """
     if target not in record.config["targets"]:
         raise ConfigError(f"target {target!r} is not one of this search's: {', '.join(record.config['targets'])}")
     base = record.base
-    base_latency = {k: v["median_us"] for k, v in base["measurements"].items()}
+    base_latency = base_latency_us(record, study)
     rows = []
-    for point in pareto_front(trial_points(study), target):
+    for point in pareto_front(trial_points(study, record), target):
         rows.append({
             "trial": point.trial,
             "error": point.error,
             "accuracy": point.accuracy,
             "accuracy_change": (base["error"] - point.error),
             "latency_us": dict(point.latency_us),
+            "base_latency_us": base_latency,
+            "ratio": dict(point.ratio),
             "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0},
+            "speedup_interval": {k: [1 / high, 1 / low if low > 0 else None]
+                                 for k, (low, high) in point.ratio_interval.items() if high > 0},
+            "confirmed": dict(point.confirmed),
             "macs": point.macs,
             "params": point.params,
             "reward": point.reward,

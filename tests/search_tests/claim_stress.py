@@ -40,7 +40,8 @@ def _storage(url: str, mode: str) -> optuna.storages.RDBStorage:
 
 
 def worker(url: str, study_name: str, mode: str, log: Path, run_s: float, kill_first: bool) -> None:
-    """Run trials for ``run_s`` seconds; with ``kill_first`` die by SIGKILL inside the first one."""
+    """Run trials until every enqueued plan completed (at most ``run_s`` seconds); with
+    ``kill_first`` die by SIGKILL inside the first trial."""
     from search.trial_loop import LoopLimits, run_trials
 
     study = optuna.load_study(study_name=study_name, storage=_storage(url, mode))
@@ -56,8 +57,26 @@ def worker(url: str, study_name: str, mode: str, log: Path, run_s: float, kill_f
         time.sleep(0.05 if "plan" in trial.user_attrs else 0.3)
         return float(x)
 
-    result = run_trials(study, objective, LoopLimits(timeout_s=run_s))
-    print(json.dumps({"completed": result.completed, "failed": result.failed, "taken_over": result.taken_over}))
+    # Short runs of the loop until every enqueued plan completed (the killed one by its retry) and
+    # nothing waits: a time budget alone ends early on a loaded machine, and a trial budget can be
+    # met by sampled trials before the killed trial's heartbeat goes stale.
+    totals = {"completed": 0, "failed": 0, "taken_over": 0}
+    deadline = time.monotonic() + run_s
+    while time.monotonic() < deadline:
+        result = run_trials(study, objective, LoopLimits(timeout_s=0.5))
+        totals["completed"] += result.completed
+        totals["failed"] += result.failed
+        totals["taken_over"] += result.taken_over
+        if _all_plans_done(study):
+            break
+    print(json.dumps(totals))
+
+
+def _all_plans_done(study: optuna.Study) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    plans = {t.user_attrs["plan"] for t in trials if "plan" in t.user_attrs}
+    done = {t.user_attrs["plan"] for t in trials if "plan" in t.user_attrs and t.state == TrialState.COMPLETE}
+    return plans == done and not any(t.state == TrialState.WAITING for t in trials)
 
 
 def prepare(url: str, study_name: str, plans: int) -> None:

@@ -30,7 +30,7 @@ def test_every_enqueued_plan_runs_once(db_url: str, tmp_path: Path, kill_one: bo
     stress.prepare(db_url, "claims", PLANS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     outcome = stress.run_round(db_url, "claims", tmp_path / "starts.log", mode="hwprune", workers=4,
-                               run_s=6.0, kill_one=kill_one, env=env)
+                               run_s=60.0, kill_one=kill_one, env=env)
     assert outcome.failed_workers == []
     assert outcome.duplicated_starts == []  # no trial was started by two workers
     assert outcome.taken_over == 0

@@ -69,11 +69,30 @@ def test_search_end_to_end(db_url: str, env: dict[str, str], tmp_path: Path) -> 
     for row in rows:
         for key in ("trial", "error", "accuracy", "latency_us", "speedup", "macs", "params"):
             assert key in row
+        # Every front trial was confirmed by a second session when the search ended; the figure
+        # shown is the confirmed ratio times the base model's latency as re-measured then.
+        assert row["confirmed"] == {"cpu-ort-fp32": True}
         stored = study.trials[row["trial"]].user_attrs
-        assert row["latency_us"] == stored["latency_us"]
+        if stored["signature"] == base.user_attrs["signature"]:
+            assert row["ratio"]["cpu-ort-fp32"] == 1.0
+        else:
+            verdict = study.user_attrs[f"confirm:cpu-ort-fp32:{stored['signature']}"]
+            assert len(verdict["sessions"]) in (2, 3)
+            assert verdict["sessions"][0]["ratio"] == stored["latency"]["cpu-ort-fp32"]["ratio"]
+            assert verdict["ratio"] >= min(s["ratio"] for s in verdict["sessions"])
+            assert row["ratio"]["cpu-ort-fp32"] == verdict["ratio"]
+            low, high = verdict["interval"]
+            assert low < verdict["ratio"] < high
+        base_now = study.user_attrs["base_latency_now"]["cpu-ort-fp32"]
+        assert row["latency_us"]["cpu-ort-fp32"] == pytest.approx(row["ratio"]["cpu-ort-fp32"] * base_now)
+        assert {"prune", "export", "measure:cpu-ort-fp32"} <= set(stored["stage_s"])
     # Status and list.
     status = json.loads(_invoke(["search", "status", "e2e", "--db", db_url, "--json"], env).stdout)
     assert status["completed"] == 5 and status["trials_asked"] == 5
+    assert status["confirmed_trials"] >= len(rows)
+    assert status["stage_median_s"]["export"] > 0
+    text = _invoke(["search", "status", "e2e", "--db", db_url], env).stdout
+    assert "median seconds per trial stage: " in text and "trials: 5 complete;" in text
     listing = json.loads(_invoke(["search", "list", "--db", db_url, "--json"], env).stdout)
     assert [row["name"] for row in listing] == ["e2e"]
     # Export re-materialises bit-identically (the export checks the stored sha256 itself).
