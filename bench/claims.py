@@ -2,8 +2,9 @@
 
 Each round prepares a fresh study with 40 enqueued plans and starts 4 worker processes that run
 until every plan completed (at most 60 s; heartbeat 1 s, grace 3 s); in every round worker 0 is
-SIGKILLed inside its first trial so that a stale-trial retry is claimed too. A round fails when any trial was started by two workers, a plan
-did not complete exactly once, a live worker exited non-zero, or a trial was left RUNNING/WAITING.
+SIGKILLed inside its first trial so that a stale-trial retry is claimed too. A round fails when
+any trial was started by two workers, a plan did not complete exactly once, a live worker exited
+non-zero, or a trial was left RUNNING/WAITING.
 
 Modes: ``hwprune`` (``search.storage.study_storage``: SQLite transactions take the write lock at
 BEGIN) and ``plain`` (Optuna's RDBStorage as hwprune opened it before: the claim race is open).
