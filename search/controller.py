@@ -73,9 +73,11 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def optuna_storage(runtime: Runtime) -> optuna.storages.RDBStorage:
-    """Optuna's storage for this runtime's database (see ``open_study_storage``)."""
-    return open_study_storage(runtime.db_url, heartbeat_s=runtime.heartbeat_s, grace_s=runtime.grace_s)
+def optuna_storage(runtime: Runtime, *, worker: bool = False) -> optuna.storages.RDBStorage:
+    """Optuna's storage for this runtime's database; ``worker`` for a process that claims trials
+    (see ``open_study_storage``)."""
+    return open_study_storage(runtime.db_url, heartbeat_s=runtime.heartbeat_s, grace_s=runtime.grace_s,
+                              worker=worker)
 
 
 def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -230,7 +232,7 @@ def _create(
         [optuna.study.StudyDirection.MAXIMIZE] if config.objective == "reward"
         else [optuna.study.StudyDirection.MINIMIZE] * (1 + len(profiles))
     )
-    storage = optuna_storage(runtime)
+    storage = optuna_storage(runtime, worker=True)
     study = optuna.create_study(study_name=record.study_name, storage=storage,
                                 directions=directions, load_if_exists=True)
     if not study.trials:
@@ -315,7 +317,7 @@ def run_worker(
         prepared = load_prepared(name, runtime)
     config = prepared.config
     record = prepared.record
-    storage = optuna_storage(runtime)
+    storage = optuna_storage(runtime, worker=True)
     study = optuna.load_study(study_name=record.study_name, storage=storage,
                               sampler=make_sampler(config, runtime.worker_index))
     if config.trials is not None and completed(study) >= config.trials:

@@ -14,10 +14,13 @@ from sqlalchemy import Connection, Engine, event
 from search.errors import StorageError
 
 
-def open_study_storage(db_url: str, *, heartbeat_s: int, grace_s: int) -> optuna.storages.RDBStorage:
+def open_study_storage(db_url: str, *, heartbeat_s: int, grace_s: int, worker: bool = False
+                       ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with the heartbeat on and a retry for trials whose process died.
 
-    On SQLite every transaction takes the write lock at ``BEGIN`` (``BEGIN IMMEDIATE``). Optuna
+    On SQLite, in a ``worker`` (a process that claims trials) every transaction takes the write
+    lock at ``BEGIN`` (``BEGIN IMMEDIATE``); elsewhere (status, pareto, the hub) transactions
+    begin deferred, so that readers never wait for the lock and a read-only file can be read. Optuna
     claims an enqueued trial (the base, a retry) by reading it WAITING with ``SELECT ... FOR
     UPDATE`` and writing RUNNING in one transaction; SQLite ignores ``FOR UPDATE``, and Python's
     sqlite3 driver starts the transaction only at the write, so two workers could both read
@@ -42,15 +45,17 @@ def open_study_storage(db_url: str, *, heartbeat_s: int, grace_s: int) -> optuna
         except Exception as exc:  # SQLAlchemy or driver errors surface as many types
             raise StorageError(f"Optuna cannot open the database: {exc}") from exc
     if sqlite:
-        serialize_sqlite_transactions(storage.engine)
+        begin_sqlite_transactions(storage.engine, immediate=worker)
     return storage
 
 
-def serialize_sqlite_transactions(engine: Engine) -> None:
-    """Make every transaction on a SQLite ``engine`` (opened with ``isolation_level=None``) take
-    the write lock at its start, so that a read and the write that depends on it are atomic."""
+def begin_sqlite_transactions(engine: Engine, *, immediate: bool) -> None:
+    """Begin every transaction on a SQLite ``engine`` opened with ``isolation_level=None``
+    ourselves; ``immediate`` takes the write lock at once, so that a read and the write that
+    depends on it are atomic."""
+    statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
 
-    def begin_immediate(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    def begin(connection: Connection) -> None:
+        connection.exec_driver_sql(statement)
 
-    event.listen(engine, "begin", begin_immediate)
+    event.listen(engine, "begin", begin)

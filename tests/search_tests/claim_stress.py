@@ -29,7 +29,7 @@ def _storage(url: str, mode: str) -> optuna.storages.RDBStorage:
     if mode == "hwprune":
         from search.storage.study_storage import open_study_storage
 
-        return open_study_storage(url, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
+        return open_study_storage(url, heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S, worker=True)
     # Optuna's storage as hwprune opened it before the claim was fixed: the race is open.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
