@@ -6,7 +6,9 @@ lucky ones. So before a trial is shown on a front, each target measures it again
 paired session (new inference sessions for both models, at the end of the search: time apart from
 the first). When the two sessions' intervals do not overlap, a third session decides.
 
-The stored figure is the conservative one: the slower ratio of the two sessions that agree best.
+The stored figure is the conservative one: the slower of the two sessions, or with three the
+slower of the second and third (the first session is the one that put the trial on the front, so
+it is the one a lucky draw biases).
 The reported interval spans every session's interval, widened by the spread between sessions (at
 least ``MIN_SESSION_SPREAD`` of the ratio): one session's interval describes that session only,
 while a re-measurement tomorrow also sees the drift between sessions.
@@ -25,7 +27,6 @@ from typing import Any
 # Paired ratios of one model moved by 0.4-1.5% (CV) between sessions on this kind of machine
 # (docs/benchmarks.md); two sessions can agree by chance more closely than that.
 MIN_SESSION_SPREAD = 0.02
-MAX_SESSIONS = 3
 KEY_PREFIX = "confirm:"
 BASE_NOW_KEY = "base_latency_now"
 
@@ -79,15 +80,13 @@ def needs_another(sessions: Sequence[Session]) -> bool:
 
 
 def conclude(sessions: Sequence[Session], *, elapsed_s: float = 0.0) -> Confirmation:
-    """The conservative figure and a re-measurement-proof interval over two or three sessions."""
+    """The conservative figure and an interval meant to cover a re-measurement, over two or three
+    sessions."""
     if len(sessions) < 2:
         raise ValueError("a confirmation needs at least two sessions")
-    if len(sessions) == 2:
-        agreeing = tuple(sessions)
-    else:  # the pair that agrees best; the third session was the outlier
-        pairs = [(a, b) for i, a in enumerate(sessions) for b in sessions[i + 1:]]
-        agreeing = min(pairs, key=lambda pair: abs(pair[0].ratio - pair[1].ratio))
-    ratio = max(s.ratio for s in agreeing)
+    # With three sessions the first is left out of the figure: it is the session that made the
+    # trial a front candidate, biased towards luck; its interval still widens the range.
+    ratio = max(s.ratio for s in (sessions if len(sessions) == 2 else sessions[1:]))
     ratios = [s.ratio for s in sessions]
     spread = max(max(ratios) - min(ratios), MIN_SESSION_SPREAD * ratio)
     low = max(0.0, min(s.ratio_ci[0] for s in sessions) - spread)

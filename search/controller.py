@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -34,7 +35,7 @@ from search.confirmation import Confirmation
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
 from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
-from search.objective import SearchContext, run_trial
+from search.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.pareto import TrialPoint, pareto_front
 from search.pruning import architecture_signature
 from search.space import SearchSpace, build_space
@@ -336,7 +337,7 @@ def run_worker(
         callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
         limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
                             max_consecutive_failures=config.max_consecutive_failures)
-        result = run_trials(study, lambda trial: run_trial(trial, ctx), limits, callbacks=callbacks)
+        result = run_trials(study, storage, lambda trial: run_trial(trial, ctx), limits, callbacks=callbacks)
         logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
                     runtime.worker_index, result.completed, result.failed, result.taken_over)
     return study
@@ -348,61 +349,81 @@ ConfirmCallback = Callable[[int, str, Confirmation], None]
 def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: ConfirmCallback | None = None) -> int:
     """Confirm every trial on the search's fronts (one per target) with independent sessions.
 
-    First the base model is measured again on each local target, so that absolute latencies
-    track the machine as it is now. Then, until every front holds only confirmed figures, each
-    unconfirmed front trial is measured in a fresh paired session (a third when the two
-    disagree); a confirmation that raises a trial's figure can push it off the front and let
-    another in, which is confirmed in turn. Returns the number of sessions measured.
+    When anything needs confirming, the base model is first measured again on each local target,
+    so that absolute latencies track the machine as it is now. Then, until every front holds only
+    confirmed figures, each unconfirmed front architecture is measured in a fresh paired session
+    (a third when the two disagree); a confirmation that raises a trial's figure can push it off
+    the front and let another in, which is confirmed in turn. A measurement that fails leaves its
+    trial unconfirmed, with a warning. Returns the number of sessions measured.
     """
     record = prepared.record
-    study = load_study(record, runtime)
+    study = load_study(record, runtime, storage=optuna_storage(runtime, worker=True))
+    if not _unconfirmed_front(record, study):
+        return 0
     repo = Repository(runtime.db_url)
     sessions = 0
+    failed: set[tuple[str, str]] = set()
     with ExitStack() as stack:
         stack.callback(repo.close)
         artifact_dir, base_path = _base_artifact(record, repo, runtime)
         base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
         for profile in prepared.profiles:
+            # Remote targets keep the base figure their agent measured when the search began.
             if profile.location == "local":
                 base_now[profile.name] = measure_base(
                     profile, base_path, repo=repo, sha256=record.base["artifact_sha256"],
                     signature=record.base["signature"]).median_us
         study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
         meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
-        for _ in range(completed(study) * len(meters) + 1):  # each pass confirms at least one
-            todo = _unconfirmed_front(record, study)
+        for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one
+            todo = [(t, p) for t, p in _unconfirmed_front(record, study) if (t, p.signature) not in failed]
             if not todo:
                 break
             for target, point in todo:
-                path = artifact_dir / f"{point.artifact_sha256}.onnx"
-                if not path.exists():
-                    content = repo.get_artifact(point.artifact_sha256)
-                    if content is None:
-                        raise StorageError(f"trial {point.trial}'s ONNX artifact is missing from the database")
-                    path.write_bytes(content)
-                first = point.first_session[target]
-                found = [confirmation.Session(first.ratio, first.ratio_ci)]
-                started = time.perf_counter()
-                while confirmation.needs_another(found):
-                    measured = meters[target].confirm(path, point.artifact_sha256, point.signature,
-                                                      session=len(found)).result()
-                    found.append(confirmation.Session(measured.ratio, measured.ratio_ci))
-                    sessions += 1
-                verdict = confirmation.conclude(found, elapsed_s=time.perf_counter() - started)
+                try:
+                    verdict = _confirm_one(meters[target], point, target, repo, artifact_dir)
+                except KNOWN_ERRORS as exc:
+                    failed.add((target, point.signature))
+                    logger.warning("trial %d stays unconfirmed on %s: %s", point.trial, target, exc)
+                    continue
+                sessions += len(verdict.sessions) - 1
                 study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
-                logger.info("trial %d on %s: ratio %.4f then %s -> %.4f", point.trial, target, first.ratio,
-                            ", ".join(f"{s.ratio:.4f}" for s in found[1:]), verdict.ratio)
                 if on_confirmed is not None:
                     on_confirmed(point.trial, target, verdict)
     return sessions
 
 
+def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
+                 artifact_dir: Path) -> Confirmation:
+    path = artifact_dir / f"{point.artifact_sha256}.onnx"
+    if not path.exists():
+        content = repo.get_artifact(point.artifact_sha256)
+        if content is None:
+            raise StorageError(f"trial {point.trial}'s ONNX artifact is missing from the database")
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(content)
+        partial.replace(path)
+    first = point.first_session[target]
+    found = [first]
+    started = time.perf_counter()
+    while confirmation.needs_another(found):
+        measured = meter.confirm(path, point.artifact_sha256, point.signature, session=len(found)).result()
+        found.append(confirmation.Session(measured.ratio, measured.ratio_ci))
+    verdict = confirmation.conclude(found, elapsed_s=time.perf_counter() - started)
+    logger.info("trial %d on %s: ratio %s -> %.4f", point.trial, target,
+                " / ".join(f"{s.ratio:.4f}" for s in found), verdict.ratio)
+    return verdict
+
+
 def _unconfirmed_front(record: SearchRecord, study: optuna.Study) -> list[tuple[str, TrialPoint]]:
+    """Unconfirmed architectures on any target's front (mixed figures), one trial each."""
     points = trial_points(study, record)
-    todo = []
+    todo: dict[tuple[str, str], TrialPoint] = {}
     for target in record.config["targets"]:
-        todo += [(target, p) for p in pareto_front(points, target) if not p.confirmed.get(target)]
-    return todo
+        for point in pareto_front(points, target):
+            if not point.confirmed.get(target):
+                todo.setdefault((target, point.signature), point)
+    return [(target, point) for (target, _), point in todo.items()]
 
 
 def load_study(record: SearchRecord, runtime: Runtime, *,
@@ -447,7 +468,9 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 confirmed[target] = False
             if target in base_now:
                 latency_us[target] = ratios[target] * base_now[target]
-        constraints = trial.constraints.values()
+        constraints = dict(trial.constraints)
+        if record is not None:
+            _constraints_on_shown_figures(constraints, record, ratios, latency_us)
         points.append(
             TrialPoint(
                 trial=trial.number,
@@ -456,7 +479,7 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 macs=int(attrs.get("macs", 0)),
                 params=int(attrs.get("params", 0)),
                 reward=attrs.get("reward"),
-                feasible=all(v <= 0 for v in constraints),
+                feasible=all(v <= 0 for v in constraints.values()),
                 plan=attrs.get("plan", {}),
                 signature=signature,
                 artifact_sha256=str(attrs.get("artifact_sha256", "")),
@@ -470,10 +493,18 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
     return points
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+def _constraints_on_shown_figures(constraints: dict[str, float], record: SearchRecord,
+                                  ratios: dict[str, float], latency_us: dict[str, float]) -> None:
+    # A latency budget is judged on the figure shown (confirmed where confirmed), not only on the
+    # first session the sampler saw.
+    limits = record.config.get("constraints", {})
+    primary = record.config["targets"][0]
+    if primary not in ratios:
+        return
+    if limits.get("latency_budget_ratio") is not None:
+        constraints["latency_budget_ratio"] = ratios[primary] - limits["latency_budget_ratio"]
+    if limits.get("latency_budget_us") is not None:
+        constraints["latency_budget_us"] = latency_us[primary] - limits["latency_budget_us"]
 
 
 def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
@@ -494,6 +525,8 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
     for point in points:
         for stage, seconds in point.stage_s.items():
             stage_times.setdefault(stage, []).append(seconds)
+    for (target, _signature), verdict in confirmation.stored(study.user_attrs).items():
+        stage_times.setdefault(f"confirm:{target}", []).append(verdict.elapsed_s)
     confirmed = sum(all(p.confirmed.values()) for p in points if p.confirmed)
     return {
         "name": record.name,
@@ -505,7 +538,7 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "completed": states.get("COMPLETE", 0),
         "infeasible": sum(not p.feasible for p in points),
         "failures_by_stage": failures,
-        "stage_median_s": {stage: _median(values) for stage, values in sorted(stage_times.items())},
+        "stage_median_s": {stage: statistics.median(values) for stage, values in sorted(stage_times.items())},
         "best_reward": best.reward if best is not None else None,
         "best_trial": best.trial if best is not None else None,
         "best_is_base": best is not None and best.signature == record.base["signature"],
@@ -553,7 +586,12 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
     base = record.base
     base_latency = base_latency_us(record, study)
     rows = []
-    for point in pareto_front(trial_points(study, record), target):
+    points = trial_points(study, record)
+    # The front of confirmed figures, plus the unconfirmed trials that the mixed front would hold,
+    # marked: an unconfirmed (possibly lucky) figure never hides a confirmed trial.
+    shown = {p.trial: p for p in pareto_front([p for p in points if p.confirmed.get(target)], target)}
+    shown.update({p.trial: p for p in pareto_front(points, target) if not p.confirmed.get(target)})
+    for point in sorted(shown.values(), key=lambda p: (p.latency_us[target], p.error)):
         rows.append({
             "trial": point.trial,
             "error": point.error,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,9 +180,11 @@ class RemoteMeter(Meter):
     def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str, *,
                    confirmation: int = 0) -> Pending:
         name = self.profile.name
-        # Jobs are keyed by architecture; a confirmation gets a key of its own (a hash, to fit the
-        # column) so that it is a new job, never the first session's answer again.
-        key = hashlib.sha256(f"{signature}:confirm:{confirmation}".encode()).hexdigest() if confirmation else signature
+        # Jobs are keyed by architecture; a confirmation gets a fresh key of its own (a hash, to
+        # fit the column) so that it is a new job, never an earlier session's answer again. The
+        # hub files its result in the cache under that key, where no architecture will look.
+        key = (hashlib.sha256(f"{signature}:confirm:{confirmation}:{uuid.uuid4().hex}".encode()).hexdigest()
+               if confirmation else signature)
         job_id = self.queue.submit(signature=key, profile=name, profile_fingerprint=fingerprint,
                                    artifact_sha256=sha256, reference_sha256=self.base_sha256)
 

@@ -17,24 +17,22 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from search.errors import SearchError
+from search.errors import TrialsKeepFailing
 
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[optuna.Trial], float | Sequence[float]]
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-
-
-class TrialsKeepFailing(SearchError):
-    """Several trials in a row failed: something is wrong beyond one bad candidate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +61,15 @@ class Heartbeat:
     the next beat tries again.
     """
 
-    def __init__(self, storage: BaseStorage, trial_id: int) -> None:
+    def __init__(self, storage: BaseHeartbeat, trial_id: int) -> None:
         self._storage = storage
         self._trial_id = trial_id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _interval(self) -> int | None:
-        get = getattr(self._storage, "get_heartbeat_interval", None)
-        return get() if callable(get) else None
-
     def _beat(self) -> None:
         try:
-            self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+            self._storage.record_heartbeat(self._trial_id)
         except Exception as exc:  # a locked or briefly unreachable database
             logger.warning("heartbeat of trial id %d not recorded: %s", self._trial_id, exc)
 
@@ -84,7 +78,7 @@ class Heartbeat:
             self._beat()
 
     def __enter__(self) -> Heartbeat:
-        interval = self._interval()
+        interval = self._storage.get_heartbeat_interval()
         if interval is not None:
             self._beat()
             self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
@@ -121,6 +115,7 @@ def _describe_failure(trial: FrozenTrial, exc: BaseException) -> str:
 
 def run_trials(
     study: optuna.Study,
+    storage: BaseStorage,
     objective: Objective,
     limits: LoopLimits,
     *,
@@ -128,12 +123,14 @@ def run_trials(
 ) -> LoopResult:
     """Run trials until the study holds ``limits.trials`` completed ones or time runs out.
 
+    ``storage`` is the storage ``study`` was loaded with; with a heartbeat (``RDBStorage``) each
+    running trial's heartbeat is recorded in a thread.
+
     Raises:
         TrialsKeepFailing: ``limits.max_consecutive_failures`` trials failed in a row; the
             message names the first one's stage and error. Every failed trial is stored FAIL.
     """
     started = time.monotonic()
-    storage = study._storage  # the storage the study was loaded with; Optuna has no public accessor
     completed = failed = taken_over = 0
     failures_in_row: list[str] = []
     while True:
@@ -149,7 +146,7 @@ def run_trials(
         trial_id = trial._trial_id  # the storage key; Optuna's Trial exposes only the number
         values: float | Sequence[float] | None = None
         error: Exception | None = None
-        with Heartbeat(storage, trial_id):
+        with Heartbeat(storage, trial_id) if isinstance(storage, BaseHeartbeat) else nullcontext():
             try:
                 values = objective(trial)
             except UpdateFinishedTrialError:
@@ -164,17 +161,21 @@ def run_trials(
             logger.warning("trial %d was finished by another worker (now %s); going on with the next",
                            trial.number, frozen.state.name)
             continue
+        told = TrialState.COMPLETE if error is None and values is not None else TrialState.FAIL
         try:
-            if error is None and values is not None:
+            if told == TrialState.COMPLETE:
                 study.tell(trial, values, skip_if_finished=True)
             else:
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:
-            # Finished elsewhere between our check and our write: the storage refused it.
-            taken_over += 1
-            logger.warning("trial %d was finished by another worker while being told; going on", trial.number)
-            continue
+            pass  # finished elsewhere between our check and our write: the storage refused it
         frozen = storage.get_trial(trial_id)
+        if told == TrialState.COMPLETE and frozen.state != TrialState.COMPLETE:
+            # Another worker failed it as stale just before our tell, which Optuna then skipped.
+            taken_over += 1
+            logger.warning("trial %d was finished by another worker while being told (now %s); going on",
+                           trial.number, frozen.state.name)
+            continue
         if frozen.state == TrialState.COMPLETE:
             completed += 1
             failures_in_row.clear()

@@ -41,16 +41,17 @@ def _storage(url: str, mode: str) -> optuna.storages.RDBStorage:
 
 def worker(url: str, study_name: str, mode: str, log: Path, run_s: float, kill_first: bool) -> None:
     """Run trials until every enqueued plan completed (at most ``run_s`` seconds); with
-    ``kill_first`` die by SIGKILL inside the first trial."""
+    ``kill_first`` die by SIGKILL inside the first enqueued trial this worker claims."""
     from search.trial_loop import LoopLimits, run_trials
 
-    study = optuna.load_study(study_name=study_name, storage=_storage(url, mode))
+    storage = _storage(url, mode)
+    study = optuna.load_study(study_name=study_name, storage=storage)
 
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_int("x", 0, 1_000_000)
         with log.open("a") as out:
             out.write(f"{trial.number} {os.getpid()}\n")
-        if kill_first:
+        if kill_first and "plan" in trial.user_attrs:  # an enqueued trial: its retry must run once
             os.kill(os.getpid(), signal.SIGKILL)
         # Enqueued trials are quick; sampled ones (once the queue is empty) slower, so that the
         # workers are still there when the killed trial's heartbeat goes stale and is retried.
@@ -63,7 +64,7 @@ def worker(url: str, study_name: str, mode: str, log: Path, run_s: float, kill_f
     totals = {"completed": 0, "failed": 0, "taken_over": 0}
     deadline = time.monotonic() + run_s
     while time.monotonic() < deadline:
-        result = run_trials(study, objective, LoopLimits(timeout_s=0.5))
+        result = run_trials(study, storage, objective, LoopLimits(timeout_s=0.5))
         totals["completed"] += result.completed
         totals["failed"] += result.failed
         totals["taken_over"] += result.taken_over
