@@ -204,7 +204,12 @@ def search_start(
     ] = None,
     error_ceiling: Annotated[float | None, typer.Option(help="Constraint: highest error allowed.")] = None,
     recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
-    importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement.")
+    ] = None,
+    nm_criterion: Annotated[
+        str | None, typer.Option("--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
@@ -222,7 +227,8 @@ def search_start(
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},
-            "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
+            "recovery": {"steps": recovery_steps}, "importance": importance,
+            "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)

@@ -95,16 +95,16 @@ def rebuild_trial(
 ) -> tuple[Plan, PrunedModel, OnnxArtifact]:
     """Re-create a stored trial's model from its plan, exactly as the trial built it.
 
-    The plan is applied with the search's importance and recovered with the search's recovery and
-    seed; the ONNX export must reproduce the trial's stored sha256 (before any extra
-    ``finetune_steps``), which proves the model is the one that was measured.
+    The plan is applied with the search's importance and N:M criterion and recovered with the
+    search's recovery and seed; the ONNX export must reproduce the trial's stored sha256 (before
+    any extra ``finetune_steps``), which proves the model is the one that was measured.
 
     Raises:
         SearchError: the rebuilt model differs from the stored one.
     """
     plan = Plan.from_dict(attrs["plan"])
     pruned = apply(bundle.model, bundle.example_input, space, plan, importance=config.importance,
-                   calibration=bundle.train_loader)
+                   nm_criterion=config.nm_criterion, calibration=bundle.train_loader)
     if pruned.signature != base_signature:
         recover(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
     artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
