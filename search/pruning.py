@@ -199,9 +199,27 @@ def _gqa_attentions(model: nn.Module) -> dict[str, _GqaAttention]:
     return found
 
 
+_KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.Embedding, nn.PReLU, nn.MultiheadAttention)
+
+
+def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    # Per-channel scales of modules torch-pruning has no pruner for (RMSNorm): their one dimension
+    # is the channel one. Declared, torch-pruning prunes them without warning that it guessed.
+    return [
+        (parameter, 0)
+        for module in model.modules()
+        if not isinstance(module, _KNOWN_MODULES)
+        for parameter in module.parameters(recurse=False)
+        if parameter.dim() == 1
+    ]
+
+
 def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, unwrapped_parameters=_unwrapped_vectors(model)
+        )
     except Exception as exc:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
 
