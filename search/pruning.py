@@ -97,7 +97,8 @@ class PrunedModel:
         macs / params: of the pruned model (dense count: N:M zeros are not subtracted).
         signature: hash of every layer shape plus the sparsity placement; equal signatures run
             the same on any backend, so it keys the latency cache.
-        history: torch-pruning's pruning history, replayable on the base model.
+        history: torch-pruning's pruning history, replayable on the base model (kv-head removals
+            of Llama-style attention are done outside its graph and are not in it).
         warnings: torch-pruning warnings raised while pruning (they can change the result).
     """
 
@@ -296,9 +297,9 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
         if name in ignored_names:
             continue
         a = gqa_attention
-        members = tuple(sorted((a.q, a.k, a.v, a.o)))
-        share = sum(macs.get(m, 0) for m in members) / total_macs
-        groups.append(GroupInfo(name, "kv-heads", a.kv_heads, a.share * a.head_dim, members, (a.o,),
+        coupled = tuple(sorted((a.q, a.k, a.v, a.o)))
+        share = sum(macs.get(m, 0) for m in coupled) / total_macs
+        groups.append(GroupInfo(name, "kv-heads", a.kv_heads, a.share * a.head_dim, coupled, (a.o,),
                                 share, a.holder))
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
@@ -336,7 +337,7 @@ def _unit_score(kind: str, weight: torch.Tensor, grad: torch.Tensor | None) -> t
     return w.square().sum(1)
 
 
-class _MovementImportance(tp.importance.Importance):
+class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
     """Movement pruning's first-order score ``-W * dL/dW`` (Sanh et al., 2020), summed over the group.
 
     The weights are not updated while scores accumulate: the score is taken over the calibration
@@ -554,7 +555,7 @@ def _prune_group(
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
     if info.attention is not None:
         # torch-pruning resizes the tensors; the module's head count is ours to update.
-        modules[info.attention].num_heads = target  # type: ignore[union-attr]
+        setattr(modules[info.attention], "num_heads", target)  # noqa: B010
 
 
 def architecture_signature(model: nn.Module, patterns: Mapping[str, str]) -> str:

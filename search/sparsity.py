@@ -178,7 +178,7 @@ def _sparsegpt(layer: Prunable, hessian: torch.Tensor, rows: int, n: int, m: int
     h += torch.eye(columns, dtype=h.dtype) * SPARSEGPT_DAMPING * torch.mean(torch.diag(h))
     try:
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError as exc:
+    except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
         raise PruningError(f"SparseGPT: the calibration Hessian of a layer is not positive definite: {exc}") from exc
     keep = torch.ones_like(weight, dtype=torch.bool)
     for start in range(0, columns, SPARSEGPT_BLOCK):

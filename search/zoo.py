@@ -178,7 +178,7 @@ def tiny_llama(
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as exc:
         raise ModelLoadError("the Llama model needs transformers: pip install 'hwprune[dev]'") from exc
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         attn_implementation="eager",  # traceable by torch-pruning and the TorchScript exporter

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hardware_profiles import load_profile
 from search.bundle import ModelBundle, classification_error
-from search.config import ConfigError, load_search_config
-from search.errors import PlanError, SearchError
+from search.config import load_search_config
+from search.errors import ConfigError, PlanError, SearchError
 from search.export import export_onnx
 from search.materialize import rebuild_trial
 from search.plan import Plan
@@ -62,7 +62,7 @@ def test_wanda_keeps_weights_on_loud_inputs_that_magnitude_drops() -> None:
 def test_sparsegpt_updates_kept_weights_and_beats_magnitude_and_wanda(kind: str) -> None:
     torch.manual_seed(0)
     if kind == "linear":
-        dense: nn.Module = nn.Sequential(nn.Linear(32, 16))
+        dense = nn.Sequential(nn.Linear(32, 16))
         calibration = [_correlated_inputs(256, 32, seed) for seed in (1, 2)]
         held_out = _correlated_inputs(256, 32, 3)
     else:
@@ -73,13 +73,17 @@ def test_sparsegpt_updates_kept_weights_and_beats_magnitude_and_wanda(kind: str)
     for criterion in ("magnitude", "wanda", "sparsegpt"):
         model = copy.deepcopy(dense)
         masks = sparsify(model, {"0": (2, 4)}, criterion=criterion, calibration=calibration)
-        weight = model[0].weight
+        layer = model[0]
+        assert isinstance(layer, nn.Linear | nn.Conv2d)
+        weight = layer.weight
         assert satisfies_nm(weight, 2, 4)
         assert torch.equal(weight != 0, masks["0"])
         errors[criterion] = _output_error(dense, model, held_out)
         if criterion == "sparsegpt":
             kept = masks["0"]
-            assert not torch.allclose(weight[kept], dense[0].weight[kept])  # kept weights were updated
+            original = dense[0]
+            assert isinstance(original, nn.Linear | nn.Conv2d)
+            assert not torch.allclose(weight[kept], original.weight[kept])  # kept weights were updated
     assert errors["wanda"] <= errors["magnitude"] * 1.01
     assert errors["sparsegpt"] < 0.7 * errors["magnitude"]
 

@@ -24,7 +24,9 @@ pytest.importorskip("transformers")
 # non-negative aranges; export_onnx compares ONNX Runtime with torch, which is the real check.
 def TRACED_MASKS(test: Callable[..., None]) -> Callable[..., None]:  # noqa: N802
     test = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")(test)
-    return pytest.mark.filterwarnings("ignore:Exporting aten.{2}index operator:UserWarning")(test)
+    index_note = "ignore:Exporting aten.{2}index operator:UserWarning"
+    marked: Callable[..., None] = pytest.mark.filterwarnings(index_note)(test)
+    return marked
 
 
 ATTN = "model.model.layers.{}.self_attn"
