@@ -9,7 +9,7 @@ accelerate: for a Linear ``[out, in]`` along ``in``; for a Conv2d ``[out, in, kh
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -95,10 +95,6 @@ SPARSEGPT_DAMPING = 0.01  # of the Hessian's mean diagonal, as in SparseGPT and 
 SPARSEGPT_BLOCK = 128  # columns per lazy batch of updates (SparseGPT's default)
 
 
-class _Captured(Exception):
-    """Raised by a hook once a layer's input is captured: the rest of the forward is not needed."""
-
-
 def _columns(layer: Prunable, inputs: torch.Tensor) -> torch.Tensor:
     """The layer's input as ``[rows, columns]`` in the column order of ``_weight_matrix``."""
     if isinstance(layer, nn.Linear):
@@ -127,33 +123,20 @@ def _from_matrix(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2).contiguous()
 
 
-def _input_statistics(
-    model: nn.Module, layer: Prunable, batches: Sequence[torch.Tensor], *, hessian: bool
-) -> tuple[torch.Tensor, int]:
-    """Over the calibration batches: ``X^T X`` (``hessian``) or the squared column norms of X."""
+STATISTICS_CHUNK = 64  # samples per step when accumulating X^T X: bounds the unfolded copy's memory
+
+
+def _input_statistics(layer: Prunable, inputs: torch.Tensor, *, hessian: bool) -> tuple[torch.Tensor, int]:
+    """``X^T X`` (``hessian``) or the squared column norms of X, over all calibration samples."""
     total: torch.Tensor | None = None
     rows = 0
-
-    def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        raise _Captured(args[0])
-
-    handle = layer.register_forward_pre_hook(capture)
-    try:
-        for batch in batches:
-            try:
-                with torch.no_grad():
-                    model(batch)
-            except _Captured as captured:
-                columns = _columns(layer, captured.args[0].detach()).double()
-            else:
-                raise PlanError("a calibration forward never reached a layer given an N:M pattern")
-            part = columns.T @ columns if hessian else columns.square().sum(dim=0)
-            total = part if total is None else total + part
-            rows += columns.shape[0]
-    finally:
-        handle.remove()
+    for chunk in inputs.split(STATISTICS_CHUNK):
+        columns = _columns(layer, chunk).double()
+        part = columns.T @ columns if hessian else columns.square().sum(dim=0)
+        total = part if total is None else total + part
+        rows += columns.shape[0]
     if total is None:
-        raise PlanError("N:M calibration got no batches; the training loader yielded none")
+        raise PlanError("N:M calibration got no samples; the training loader yielded none")
     return total, rows
 
 
@@ -216,21 +199,22 @@ def sparsify(
 
     ``magnitude`` keeps the largest weights of each run. ``wanda`` keeps the largest
     ``|W| * ||X||`` (Sun et al., 2023). ``sparsegpt`` chooses by OBS saliency and updates the kept
-    weights to reconstruct the layer's output (Frantar & Alistarh, 2023). The two last read the
-    inputs of each layer on ``calibration`` batches, layer by layer in ``patterns``' order with
-    earlier layers already sparse, as both papers' code does. Deterministic for a fixed thread
-    count (statistics are accumulated in float64).
+    weights to reconstruct the layer's output (Frantar & Alistarh, 2023). The two last read each
+    layer's input on the ``calibration`` batches in one forward pass of them all: a hook prunes
+    each layer just before it runs, so every layer sees inputs from already-sparse earlier layers,
+    as both papers' sequential code does. Deterministic for a fixed thread count (statistics are
+    accumulated in float64).
 
     Raises:
-        PlanError: an unknown criterion, a data-aware criterion without calibration batches, or a
-            layer that cannot take its pattern.
+        PlanError: an unknown criterion, a data-aware criterion without calibration batches, a
+            layer that cannot take its pattern or that the calibration forward never reached.
     """
     if criterion not in NM_CRITERIA:
         raise PlanError(f"N:M criterion {criterion!r} is unknown; choose one of: {', '.join(NM_CRITERIA)}")
     if criterion != "magnitude" and not calibration and patterns:
         raise PlanError(f"N:M criterion {criterion!r} needs calibration batches (the bundle's training loader)")
     modules = dict(model.named_modules())
-    masks: dict[str, torch.Tensor] = {}
+    layers: dict[str, Prunable] = {}
     for name, (n, m) in patterns.items():
         layer = modules[name]
         if not is_eligible(layer, m) or not isinstance(layer, Prunable):
@@ -238,15 +222,35 @@ def sparsify(
                 f"{type(layer).__name__} {name!r} cannot take {n}:{m} sparsity: it needs a dense "
                 f"Conv2d or Linear with input size divisible by {m}"
             )
-        if criterion == "magnitude":
-            masks[name] = apply_nm(layer, n, m)
-            continue
-        statistics, rows = _input_statistics(model, layer, calibration, hessian=criterion == "sparsegpt")
-        if criterion == "wanda":
-            mask = _wanda(layer, statistics, n, m)
-            with torch.no_grad():
+        layers[name] = layer
+    if criterion == "magnitude":
+        return {name: apply_nm(layer, *patterns[name]) for name, layer in layers.items()}
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_before_running(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        layer, (n, m) = layers[name], patterns[name]
+
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if name in masks:
+                return  # a layer called twice in one forward is pruned once
+            statistics, rows = _input_statistics(layer, args[0].detach(), hessian=criterion == "sparsegpt")
+            if criterion == "wanda":
+                mask = _wanda(layer, statistics, n, m)
                 layer.weight.mul_(mask)
-        else:
-            mask = _sparsegpt(layer, statistics, rows, n, m)
-        masks[name] = mask
+            else:
+                mask = _sparsegpt(layer, statistics, rows, n, m)
+            masks[name] = mask
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(prune_before_running(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(torch.cat(list(calibration)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in masks]
+    if missing:
+        raise PlanError(f"the calibration forward never reached {', '.join(missing)}; N:M needs layers that run")
     return masks
