@@ -31,6 +31,7 @@ def write_model_dir(
     pruned: PrunedModel,
     artifact: OnnxArtifact,
     importance: str,
+    nm_criterion: str = "magnitude",
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Create ``out`` with ``model.onnx``, ``model.pt``, ``plan.yaml`` and ``manifest.json``."""
@@ -41,6 +42,7 @@ def write_model_dir(
             "state_dict": pruned.model.state_dict(),
             "plan": plan.to_dict(),
             "importance": importance,
+            "nm_criterion": nm_criterion,
             "base_fingerprint": bundle.fingerprint(),
         },
         out / STATE_FILE,
@@ -57,6 +59,7 @@ def write_model_dir(
         "kept": dict(pruned.kept),
         "sparsity": dict(pruned.patterns),
         "importance": importance,
+        "nm_criterion": nm_criterion,
         "torch_pruning_warnings": list(pruned.warnings),
         **(dict(extra) if extra else {}),
     }
