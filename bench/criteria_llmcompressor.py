@@ -8,7 +8,8 @@ its own venv layered over the project's (same torch), never in the project's:
     .venv/bin/python bench/criteria_llmcompressor.py prepare DIR     # model, data, hwprune's figures
     /tmp/llmc/bin/python bench/criteria_llmcompressor.py measure DIR # llmcompressor's figures
 
-Both print one line per criterion: relative logits error on held-out tokens and seconds.
+Both print one line per criterion: relative logits error on held-out tokens and seconds;
+``measure`` then writes both sets into docs/benchmarks.md (section ``criteria-llmcompressor``).
 The same model (saved with save_pretrained), the same 64 calibration sequences of 64 tokens,
 every Linear but lm_head at 2:4, llmcompressor's defaults otherwise (sequential pipeline,
 dampening 0.01, block size 128).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ def prepare(folder: Path) -> None:
     layers = {name: (2, 4) for name, module in wrapped.named_modules()
               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
     batches = list(calibration.split(8))
+    rows = []
     for criterion in ("magnitude", "wanda", "sparsegpt"):
         copy = tiny_llama(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, vocab=VOCAB)
         copy.load_state_dict(wrapped.state_dict())
@@ -52,7 +55,10 @@ def prepare(folder: Path) -> None:
         sparsify(copy, layers, criterion=criterion, calibration=batches)
         seconds = time.perf_counter() - start
         with torch.no_grad():
-            print(f"hwprune {criterion}: rel. error {_relative(copy(held_out), dense):.4f}, {seconds:.2f} s", flush=True)
+            rel = _relative(copy(held_out), dense)
+        print(f"hwprune {criterion}: rel. error {rel:.4f}, {seconds:.2f} s", flush=True)
+        rows.append(f"| hwprune | {criterion} | {rel:.4f} | {seconds:.2f} |")
+    (folder / "hwprune.md").write_text("\n".join(rows) + "\n")
 
 
 def measure(folder: Path) -> None:
@@ -63,6 +69,7 @@ def measure(folder: Path) -> None:
 
     data = torch.load(folder / "data.pt")
     ids = data["calibration"]
+    rows = (folder / "hwprune.md").read_text().splitlines()
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     for name, modifier in (("wanda", WandaPruningModifier), ("sparsegpt", SparseGPTModifier)):
         model = LlamaForCausalLM.from_pretrained(folder / "model", attn_implementation="eager").eval()
@@ -76,8 +83,24 @@ def measure(folder: Path) -> None:
             out = model(input_ids=held_out, attention_mask=torch.ones_like(held_out)).logits.transpose(1, 2)
         zeros = [float((m.weight == 0).float().mean()) for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
-        print(f"llmcompressor {name}: rel. error {_relative(out, data['dense']):.4f}, {seconds:.2f} s, "
+        rel = _relative(out, data["dense"])
+        print(f"llmcompressor {name}: rel. error {rel:.4f}, {seconds:.2f} s, "
               f"zeros {min(zeros):.3f}-{max(zeros):.3f}", flush=True)
+        rows.append(f"| llmcompressor {version('llmcompressor')} | {name} | {rel:.4f} | {seconds:.2f} |")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _report import write_section
+
+    body = (
+        "The Llama of the criteria benchmark (4 layers, hidden 128, 8 query / 2 kv heads, random init), "
+        f"{SEQUENCES} calibration sequences of {TOKENS} tokens, every Linear but lm_head at 2:4; "
+        "`rel. error` = ||pruned - dense|| / ||dense|| of the logits on 8 held-out sequences. hwprune: "
+        "`search.sparsity.sparsify`; llmcompressor: `oneshot` with its modifier (sequential pipeline, its "
+        "defaults), in a venv of its own over the project's torch (it pins another transformers).\n\n"
+        "| implementation | criterion | rel. error | seconds |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    write_section("criteria-llmcompressor", "Wanda and SparseGPT: hwprune against llmcompressor",
+                  ".venv/bin/python bench/criteria_llmcompressor.py prepare DIR; "
+                  "/tmp/llmc/bin/python bench/criteria_llmcompressor.py measure DIR", body)
 
 
 if __name__ == "__main__":
