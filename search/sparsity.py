@@ -243,10 +243,16 @@ def sparsify(
 
         return hook
 
+    try:
+        samples = torch.cat(list(calibration))
+    except RuntimeError as exc:
+        shapes = sorted({tuple(batch.shape[1:]) for batch in calibration})
+        raise PlanError(f"N:M calibration batches must share one sample shape, got {shapes}: "
+                        "give the training loader fixed-size samples") from exc
     handles = [layer.register_forward_pre_hook(prune_before_running(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            model(torch.cat(list(calibration)))
+            model(samples)
     finally:
         for handle in handles:
             handle.remove()
