@@ -236,7 +236,12 @@ def search_start(
         help="Reward: errors below this count as equal, so the fastest of them wins "
              "(default: the base model's error + 0.01).")] = None,
     recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
-    importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement.")
+    ] = None,
+    nm_criterion: Annotated[
+        str | None, typer.Option("--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
@@ -254,7 +259,8 @@ def search_start(
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},
-            "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
+            "recovery": {"steps": recovery_steps}, "importance": importance,
+            "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
@@ -464,7 +470,7 @@ def export_from_search(
             )
             folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
             write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=config.importance, extra={
+                            importance=config.importance, nm_criterion=config.nm_criterion, extra={
                                 "search": name, "trial": number, "error": attrs["error"],
                                 "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
                                 "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},

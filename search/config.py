@@ -120,7 +120,8 @@ class SearchConfig(_Section):
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     constraints: ConstraintsConfig = ConstraintsConfig()
     recovery: RecoverySettings = RecoverySettings()
-    importance: Literal["magnitude", "taylor", "lamp", "bn-scale"] = "magnitude"
+    importance: Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"] = "magnitude"
+    nm_criterion: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [
         0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0,
     ]

@@ -95,7 +95,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         trial.set_user_attr("plan", plan.to_dict())
     with _stage(trial, "prune", times):
         pruned = apply(ctx.bundle.model, ctx.bundle.example_input, ctx.space, plan,
-                       importance=ctx.config.importance, calibration=ctx.bundle.train_loader)
+                       importance=ctx.config.importance, nm_criterion=ctx.config.nm_criterion,
+                       calibration=ctx.bundle.train_loader)
         if pruned.warnings:
             trial.set_user_attr("pruning_warnings", list(pruned.warnings))
     # The dense plan is the base model itself: trial 0, the reference of every figure.
