@@ -1,9 +1,10 @@
 """How well does a cheap search-time error predict the error after a long recovery, and at what cost?
 
 For each model, random plans (a random keep-ratio from the grid for every group) are pruned and
-scored on the validation data five ways: raw (no recovery), adaptive batch-norm on 2 and on 8
-training batches, adaptive BN (8) plus a short fine-tuning with the default recovery (keep the
-better on the held-out training slice), and the reference: adaptive BN plus a long fine-tuning.
+scored on the validation data five ways: raw (no recovery), adaptive batch-norm on 2 and on the
+default number of training batches, the default recovery with a short fine-tuning (adaptive BN,
+fine-tuning, adaptive BN again, keep the better on the held-out training slice), and the
+reference: the same with a long fine-tuning.
 Reported: the Spearman rank correlation of each cheap error with the reference error over the
 plans, and the median seconds each costs per plan.
 
@@ -18,7 +19,7 @@ builds architectures without weights; the project downloads none). A third table
 BN and fine-tuning steps at 224x224 on the zoo's ResNet-18 at full width (64), untrained (cost
 does not depend on the weights).
 
-Run by hand (about 15 minutes on 2 cores):
+Run by hand (about 15-20 minutes on 2 shared cores):
 ``.venv/bin/python bench/recovery.py [--plans 30] [--resolution 32]`` (writes docs/benchmarks.md).
 """
 
@@ -123,7 +124,8 @@ def timed_adaptation(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tens
 def rank_table(bundle: ModelBundle, space: SearchSpace, *, plans: int, short: list[int], long: int,
                seed: int) -> tuple[list[str], dict[str, float]]:
     rng = random.Random(seed)
-    columns = ["raw", "BN-2", "BN-8", *(f"BN-8 + {s} steps" for s in short), f"BN-8 + {long} steps"]
+    bn = RecoverySettings().bn_batches
+    columns = ["raw", "BN-2", f"BN-{bn}", *(f"BN-{bn} + {s} steps" for s in short), f"BN-{bn} + {long} steps"]
     errors: dict[str, list[float]] = {c: [] for c in columns}
     costs: dict[str, list[float]] = {c: [] for c in columns}
     split = training_split(bundle.train_loader, holdout_batches=2, seed=0)
@@ -222,7 +224,7 @@ def cost_at_224(plans: int, steps: int) -> list[str]:
     space = build_space(model, torch.randn(1, 3, 224, 224), [load_profile("cpu-ort-fp32")])
     generator = torch.Generator().manual_seed(0)
     data = [(torch.randn(32, 3, 224, 224, generator=generator), torch.randint(0, 10, (32,), generator=generator))
-            for _ in range(8)]
+            for _ in range(2)]
     bundle = ModelBundle(name="resnet18-full@224", model=model, example_input=data[0][0][:1],
                          train_loader=data, val_loader=data[:1], error_fn=classification_error)
     rng = random.Random(0)
@@ -232,7 +234,7 @@ def cost_at_224(plans: int, steps: int) -> list[str]:
         plan = space.uniform_plan(1.0) if index == 0 else random_plan(space, rng)
         pruned = apply(model, bundle.example_input, space, plan)
         row = [f"{pruned.macs / space.base_macs:.2f}"]
-        for count in (1, 2, 8):
+        for count in (1, 2):
             row.append(f"{timed_adaptation(copy.deepcopy(pruned.model), data, count):.2f}")
         config = replace(default_recovery(steps), bn_batches=0, holdout_batches=0)
         row.append(f"{timed_recovery(copy.deepcopy(pruned.model), bundle, config) / steps:.2f}")
@@ -245,10 +247,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plans", type=int, default=30)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--short", type=int, nargs="+", default=[10, 30])
-    parser.add_argument("--long", type=int, default=150)
-    parser.add_argument("--zoo-long", type=int, default=60)
-    parser.add_argument("--candidate-plans", type=int, default=6)
+    parser.add_argument("--short", type=int, nargs="+", default=[10])
+    parser.add_argument("--long", type=int, default=50)
+    parser.add_argument("--zoo-long", type=int, default=40)
+    parser.add_argument("--candidate-plans", type=int, default=4)
     parser.add_argument("--models", nargs="+", default=["digits", "resnet18", "mobilenetv2"])
     args = parser.parse_args()
     started = time.perf_counter()
@@ -258,7 +260,7 @@ def main() -> None:
         if name == "digits":
             bundle, long = digits(cache_dir=cache_dir()), args.long
         else:
-            bundle, long = zoo_bundle(name, args.resolution, epochs=6, batch=32), args.zoo_long
+            bundle, long = zoo_bundle(name, args.resolution, epochs=4, batch=32), args.zoo_long
         space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
         print(f"{bundle.name}: base error {bundle.error_fn(bundle.model, bundle.val_loader):.4f}", flush=True)
         optimizer_rows += optimizer_table(bundle, space, plans=args.candidate_plans, steps=min(args.short),
@@ -267,14 +269,14 @@ def main() -> None:
         rank_rows += rows
         seconds[bundle.name] = time.perf_counter() - begun
         print(f"{bundle.name}: {seconds[bundle.name]:.0f} s", flush=True)
-    cost_rows = cost_at_224(3, 2)
+    cost_rows = cost_at_224(2, 1)
     settings = RecoverySettings()
     body = (
         f"Default recovery: {settings.optimizer} lr {settings.lr}, warm-up {settings.warmup} of the "
         f"steps then cosine decay, distillation {settings.distill}, adaptive BN on "
         f"{settings.bn_batches} training batches, {settings.holdout_batches} held-out training "
         f"batches to keep the better; {THREADS} threads. Models: the `digits` example (16x16, batch "
-        f"64) and the zoo's ResNet-18 (width 16) and MobileNetV2 trained here for 6 epochs on the "
+        f"64) and the zoo's ResNet-18 (width 16) and MobileNetV2 trained here for 4 epochs on the "
         f"digits images upsampled to {args.resolution}x{args.resolution} (batch 32). "
         f"**Not 224x224**: at 224 a training step of these models takes 3-10 s on this machine, "
         f"so {args.plans} plans with a long recovery each would take hours; the cost at 224 is "
@@ -294,10 +296,10 @@ def main() -> None:
         "| model | candidate | mean change | worst change | plans made worse | s per plan |\n"
         "|---|---|---|---|---|---|\n" + "\n".join(optimizer_rows) + "\n\n"
         "### Cost at 224x224: ResNet-18 (width 64), batches of 32\n\n"
-        "Seconds for adaptive BN on 1, 2 and 8 batches, and per fine-tuning step (default optimiser, "
-        "2 steps timed); the first plan is dense.\n\n"
-        "| MACs / base | BN 1 batch s | BN 2 batches s | BN 8 batches s | s per fine-tuning step |\n"
-        "|---|---|---|---|---|\n" + "\n".join(cost_rows) + "\n\n"
+        f"Seconds for adaptive BN on 1 and 2 batches, and per fine-tuning step (default optimiser, "
+        f"1 step timed), {THREADS} thread; the first plan is dense.\n\n"
+        "| MACs / base | BN 1 batch s | BN 2 batches s | s per fine-tuning step |\n"
+        "|---|---|---|---|\n" + "\n".join(cost_rows) + "\n\n"
         f"Run time: {time.perf_counter() - started:.0f} s.\n"
     )
     command = (f".venv/bin/python bench/recovery.py --plans {args.plans} --resolution {args.resolution} "

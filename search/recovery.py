@@ -314,10 +314,17 @@ def fine_tune(
     return model.eval()
 
 
-def holdout_error(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch]) -> float:
-    """The bundle's own error function on the held-out training batches."""
+def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch]) -> tuple[float, float]:
+    """(error, mean loss) on the held-out training batches: the bundle's error function decides,
+    the loss breaks ties (a small slice often gives two models the same error)."""
     model.eval()
-    return float(bundle.error_fn(model, holdout))
+    error = float(bundle.error_fn(model, holdout))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in holdout:
+            total += float(bundle.loss_fn(model(inputs), targets)) * len(targets)
+            count += len(targets)
+    return error, total / max(count, 1)
 
 
 # --- recovery of one trial -----------------------------------------------------------------------
@@ -366,7 +373,7 @@ def _recover(
         return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
     torch.manual_seed(config.seed)
     split = training_split(bundle.train_loader, holdout_batches=config.holdout_batches, seed=config.seed)
-    scores: dict[str, float] = {}
+    scores: dict[Kept, tuple[float, float]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     holdout_s = 0.0
 
@@ -375,7 +382,7 @@ def _recover(
         if not split.holdout:
             return
         started = time.perf_counter()
-        scores[name] = holdout_error(model, bundle, split.holdout)
+        scores[name] = holdout_score(model, bundle, split.holdout)
         holdout_s += time.perf_counter() - started
 
     def snapshot(name: Kept) -> None:
@@ -406,13 +413,12 @@ def _recover(
     last: Kept = "finetuned" if config.steps > 0 else "bn"
     kept = last
     if scores:
-        # The held-out error alone decides, and min() keeps the first of equal errors: a model is
-        # changed only when the change is seen to help (a lower loss alone is not enough).
-        kept = min(scores, key=lambda name: scores[name])  # type: ignore[assignment]
+        # Lowest held-out (error, loss); min() keeps the first of exact ties, the least trained.
+        kept = min(scores, key=lambda name: scores[name])
         if kept != last:
             model.load_state_dict(states[kept])
     report = RecoveryReport(model.eval(), kept, bn_s, finetune_s, holdout_s,
-                            dict(scores))
+                            {str(name): score[0] for name, score in scores.items()})
     logger.info("recovery kept %s (held-out error %s); adaptive BN %.2f s, fine-tuning %.2f s, "
                 "held-out scoring %.2f s", kept, report.holdout_error, bn_s, finetune_s, holdout_s)
     return report
