@@ -20,7 +20,7 @@ trial therefore re-materialises bit-identically in another process.
 How the seed reaches the training data (see ``training_split``):
 
 * a ``torch.utils.data.DataLoader`` over a map-style dataset is re-ordered by hwprune itself (its
-  own ``shuffle`` and ``generator`` are not used);
+  own ``shuffle``, sampler and ``generator`` are not used);
 * a sequence of batches (a list or tuple) is re-ordered batch by batch;
 * any other iterable is read in its own order; it takes the seed if it has a
   ``reseed(seed: int, epoch: int)`` method (called before each pass, see ``search.bundle.Reseedable``)
@@ -181,7 +181,8 @@ def _like(loader: DataLoader[Batch], order: Sequence[int]) -> DataLoader[Batch]:
     """A loader like ``loader`` that reads its dataset in ``order``."""
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=order,
                       collate_fn=loader.collate_fn, drop_last=loader.drop_last,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn)
 
 
 def training_split(loader: Iterable[Batch], *, holdout_batches: int, seed: int) -> TrainingSplit:
