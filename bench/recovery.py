@@ -125,7 +125,7 @@ def rank_table(bundle: ModelBundle, space: SearchSpace, *, plans: int, short: li
                seed: int) -> tuple[list[str], dict[str, float]]:
     rng = random.Random(seed)
     bn = RecoverySettings().bn_batches
-    columns = ["raw", "BN-2", f"BN-{bn}", *(f"BN-{bn} + {s} steps" for s in short), f"BN-{bn} + {long} steps"]
+    columns = ["raw", "BN-2", "BN-8", *(f"BN-{bn} + {s} steps" for s in short), f"BN-{bn} + {long} steps"]
     errors: dict[str, list[float]] = {c: [] for c in columns}
     costs: dict[str, list[float]] = {c: [] for c in columns}
     split = training_split(bundle.train_loader, holdout_batches=2, seed=0)

@@ -73,7 +73,7 @@ class RecoveryConfig:
     """
 
     steps: int = 0
-    lr: float = 1e-3
+    lr: float = 3e-4
     optimizer: Optimizer = "adamw"
     warmup: float = 0.25
     distill: float = 0.0
