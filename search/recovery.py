@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from search.bundle import Batch, ModelBundle, Reseedable
 from search.config import SearchConfig
+from search.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class TrainingSplit:
                 empty = False
                 yield batch
             if empty:
-                raise ValueError("the training loader yielded no batches besides the held-out ones; "
+                raise ModelLoadError("the training loader yielded no batches besides the held-out ones; "
                                  "give it more data or set recovery.holdout_batches: 0")
             epoch += 1
 

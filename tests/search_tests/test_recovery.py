@@ -3,12 +3,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from hardware_profiles import load_profile
 from search.bundle import Batch, ModelBundle, classification_error, seeded_error
 from search.config import RecoverySettings, SearchConfig
+from search.errors import ModelLoadError
 from search.recovery import (
     RecoveryConfig,
     adapt_batchnorm,
@@ -182,3 +184,8 @@ def test_scoring_is_seeded(digits_bundle: ModelBundle) -> None:
     errors = {seed: [seeded_error(bundle, model, seed) for _ in range(2)] for seed in range(6)}
     assert all(a == b for a, b in errors.values())
     assert len({a for a, _ in errors.values()}) > 1
+
+
+def test_an_empty_training_loader_is_a_one_line_error() -> None:
+    with pytest.raises(ModelLoadError, match="yielded no batches besides the held-out ones; .*holdout_batches: 0"):
+        next(training_split([], holdout_batches=2, seed=0).batches())
