@@ -94,7 +94,7 @@ class RecoverySettings(_Section):
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
     and after, judged on ``holdout_batches`` held-out training batches."""
 
-    steps: Annotated[int, Field(ge=0, le=1_000_000)] = 10
+    steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
     lr: Annotated[float, Field(gt=0, le=10)] = 3e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.25
