@@ -103,6 +103,33 @@ def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int) -> float:
     return float(bundle.error_fn(model, loader))
 
 
+def fidelity_error(reference: nn.Module) -> ErrorFn:
+    """An error function for models without labels: 1 - the mean cosine similarity between the
+    model's outputs and ``reference``'s (the dense model) on the same inputs, in [0, 1].
+
+    The dense model scores 0 by definition; the reward's default error floor (base error + 0.01)
+    keeps it from winning on that alone. Targets in the batches are ignored.
+    """
+    reference = reference.eval()
+
+    def error(model: nn.Module, batches: Iterable[Batch]) -> float:
+        model.eval()
+        total = similarity = 0.0
+        with torch.no_grad():
+            for inputs, _targets in batches:
+                ours = model(inputs).flatten(1).double()
+                theirs = reference(inputs).flatten(1).double()
+                similarity += float(nn.functional.cosine_similarity(ours, theirs, dim=1).sum())
+                total += ours.shape[0]
+        if total == 0:
+            raise ModelLoadError("the validation loader yielded no samples")
+        error = 1.0 - similarity / total
+        # Rounding leaves identical outputs a hair off a cosine of 1: that is no error.
+        return 0.0 if error < 1e-9 else min(1.0, error)
+
+    return error
+
+
 def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
     """Load a bundle from ``package.module:function`` or a built-in example name.
 

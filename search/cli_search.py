@@ -10,10 +10,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,7 +36,7 @@ from search.config import (
     heartbeat_settings,
     load_search_config,
 )
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchError
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -46,6 +48,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress d
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes on this machine.")]
 
 
+MaxFailuresOpt = Annotated[int | None, typer.Option(
+    "--max-failures", min=1, help="Stop after this many trials fail in a row (default 5).")]
 WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if no agent serves a remote target yet.")]
 
 
@@ -97,7 +101,7 @@ def db_current(db: DbOpt = None) -> None:
 
 
 def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
-    from search.controller import completed, load_study, run_worker
+    from search.controller import completed, run_worker
 
     _quiet_optuna()
     config: SearchConfig = prepared.config
@@ -129,21 +133,46 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
 
         if workers == 1:
             run_worker(config.name, runtime, on_trial=update, prepared=prepared)
-            return
-        processes = _spawn_workers(config.name, runtime.db_url, workers)
-        study = load_study(prepared.record, runtime)
-        try:
-            while any(p.poll() is None for p in processes):
-                update(study)
-                time.sleep(1.0)
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.terminate()
-        update(study)
-        failed = [p.returncode for p in processes if p.returncode]
-        if failed:
-            raise ConfigError(f"{len(failed)} of {workers} workers failed (exit {failed}); see their output above")
+        else:
+            _run_processes(prepared, runtime, workers, update)
+    _confirm(prepared, runtime, as_json=as_json)
+
+
+def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> None:
+    from search.controller import load_study
+
+    config: SearchConfig = prepared.config
+    processes = _spawn_workers(config.name, runtime.db_url, workers)
+    study = load_study(prepared.record, runtime)
+    try:
+        while any(p.poll() is None for p in processes):
+            update(study)
+            time.sleep(1.0)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+    update(study)
+    failed = [p.returncode for p in processes if p.returncode]
+    if failed:
+        raise SearchError(f"{len(failed)} of {workers} workers failed (exit {failed}); see their output above")
+
+
+def _confirm(prepared: Any, runtime: Any, *, as_json: bool) -> None:
+    """Confirm the front's figures with independent sessions, showing progress on a terminal."""
+    from search.controller import confirm_front
+
+    console = _stderr()
+    quiet = as_json or not console.is_terminal
+    with console.status("confirming the Pareto front's latencies", spinner="dots") if not quiet else nullcontext():
+
+        def said(trial: int, target: str, verdict: Any) -> None:
+            if not quiet:
+                console.print(f"trial {trial} on {target}: ratio "
+                              + " / ".join(f"{s.ratio:.3f}" for s in verdict.sessions)
+                              + f" -> {verdict.ratio:.3f}", highlight=False)
+
+        confirm_front(prepared, runtime, on_confirmed=said)
 
 
 def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[bytes]]:
@@ -153,8 +182,9 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
         env[PROFILES_ENV] = os.pathsep.join(str(d) for d in _state.profile_dirs)
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "search", "search", "worker", name, "--db", url,
-             "--worker-index", str(index)],
+            # --debug carries over so that a worker's own traceback is shown, not only the parent's.
+            [sys.executable, "-m", "search", *(["--debug"] if _state.debug else []), "search", "worker",
+             name, "--db", url, "--worker-index", str(index)],
             env=env,
         )
         for index in range(workers)
@@ -162,22 +192,24 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
 
 
 def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    from search.controller import load_study, pareto_rows, summary
+    from search.controller import best_is_base_warning, load_study, pareto_rows, summary
 
     study = load_study(prepared.record, runtime)
     info = summary(prepared.record, study)
     target = prepared.config.targets[0]
     rows = pareto_rows(prepared.record, study, target)
+    warning = best_is_base_warning(info, prepared.config)
     if as_json:
-        _echo_json({"search": info, "pareto": rows})
+        _echo_json({"search": info, "pareto": rows, "warnings": [warning] if warning else []})
         return
     out = _stdout()
-    out.print(
-        f"search {info['name']}: {info['completed']} trials completed ({info['trials']}), "
-        f"best reward {info['best_reward']}",
-        highlight=False,
-    )
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items()))
+    best = "none" if info["best_reward"] is None else f"{info['best_reward']:.4f} (trial {info['best_trial']})"
+    out.print(f"search {info['name']}: {info['completed']} trials completed ({states}), best reward {best}",
+              highlight=False)
     _print_pareto(rows, prepared.record, target)
+    if warning:
+        _stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 
@@ -200,9 +232,18 @@ def search_start(
         float | None, typer.Option(help="Constraint: latency over the base model's.")
     ] = None,
     error_ceiling: Annotated[float | None, typer.Option(help="Constraint: highest error allowed.")] = None,
+    error_floor: Annotated[float | None, typer.Option(
+        help="Reward: errors below this count as equal, so the fastest of them wins "
+             "(default: the base model's error + 0.01).")] = None,
     recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
-    importance: Annotated[str | None, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement.")
+    ] = None,
+    nm_criterion: Annotated[
+        str | None, typer.Option("--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
+    max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
@@ -218,7 +259,9 @@ def search_start(
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},
-            "recovery": {"steps": recovery_steps}, "importance": importance, "seed": seed,
+            "recovery": {"steps": recovery_steps}, "importance": importance,
+            "nm_criterion": nm_criterion, "seed": seed,
+            "max_consecutive_failures": max_failures, "error_floor": error_floor,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
@@ -232,6 +275,7 @@ def search_resume(
     name: Annotated[str, typer.Argument(help="Search name.")],
     trials: Annotated[int | None, typer.Option(help="New number of completed trials to reach.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
+    max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
     db: DbOpt = None,
@@ -243,7 +287,8 @@ def search_resume(
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         record = find_record(name, runtime)
-        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout)
+        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout,
+                                max_consecutive_failures=max_failures)
         _quiet_optuna()
         prepared = prepare(config, runtime)
         _run(prepared, runtime, workers=workers, as_json=as_json)
@@ -305,8 +350,45 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
         if as_json:
             _echo_json(info)
             return
-        for key, value in info.items():
-            typer.echo(f"{key}: {value}")
+        _print_status(info)
+
+
+@search_app.command("confirm")
+def search_confirm(name: Annotated[str, typer.Argument(help="Search name.")], db: DbOpt = None,
+                   as_json: JsonOpt = False) -> None:
+    """Measure the front's unconfirmed trials again (a search does this when it ends)."""
+    with _handle_errors():
+        from search.controller import load_prepared
+
+        runtime = _runtime(db)
+        _quiet_optuna()
+        prepared = load_prepared(name, runtime)
+        _confirm(prepared, runtime, as_json=as_json)
+        _finish(prepared, runtime, as_json=as_json)
+
+
+def _print_status(info: dict[str, Any]) -> None:
+    out = _stdout()
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items())) or "none"
+    asked = info["trials_asked"] if info["trials_asked"] is not None else "no limit"
+    lines = [
+        f"search {info['name']} ({info['objective']}, sampler {info['sampler']}, targets "
+        f"{', '.join(info['targets'])}; created {info['created_at'][:19]})",
+        f"trials: {states}; asked for {asked} completed (trial 0 is the base model)",
+        f"infeasible under the constraints: {info['infeasible']}; confirmed: {info['confirmed_trials']}",
+        f"base model: error {info['base_error']:.4g}, latency "
+        + ", ".join(f"{t} {us:.1f} us" for t, us in info["base_latency_us"].items()),
+        f"reward error floor: {info['error_floor']:.4g}; best reward: "
+        + ("none" if info["best_reward"] is None else f"{info['best_reward']:.4f} (trial {info['best_trial']})"),
+    ]
+    for stage, failure in sorted(info["failures_by_stage"].items()):
+        lines.append(f"failed at {stage}: {failure['count']} (first: trial {failure['first_trial']}, "
+                     f"{failure['first_reason']})")
+    if info["stage_median_s"]:
+        lines.append("median seconds per trial stage: "
+                     + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in info["stage_median_s"].items()))
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
 
 
 # --- Pareto -----------------------------------------------------------------------------------
@@ -314,13 +396,19 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
 
 def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
-                  "MACs (M)", "params (M)", title=f"Pareto front: error x latency on {target}")
+                  "95% range", "latency", "MACs (M)", "params (M)",
+                  title=f"Pareto front: error x latency on {target}")
     for row in rows:
+        low, high = row["speedup_interval"][target]
         table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
                       f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
-                      f"{row['speedup'][target]:.2f}x", f"{row['macs'] / 1e6:.2f}",
-                      f"{row['params'] / 1e6:.3f}")
+                      f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
+                      "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
+                      f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
     _stdout().print(table)
+    if any(not row["confirmed"][target] for row in rows):
+        _stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
+                        "measures them again", highlight=False)
 
 
 @app.command("pareto")
@@ -349,7 +437,7 @@ def export_from_search(
     name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
-    from search.controller import load_prepared, load_study, pareto_rows
+    from search.controller import base_latency_us, load_prepared, load_study, pareto_rows, trial_points
     from search.materialize import rebuild_trial, write_model_dir
 
     if (trial is None) == (not pareto):
@@ -367,11 +455,14 @@ def export_from_search(
             raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
         numbers = [trial]
     else:
+        _confirm(prepared, runtime, as_json=False)  # the front is exported with confirmed figures only
         numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
-    base_latency = {k: v["median_us"] for k, v in record.base["measurements"].items()}
+    base_latency = base_latency_us(record, study)
+    points = {p.trial: p for p in trial_points(study, record)}
     with tempfile.TemporaryDirectory() as tmp:
         for number in numbers:
             attrs = by_number[number].user_attrs
+            point = points[number]
             plan, pruned, artifact = rebuild_trial(
                 bundle=bundle, space=space, config=config, attrs=attrs,
                 base_signature=record.base["signature"], artifact_dir=Path(tmp),
@@ -379,10 +470,12 @@ def export_from_search(
             )
             folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
             write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=config.importance, extra={
+                            importance=config.importance, nm_criterion=config.nm_criterion, extra={
                                 "search": name, "trial": number, "error": attrs["error"],
-                                "accuracy": attrs["accuracy"], "latency_us": attrs["latency_us"],
-                                "speedup": {k: base_latency[k] / v for k, v in attrs["latency_us"].items()},
+                                "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
+                                "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
+                                "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
+                                "latency_confirmed": dict(point.confirmed),
                                 "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
                                 "measured_onnx_sha256": attrs["artifact_sha256"],
                             })
@@ -405,9 +498,6 @@ def demo(
         config = load_search_config(None, {
             "name": name, "example": "digits", "targets": ["cpu-ort-fp32"], "trials": trials,
             "sampler": "tpe", "recovery": {"steps": 40}, "timeout_s": 540,
-            # digits is easy: several plans reach 0 errors on its 360 validation images, and
-            # -0 * log(latency) would tie them all; one image's worth of error breaks the tie.
-            "error_floor": 1 / 360,
         })
         runtime = _runtime(db)
         _quiet_optuna()

@@ -88,6 +88,11 @@ class ConstraintsConfig(_Section):
     latency_budget_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
     error_ceiling: Annotated[float, Field(gt=0, le=1)] | None = None
 
+    @property
+    def has_latency_budget(self) -> bool:
+        """A latency budget turns the reward into AMC's resource-constrained mode."""
+        return self.latency_budget_us is not None or self.latency_budget_ratio is not None
+
 
 class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.recovery``): adaptive batch-norm on
@@ -121,13 +126,16 @@ class SearchConfig(_Section):
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     constraints: ConstraintsConfig = ConstraintsConfig()
     recovery: RecoverySettings = RecoverySettings()
-    importance: Literal["magnitude", "taylor", "lamp", "bn-scale"] = "magnitude"
+    importance: Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"] = "magnitude"
+    nm_criterion: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [
         0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0,
     ]
     ignored_layers: list[str] = []
-    error_floor: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # None: the base model's error plus DEFAULT_ERROR_TOLERANCE (see ``resolve_error_floor``).
+    error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None
     seed: int = 0
+    max_consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
 
     @model_validator(mode="after")
     def _one_model_and_a_budget(self) -> SearchConfig:
@@ -144,7 +152,19 @@ class SearchConfig(_Section):
         return self.example or self.model or ""
 
 
-RESUMABLE_FIELDS = frozenset({"trials", "timeout_s"})
+# Errors within one point (0.01) of the base model's count as equal in the reward, so that a
+# base error of 0 (fidelity to the dense model) does not make the dense model win by definition.
+DEFAULT_ERROR_TOLERANCE = 0.01
+
+
+def resolve_error_floor(config: SearchConfig, base_error: float) -> float:
+    """The reward's error floor: the configured one, else the base error plus one point."""
+    if config.error_floor is not None:
+        return config.error_floor
+    return min(0.99, base_error + DEFAULT_ERROR_TOLERANCE)
+
+
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures"})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:

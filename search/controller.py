@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -22,12 +24,14 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from hardware_profiles import HardwareProfile
 from latency_models import registry
+from search import confirmation
 from search.bundle import ModelBundle, load_bundle
-from search.config import SearchConfig, incompatibilities, resolve_profile
+from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
+from search.confirmation import Confirmation
 from search.errors import ConfigError, StorageError
 from search.export import export_onnx
 from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
@@ -37,11 +41,10 @@ from search.pruning import architecture_signature
 from search.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
 from search.storage.queue import JobQueue
+from search.storage.study_storage import open_study_storage
+from search.trial_loop import LoopLimits, TrialCallback, run_trials
 
 logger = logging.getLogger(__name__)
-
-TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
@@ -71,20 +74,11 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def optuna_storage(runtime: Runtime) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with the heartbeat on and a retry for trials whose process died."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat: experimental, wanted
-        try:
-            return optuna.storages.RDBStorage(
-                runtime.db_url,
-                engine_kwargs={"connect_args": {"timeout": 60}} if runtime.db_url.startswith("sqlite") else None,
-                heartbeat_interval=runtime.heartbeat_s,
-                grace_period=runtime.grace_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
-        except Exception as exc:  # SQLAlchemy or driver errors surface as many types
-            raise StorageError(f"Optuna cannot open the database: {exc}") from exc
+def optuna_storage(runtime: Runtime, *, worker: bool = False) -> optuna.storages.RDBStorage:
+    """Optuna's storage for this runtime's database; ``worker`` for a process that claims trials
+    (see ``open_study_storage``)."""
+    return open_study_storage(runtime.db_url, heartbeat_s=runtime.heartbeat_s, grace_s=runtime.grace_s,
+                              worker=worker)
 
 
 def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -230,6 +224,7 @@ def _create(
             "signature": signature,
             "artifact_sha256": artifact.sha256,
             "measurements": measurements,
+            "error_floor": resolve_error_floor(config, base_error),
         },
         versions=package_versions(),
         created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
@@ -238,7 +233,7 @@ def _create(
         [optuna.study.StudyDirection.MAXIMIZE] if config.objective == "reward"
         else [optuna.study.StudyDirection.MINIMIZE] * (1 + len(profiles))
     )
-    storage = optuna_storage(runtime)
+    storage = optuna_storage(runtime, worker=True)
     study = optuna.create_study(study_name=record.study_name, storage=storage,
                                 directions=directions, load_if_exists=True)
     if not study.trials:
@@ -270,22 +265,45 @@ def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-class _StopRules:
-    """Stop once the asked number of trials completed, or when trials keep failing."""
+def _base_artifact(record: SearchRecord, repo: Repository, runtime: Runtime) -> tuple[Path, Path]:
+    """The artifact folder and the base model's ONNX file in it, written from the database once."""
+    base_content = repo.get_artifact(record.base["artifact_sha256"])
+    if base_content is None:
+        raise StorageError(f"the base model artifact of search {record.name!r} is missing from the database")
+    artifact_dir = runtime.cache_dir / "artifacts"
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    base_path = artifact_dir / f"{record.base['artifact_sha256']}.onnx"
+    if not base_path.exists():
+        partial = base_path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(base_content)
+        partial.replace(base_path)
+    return artifact_dir, base_path
 
-    def __init__(self, target: int | None, max_failures: int) -> None:
-        self.target = target
-        self.max_failures = max_failures
-        self.failures = 0
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            self.failures += 1
-            if self.failures >= self.max_failures:
-                logger.error("stopping: %d trials failed in this run", self.failures)
-                study.stop()
-        if self.target is not None and completed(study) >= self.target:
-            study.stop()
+def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
+    """One meter per target (local or remote), entered on ``stack``."""
+    record = prepared.record
+    meters: list[Meter] = []
+    for profile in prepared.profiles:
+        base_median = record.base["measurements"][profile.name]["median_us"]
+        if profile.location == "remote":
+            meter: Meter = RemoteMeter(
+                profile, repo, base_sha256=record.base["artifact_sha256"],
+                base_signature=record.base["signature"], base_median_us=base_median)
+        else:
+            meter = LocalMeter(profile, repo, base_path=base_path,
+                               base_sha256=record.base["artifact_sha256"],
+                               base_signature=record.base["signature"], base_median_us=base_median)
+        stack.enter_context(meter)
+        meters.append(meter)
+    return meters
+
+
+def error_floor_of(record: SearchRecord) -> float:
+    """The reward's error floor as resolved when the search was created."""
+    if "error_floor" in record.base:
+        return float(record.base["error_floor"])
+    return resolve_error_floor(SearchConfig.model_validate(record.config), record.base["error"])
 
 
 def run_worker(
@@ -300,58 +318,112 @@ def run_worker(
         prepared = load_prepared(name, runtime)
     config = prepared.config
     record = prepared.record
-    storage = optuna_storage(runtime)
+    storage = optuna_storage(runtime, worker=True)
     study = optuna.load_study(study_name=record.study_name, storage=storage,
                               sampler=make_sampler(config, runtime.worker_index))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        # A trial of a killed worker is failed (and retried) once its heartbeat is stale.
-        optuna.storages.fail_stale_trials(study)
     if config.trials is not None and completed(study) >= config.trials:
         return study
     repo = Repository(runtime.db_url)
-    base_content = repo.get_artifact(record.base["artifact_sha256"])
-    if base_content is None:
-        raise StorageError(f"the base model artifact of search {name!r} is missing from the database")
-    artifact_dir = runtime.cache_dir / "artifacts"
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    base_path = artifact_dir / f"{record.base['artifact_sha256']}.onnx"
-    if not base_path.exists():
-        partial = base_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(base_content)
-        partial.replace(base_path)
     with ExitStack() as stack:
         stack.callback(repo.close)
-        meters: list[Meter] = []
-        for profile in prepared.profiles:
-            base_median = record.base["measurements"][profile.name]["median_us"]
-            if profile.location == "remote":
-                meter: Meter = RemoteMeter(
-                    profile, repo, base_sha256=record.base["artifact_sha256"],
-                    base_signature=record.base["signature"], base_median_us=base_median)
-            else:
-                meter = LocalMeter(profile, repo, base_path=base_path,
-                                   base_sha256=record.base["artifact_sha256"],
-                                   base_signature=record.base["signature"], base_median_us=base_median)
-            stack.enter_context(meter)
-            meters.append(meter)
+        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        meters = _open_meters(prepared, repo, base_path, stack)
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,
             base_error=record.base["error"], base_signature=record.base["signature"],
+            error_floor=error_floor_of(record),
         )
-        callbacks: list[TrialCallback] = [_StopRules(config.trials, max(10, config.trials or 10))]
-        if on_trial is not None:
-            callbacks.append(on_trial)
-        study.optimize(
-            lambda trial: run_trial(trial, ctx),
-            timeout=config.timeout_s,
-            catch=KNOWN_ERRORS,
-            callbacks=callbacks,
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
+        callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
+        limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
+                            max_consecutive_failures=config.max_consecutive_failures)
+        result = run_trials(study, storage, lambda trial: run_trial(trial, ctx), limits, callbacks=callbacks)
+        logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
+                    runtime.worker_index, result.completed, result.failed, result.taken_over)
     return study
+
+
+ConfirmCallback = Callable[[int, str, Confirmation], None]
+
+
+def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: ConfirmCallback | None = None) -> int:
+    """Confirm every trial on the search's fronts (one per target) with independent sessions.
+
+    When anything needs confirming, the base model is first measured again on each local target,
+    so that absolute latencies track the machine as it is now. Then, until every front holds only
+    confirmed figures, each unconfirmed front architecture is measured in a fresh paired session
+    (a third when the two disagree); a confirmation that raises a trial's figure can push it off
+    the front and let another in, which is confirmed in turn. A measurement that fails leaves its
+    trial unconfirmed, with a warning. Returns the number of sessions measured.
+    """
+    record = prepared.record
+    study = load_study(record, runtime, storage=optuna_storage(runtime, worker=True))
+    if not _unconfirmed_front(record, study):
+        return 0
+    repo = Repository(runtime.db_url)
+    sessions = 0
+    failed: set[tuple[str, str]] = set()
+    with ExitStack() as stack:
+        stack.callback(repo.close)
+        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
+        for profile in prepared.profiles:
+            # Remote targets keep the base figure their agent measured when the search began.
+            if profile.location == "local":
+                base_now[profile.name] = measure_base(
+                    profile, base_path, repo=repo, sha256=record.base["artifact_sha256"],
+                    signature=record.base["signature"]).median_us
+        study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
+        meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
+        for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one
+            todo = [(t, p) for t, p in _unconfirmed_front(record, study) if (t, p.signature) not in failed]
+            if not todo:
+                break
+            for target, point in todo:
+                try:
+                    verdict = _confirm_one(meters[target], point, target, repo, artifact_dir)
+                except KNOWN_ERRORS as exc:
+                    failed.add((target, point.signature))
+                    logger.warning("trial %d stays unconfirmed on %s: %s", point.trial, target, exc)
+                    continue
+                sessions += len(verdict.sessions) - 1
+                study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
+                if on_confirmed is not None:
+                    on_confirmed(point.trial, target, verdict)
+    return sessions
+
+
+def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
+                 artifact_dir: Path) -> Confirmation:
+    path = artifact_dir / f"{point.artifact_sha256}.onnx"
+    if not path.exists():
+        content = repo.get_artifact(point.artifact_sha256)
+        if content is None:
+            raise StorageError(f"trial {point.trial}'s ONNX artifact is missing from the database")
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(content)
+        partial.replace(path)
+    first = point.first_session[target]
+    found = [first]
+    started = time.perf_counter()
+    while confirmation.needs_another(found):
+        measured = meter.confirm(path, point.artifact_sha256, point.signature, session=len(found)).result()
+        found.append(confirmation.Session(measured.ratio, measured.ratio_ci))
+    verdict = confirmation.conclude(found, elapsed_s=time.perf_counter() - started)
+    logger.info("trial %d on %s: ratio %s -> %.4f", point.trial, target,
+                " / ".join(f"{s.ratio:.4f}" for s in found), verdict.ratio)
+    return verdict
+
+
+def _unconfirmed_front(record: SearchRecord, study: optuna.Study) -> list[tuple[str, TrialPoint]]:
+    """Unconfirmed architectures on any target's front (mixed figures), one trial each."""
+    points = trial_points(study, record)
+    todo: dict[tuple[str, str], TrialPoint] = {}
+    for target in record.config["targets"]:
+        for point in pareto_front(points, target):
+            if not point.confirmed.get(target):
+                todo.setdefault((target, point.signature), point)
+    return [(target, point) for (target, _), point in todo.items()]
 
 
 def load_study(record: SearchRecord, runtime: Runtime, *,
@@ -360,38 +432,102 @@ def load_study(record: SearchRecord, runtime: Runtime, *,
     return optuna.load_study(study_name=record.study_name, storage=storage or optuna_storage(runtime))
 
 
-def trial_points(study: optuna.Study) -> list[TrialPoint]:
-    """Every completed trial with its stored figures."""
+def base_latency_us(record: SearchRecord, study: optuna.Study) -> dict[str, float]:
+    """The base model's latency per target: as re-measured at the last confirmation, else as
+    measured when the search was created."""
+    now = study.user_attrs.get(confirmation.BASE_NOW_KEY, {})
+    return {target: float(now.get(target, m["median_us"])) for target, m in record.base["measurements"].items()}
+
+
+def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> list[TrialPoint]:
+    """Every completed trial with its figures; with ``record``, latencies are confirmed ratios
+    where confirmed (else first sessions) times the base model's current latency."""
+    confirmations = confirmation.stored(study.user_attrs) if record is not None else {}
+    base_now = base_latency_us(record, study) if record is not None else {}
+    base_signature = record.base["signature"] if record is not None else None
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         if "error" not in attrs:
             continue
-        constraints = trial.constraints.values()
+        signature = str(attrs.get("signature", ""))
+        latency_us = dict(attrs.get("latency_us", {}))
+        ratios: dict[str, float] = {}
+        intervals: dict[str, tuple[float, float]] = {}
+        confirmed: dict[str, bool] = {}
+        first: dict[str, confirmation.Session] = {}
+        for target, figures in attrs.get("latency", {}).items():
+            first[target] = confirmation.Session.from_dict(figures)
+            verdict = confirmations.get((target, signature))
+            if signature == base_signature:  # the reference itself: 1 by definition
+                ratios[target], intervals[target], confirmed[target] = 1.0, (1.0, 1.0), True
+            elif verdict is not None:
+                ratios[target], intervals[target], confirmed[target] = verdict.ratio, verdict.interval, True
+            else:
+                ratios[target], intervals[target] = first[target].ratio, first[target].ratio_ci
+                confirmed[target] = False
+            if target in base_now:
+                latency_us[target] = ratios[target] * base_now[target]
+        constraints = dict(trial.constraints)
+        if record is not None:
+            _constraints_on_shown_figures(constraints, record, ratios, latency_us)
         points.append(
             TrialPoint(
                 trial=trial.number,
                 error=float(attrs["error"]),
-                latency_us=dict(attrs.get("latency_us", {})),
+                latency_us=latency_us,
                 macs=int(attrs.get("macs", 0)),
                 params=int(attrs.get("params", 0)),
                 reward=attrs.get("reward"),
-                feasible=all(v <= 0 for v in constraints),
+                feasible=all(v <= 0 for v in constraints.values()),
                 plan=attrs.get("plan", {}),
-                signature=str(attrs.get("signature", "")),
+                signature=signature,
                 artifact_sha256=str(attrs.get("artifact_sha256", "")),
+                ratio=ratios,
+                ratio_interval=intervals,
+                confirmed=confirmed,
+                first_session=first,
+                stage_s=dict(attrs.get("stage_s", {})),
             )
         )
     return points
 
 
+def _constraints_on_shown_figures(constraints: dict[str, float], record: SearchRecord,
+                                  ratios: dict[str, float], latency_us: dict[str, float]) -> None:
+    # A latency budget is judged on the figure shown (confirmed where confirmed), not only on the
+    # first session the sampler saw.
+    limits = record.config.get("constraints", {})
+    primary = record.config["targets"][0]
+    if primary not in ratios:
+        return
+    if limits.get("latency_budget_ratio") is not None:
+        constraints["latency_budget_ratio"] = ratios[primary] - limits["latency_budget_ratio"]
+    if limits.get("latency_budget_us") is not None:
+        constraints["latency_budget_us"] = latency_us[primary] - limits["latency_budget_us"]
+
+
 def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
-    """Counts by state, the best reward and the base figures, for ``search status``."""
+    """Counts by state, failures by stage, stage times, the best trial and the base figures."""
     states: dict[str, int] = {}
+    failures: dict[str, dict[str, Any]] = {}
     for trial in study.get_trials(deepcopy=False):
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
-    points = trial_points(study)
-    rewards = [p.reward for p in points if p.reward is not None and p.feasible]
+        if trial.state == TrialState.FAIL:
+            stage = str(trial.user_attrs.get("fail_stage", "unknown"))
+            entry = failures.setdefault(stage, {"count": 0, "first_trial": trial.number,
+                                                "first_reason": trial.user_attrs.get("fail_reason", "")})
+            entry["count"] += 1
+    points = trial_points(study, record)
+    feasible = [p for p in points if p.reward is not None and p.feasible]
+    best = max(feasible, key=lambda p: p.reward or 0.0) if feasible else None
+    stage_times: dict[str, list[float]] = {}
+    for point in points:
+        for stage, seconds in point.stage_s.items():
+            stage_times.setdefault(stage, []).append(seconds)
+    for (target, _signature), verdict in confirmation.stored(study.user_attrs).items():
+        stage_times.setdefault(f"confirm:{target}", []).append(verdict.elapsed_s)
+    confirmed = sum(all(p.confirmed.values()) for p in points if p.confirmed)
     return {
         "name": record.name,
         "targets": record.config["targets"],
@@ -400,15 +536,37 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "trials_asked": record.config["trials"],
         "trials": states,
         "completed": states.get("COMPLETE", 0),
-        "best_reward": max(rewards) if rewards else None,
+        "infeasible": sum(not p.feasible for p in points),
+        "failures_by_stage": failures,
+        "stage_median_s": {stage: statistics.median(values) for stage, values in sorted(stage_times.items())},
+        "best_reward": best.reward if best is not None else None,
+        "best_trial": best.trial if best is not None else None,
+        "best_is_base": best is not None and best.signature == record.base["signature"],
+        "error_floor": error_floor_of(record),
+        "confirmed_trials": confirmed,
         "base_error": record.base["error"],
-        "base_latency_us": {k: v["median_us"] for k, v in record.base["measurements"].items()},
+        "base_latency_us": base_latency_us(record, study),
         "created_at": record.created_at.isoformat(),
     }
 
 
-def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float | None) -> SearchConfig:
+def best_is_base_warning(info: dict[str, Any], config: SearchConfig) -> str | None:
+    """A warning when the search's best trial is the dense base model, naming the flags to change."""
+    if not info["best_is_base"] or config.objective != "reward" or info["completed"] < 2:
+        return None
+    return (
+        f"the best trial is the dense base model (error {info['base_error']:.4g}): no pruned plan scored a "
+        f"higher reward with error floor {info['error_floor']:.4g}. Raise --error-floor to accept more error "
+        "for speed, give --latency-budget-ratio R (AMC's resource-constrained mode: the most accurate plan "
+        "within R x the base latency wins), or use --objective pareto to see the whole trade-off"
+    )
+
+
+def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float | None,
+                   max_consecutive_failures: int | None = None) -> SearchConfig:
     data = config.model_dump()
+    if max_consecutive_failures is not None:
+        data["max_consecutive_failures"] = max_consecutive_failures
     if trials is not None:
         data["trials"] = trials
     if timeout_s is not None:
@@ -416,23 +574,36 @@ def replace_budget(config: SearchConfig, *, trials: int | None, timeout_s: float
     return SearchConfig.model_validate(data)
 
 
-
-
 def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[dict[str, Any]]:
-    """The Pareto front on ``target`` as rows with speedups and accuracy change against the base."""
+    """The Pareto front on ``target`` as rows with speedups and accuracy change against the base.
+
+    Latencies are confirmed figures where the trial was confirmed (``confirmed`` says which),
+    times the base model's latency as last measured; ``speedup_interval`` is the range a
+    re-measurement is expected in.
+    """
     if target not in record.config["targets"]:
         raise ConfigError(f"target {target!r} is not one of this search's: {', '.join(record.config['targets'])}")
     base = record.base
-    base_latency = {k: v["median_us"] for k, v in base["measurements"].items()}
+    base_latency = base_latency_us(record, study)
     rows = []
-    for point in pareto_front(trial_points(study), target):
+    points = trial_points(study, record)
+    # The front of confirmed figures, plus the unconfirmed trials that the mixed front would hold,
+    # marked: an unconfirmed (possibly lucky) figure never hides a confirmed trial.
+    shown = {p.trial: p for p in pareto_front([p for p in points if p.confirmed.get(target)], target)}
+    shown.update({p.trial: p for p in pareto_front(points, target) if not p.confirmed.get(target)})
+    for point in sorted(shown.values(), key=lambda p: (p.latency_us[target], p.error)):
         rows.append({
             "trial": point.trial,
             "error": point.error,
             "accuracy": point.accuracy,
             "accuracy_change": (base["error"] - point.error),
             "latency_us": dict(point.latency_us),
+            "base_latency_us": base_latency,
+            "ratio": dict(point.ratio),
             "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0},
+            "speedup_interval": {k: [1 / high, 1 / low if low > 0 else None]
+                                 for k, (low, high) in point.ratio_interval.items() if high > 0},
+            "confirmed": dict(point.confirmed),
             "macs": point.macs,
             "params": point.params,
             "reward": point.reward,

@@ -49,3 +49,7 @@ class SearchNotFoundError(SearchError):
     """No search of that name in the database."""
 
     exit_code = 2
+
+
+class TrialsKeepFailing(SearchError):
+    """Several trials in a row failed: something is wrong beyond one bad candidate."""

@@ -11,8 +11,10 @@ targets run on their devices at the same time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +101,15 @@ class Meter:
             return _done(self._latency(hit.measurement.median_us, hit.ratio, hit.ratio_ci, cached=True))
         return self._start_new(artifact, sha256, signature, fingerprint)
 
-    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
+    def confirm(self, artifact: Path, sha256: str, signature: str, *, session: int) -> Pending:
+        """Measure ``artifact`` again in a fresh paired session, bypassing and not writing the
+        cache: the confirmation of a figure that a front would show (``session`` counts from 1)."""
+        if signature == self.base_signature:
+            return _done(self._latency(self.base_median_us, 1.0, (1.0, 1.0), cached=True))
+        return self._start_new(artifact, sha256, signature, self.profile.fingerprint(), confirmation=session)
+
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str, *,
+                   confirmation: int = 0) -> Pending:
         raise NotImplementedError
 
     def _latency(self, median_us: float, ratio: float, ratio_ci: tuple[float, float] | None,
@@ -136,11 +146,15 @@ class LocalMeter(Meter):
             self._backend.close()
             self._backend = None
 
-    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str, *,
+                   confirmation: int = 0) -> Pending:
         if self._backend is None:
             raise RuntimeError("LocalMeter used outside its context")
+        # Each call loads both models into new sessions: a confirmation is an independent session.
         paired = self._backend.measure_paired(artifact, self.base_path)
         ratio_ci = (paired.ratio_ci_low, paired.ratio_ci_high)
+        if confirmation:
+            return _done(self._latency(paired.candidate.median_us, paired.ratio, ratio_ci, cached=False))
         stored = self.repo.put_measurement(
             signature=signature,
             profile_fingerprint=fingerprint,
@@ -163,9 +177,15 @@ class RemoteMeter(Meter):
         self.queue = JobQueue(repo.engine)
         self.poll_s = poll_s
 
-    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str) -> Pending:
+    def _start_new(self, artifact: Path, sha256: str, signature: str, fingerprint: str, *,
+                   confirmation: int = 0) -> Pending:
         name = self.profile.name
-        job_id = self.queue.submit(signature=signature, profile=name, profile_fingerprint=fingerprint,
+        # Jobs are keyed by architecture; a confirmation gets a fresh key of its own (a hash, to
+        # fit the column) so that it is a new job, never an earlier session's answer again. The
+        # hub files its result in the cache under that key, where no architecture will look.
+        key = (hashlib.sha256(f"{signature}:confirm:{confirmation}:{uuid.uuid4().hex}".encode()).hexdigest()
+               if confirmation else signature)
+        job_id = self.queue.submit(signature=key, profile=name, profile_fingerprint=fingerprint,
                                    artifact_sha256=sha256, reference_sha256=self.base_sha256)
 
         def wait() -> TargetLatency:

@@ -31,6 +31,7 @@ def write_model_dir(
     pruned: PrunedModel,
     artifact: OnnxArtifact,
     importance: str,
+    nm_criterion: str = "magnitude",
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Create ``out`` with ``model.onnx``, ``model.pt``, ``plan.yaml`` and ``manifest.json``."""
@@ -41,6 +42,7 @@ def write_model_dir(
             "state_dict": pruned.model.state_dict(),
             "plan": plan.to_dict(),
             "importance": importance,
+            "nm_criterion": nm_criterion,
             "base_fingerprint": bundle.fingerprint(),
         },
         out / STATE_FILE,
@@ -57,6 +59,7 @@ def write_model_dir(
         "kept": dict(pruned.kept),
         "sparsity": dict(pruned.patterns),
         "importance": importance,
+        "nm_criterion": nm_criterion,
         "torch_pruning_warnings": list(pruned.warnings),
         **(dict(extra) if extra else {}),
     }
@@ -95,16 +98,16 @@ def rebuild_trial(
 ) -> tuple[Plan, PrunedModel, OnnxArtifact]:
     """Re-create a stored trial's model from its plan, exactly as the trial built it.
 
-    The plan is applied with the search's importance and recovered with the search's recovery and
-    seed; the ONNX export must reproduce the trial's stored sha256 (before any extra
-    ``finetune_steps``), which proves the model is the one that was measured.
+    The plan is applied with the search's importance and N:M criterion and recovered with the
+    search's recovery and seed; the ONNX export must reproduce the trial's stored sha256 (before
+    any extra ``finetune_steps``), which proves the model is the one that was measured.
 
     Raises:
         SearchError: the rebuilt model differs from the stored one.
     """
     plan = Plan.from_dict(attrs["plan"])
     pruned = apply(bundle.model, bundle.example_input, space, plan, importance=config.importance,
-                   calibration=bundle.train_loader)
+                   nm_criterion=config.nm_criterion, calibration=bundle.train_loader)
     if pruned.signature != base_signature:
         recover(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
     artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)

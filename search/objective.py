@@ -9,6 +9,7 @@ is recorded the same way and the exception propagates.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ class SearchContext:
     batch_size: int
     base_error: float
     base_signature: str
+    error_floor: float = 0.0
 
     @property
     def recovery(self) -> RecoveryConfig:
@@ -58,52 +60,69 @@ class TrialFailed(SearchError):
 
 
 @contextmanager
-def _stage(trial: optuna.Trial, name: str) -> Iterator[None]:
+def _stage(trial: optuna.Trial, name: str, times: dict[str, float]) -> Iterator[None]:
+    """Time a stage into ``times``; a failure records the stage, its reason and traceback."""
+    started = time.perf_counter()
     try:
         yield
     except KNOWN_ERRORS as exc:
-        trial.set_user_attr("fail_stage", name)
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        _record_failure(trial, name, exc, times)
         logger.warning("Trial %d failed at %s, params %s: %s", trial.number, name, trial.params, exc)
         raise TrialFailed(f"trial {trial.number} failed at {name}: {exc}") from exc
     except Exception as exc:
-        trial.set_user_attr("fail_stage", name)
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+        # A bug in the pruner, the exporter or the user's code fails this trial only: the search
+        # loop stores it FAIL and goes on, and stops after several failures in a row.
+        _record_failure(trial, name, exc, times)
+        logger.warning("Trial %d failed at %s with an unexpected %s, params %s: %s", trial.number, name,
+                       type(exc).__name__, trial.params, exc)
         raise
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - started
+
+
+def _record_failure(trial: optuna.Trial, stage: str, exc: BaseException, times: dict[str, float]) -> None:
+    trial.set_user_attr("fail_stage", stage)
+    trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+    trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+    trial.set_user_attr("stage_s", dict(times))
 
 
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     """Evaluate one plan. Returns the reward, or (error, latency per target) for ``pareto``."""
-    with _stage(trial, "suggest"):
+    times: dict[str, float] = {}
+    with _stage(trial, "suggest", times):
         plan = ctx.space.suggest(trial)
         trial.set_user_attr("plan", plan.to_dict())
-    with _stage(trial, "prune"):
+    with _stage(trial, "prune", times):
         pruned = apply(ctx.bundle.model, ctx.bundle.example_input, ctx.space, plan,
-                       importance=ctx.config.importance, calibration=ctx.bundle.train_loader)
+                       importance=ctx.config.importance, nm_criterion=ctx.config.nm_criterion,
+                       calibration=ctx.bundle.train_loader)
         if pruned.warnings:
             trial.set_user_attr("pruning_warnings", list(pruned.warnings))
     # The dense plan is the base model itself: trial 0, the reference of every figure.
     is_base = pruned.signature == ctx.base_signature
-    with _stage(trial, "recover"):
+    with _stage(trial, "recover", times):
         if not is_base:
             recover(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks)
-    with _stage(trial, "evaluate"):
+    with _stage(trial, "evaluate", times):
         error = ctx.base_error if is_base else float(ctx.bundle.error_fn(pruned.model, ctx.bundle.val_loader))
-    with _stage(trial, "export"):
+    with _stage(trial, "export", times):
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
         ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
     latencies = {}
-    with _stage(trial, "measure"):
-        # Remote jobs are queued first so that every device works at once.
-        pending = [(m.profile.name, m.start(artifact.path, artifact.sha256, pruned.signature))
-                   for m in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter))]
-        for name, waiting in pending:
+    # Remote jobs are queued first so that every device works at once.
+    pending = []
+    for meter in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter)):
+        with _stage(trial, f"measure:{meter.profile.name}", times):
+            pending.append((meter.profile.name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+    for name, waiting in pending:
+        with _stage(trial, f"measure:{name}", times):
             latencies[name] = waiting.result()
     primary = latencies[ctx.config.targets[0]]
-    with _stage(trial, "reward"):
-        score = reward(error, primary.latency_us, error_floor=ctx.config.error_floor)
+    with _stage(trial, "reward", times):
+        score = reward(error, primary.latency_us, error_floor=ctx.error_floor,
+                       resource_constrained=ctx.config.constraints.has_latency_budget)
     attrs: dict[str, Any] = {
         "error": error,
         "accuracy": 1.0 - error,
@@ -115,6 +134,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "kept": dict(pruned.kept),
         "signature": pruned.signature,
         "artifact_sha256": artifact.sha256,
+        "stage_s": times,
     }
     for key, value in attrs.items():
         trial.set_user_attr(key, value)

@@ -6,10 +6,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from search.confirmation import Session
+
 
 @dataclass(frozen=True, slots=True)
 class TrialPoint:
-    """One completed trial's figures, read back from Optuna's user attributes."""
+    """One completed trial's figures, read back from Optuna's user attributes.
+
+    ``latency_us`` is the figure to show: the ratio to the base model (confirmed where a
+    confirmation exists, else the first session's) times the base model's current latency.
+    """
 
     trial: int
     error: float
@@ -21,6 +27,11 @@ class TrialPoint:
     plan: Mapping[str, Any] = field(default_factory=dict)
     signature: str = ""
     artifact_sha256: str = ""
+    ratio: Mapping[str, float] = field(default_factory=dict)
+    ratio_interval: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    confirmed: Mapping[str, bool] = field(default_factory=dict)
+    first_session: Mapping[str, Session] = field(default_factory=dict)
+    stage_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:

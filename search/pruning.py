@@ -4,6 +4,14 @@ The only module that imports ``torch_pruning``. Groups come from its dependency 
 coupled by residual additions, concatenations, depthwise convolutions and attention reshapes share
 one group); importance comes from its estimators; removal is ``Group.prune``. hwprune decides only
 how many channels each group keeps, and picks the least important ones deterministically.
+
+Decoder LLMs (Llama-style attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` with grouped
+key/value heads) are pruned by coupled structures as LLM-Pruner prunes them: one unit is a
+key/value head with the query heads that share it (and the matching ``o_proj`` inputs); the gated
+MLP's gate/up/down channels are one torch-pruning group. torch-pruning's own GQA head pruning keeps
+every key/value head and removes query heads within each, and its tracer does not couple q and k
+through rotary embeddings, so those units are removed here with its ``prune_linear_*`` functions.
+The residual stream (hidden size) is kept, as LLM-Pruner's block-wise mode keeps it.
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
-from search.sparsity import apply_nm, satisfies_nm
+from search.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
 
-Importance = Literal["magnitude", "taylor", "lamp", "bn-scale"]
-IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "bn-scale")
+Importance = Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"]
+IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement")
+_GRADIENT_IMPORTANCES = ("taylor", "llm-pruner", "movement")
+CALIBRATION_BATCHES = 8  # batches of the training loader for N:M criteria, llm-pruner and movement
+CALIBRATION_SEED = 0
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -48,11 +59,13 @@ class GroupInfo:
 
     ``kind`` is ``channels`` for ordinary groups and ``heads`` for the output of an attention
     ``qkv`` projection, where whole heads (``unit_width`` channels each, in q, k and v) go at once.
+    ``kv-heads`` is a Llama-style attention's key/value head with the query heads sharing it; its
+    name is the ``k_proj`` layer and ``unit_width`` the ``o_proj`` inputs one unit holds.
     ``consumers`` are the layers whose input channels are this group's.
     """
 
     name: str
-    kind: Literal["channels", "heads"]
+    kind: Literal["channels", "heads", "kv-heads"]
     size: int
     unit_width: int
     members: tuple[str, ...]
@@ -84,7 +97,8 @@ class PrunedModel:
         macs / params: of the pruned model (dense count: N:M zeros are not subtracted).
         signature: hash of every layer shape plus the sparsity placement; equal signatures run
             the same on any backend, so it keys the latency cache.
-        history: torch-pruning's pruning history, replayable on the base model.
+        history: torch-pruning's pruning history, replayable on the base model (kv-head removals
+            of Llama-style attention are done outside its graph and are not in it).
         warnings: torch-pruning warnings raised while pruning (they can change the result).
     """
 
@@ -148,9 +162,65 @@ def _attention_modules(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class _GqaAttention:
+    """A Llama-style attention block: kv head ``j`` serves query heads ``j*share .. j*share+share-1``."""
+
+    holder: str
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def share(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _gqa_attentions(model: nn.Module) -> dict[str, _GqaAttention]:
+    """``k_proj`` name -> the attention it belongs to, for modules with Linear q/k/v/o_proj children
+    and an integer ``head_dim`` (transformers' Llama, Mistral, Qwen2 attention)."""
+    found = {}
+    for name, module in model.named_modules():
+        parts = [getattr(module, f"{p}_proj", None) for p in "qkvo"]
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int) or not all(isinstance(p, nn.Linear) for p in parts):
+            continue
+        q, k, _, _ = parts
+        heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim  # type: ignore[union-attr]
+        if kv_heads == 0 or heads % kv_heads:
+            continue
+        prefix = f"{name}." if name else ""
+        attention = _GqaAttention(name, f"{prefix}q_proj", f"{prefix}k_proj", f"{prefix}v_proj",
+                                  f"{prefix}o_proj", heads, kv_heads, head_dim)
+        found[attention.k] = attention
+    return found
+
+
+_KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.Embedding, nn.PReLU, nn.MultiheadAttention)
+
+
+def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    # Per-channel scales of modules torch-pruning has no pruner for (RMSNorm): their one dimension
+    # is the channel one. Declared, torch-pruning prunes them without warning that it guessed.
+    return [
+        (parameter, 0)
+        for module in model.modules()
+        if not isinstance(module, _KNOWN_MODULES)
+        for parameter in module.parameters(recurse=False)
+        if parameter.dim() == 1
+    ]
+
+
 def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, unwrapped_parameters=_unwrapped_vectors(model)
+        )
     except Exception as exc:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
 
@@ -190,10 +260,14 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
     total_macs = sum(macs.values()) or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
+    gqa = _gqa_attentions(model)
+    # q/k/v are never roots: their units are the kv-head groups below (see the module docstring).
+    projections = {name for a in gqa.values() for name in (a.q, a.k, a.v)}
     graph = _build_graph(model, example)
     groups = []
     for group in graph.get_all_groups(
-        ignored_layers=[modules[n] for n in ignored_names], root_module_types=list(_PRUNABLE)
+        ignored_layers=[modules[n] for n in (*ignored_names, *sorted(projections))],
+        root_module_types=list(_PRUNABLE),
     ):
         root_module = group[0].dep.target.module
         root = names.get(root_module)
@@ -207,6 +281,8 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
                 members.add(names[target])
                 if graph.is_in_channel_pruning_fn(dep.handler):
                     consumers.add(names[target])
+        if consumers & projections:
+            continue  # the residual stream of a decoder LLM: kept whole
         share = sum(macs.get(m, 0) for m in members) / total_macs
         if root in attention:
             holder, heads, head_dim = attention[root]
@@ -217,6 +293,14 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
             info = GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)),
                              tuple(sorted(consumers)), share)
         groups.append(info)
+    for name, gqa_attention in gqa.items():
+        if name in ignored_names:
+            continue
+        a = gqa_attention
+        coupled = tuple(sorted((a.q, a.k, a.v, a.o)))
+        share = sum(macs.get(m, 0) for m in coupled) / total_macs
+        groups.append(GroupInfo(name, "kv-heads", a.kv_heads, a.share * a.head_dim, coupled, (a.o,),
+                                share, a.holder))
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
     groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
@@ -229,11 +313,84 @@ def _importance(kind: str) -> tp.importance.Importance:
         return tp.importance.MagnitudeImportance(p=2)
     if kind == "taylor":
         return tp.importance.TaylorImportance()
+    if kind == "llm-pruner":
+        # LLM-Pruner's element-wise first-order Taylor, summed over every member of the group.
+        return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    if kind == "movement":
+        return _MovementImportance()
     if kind == "lamp":
         return tp.importance.LAMPImportance(p=2)
     if kind == "bn-scale":
         return tp.importance.BNScaleImportance()
     raise PlanError(f"importance {kind!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
+
+
+def _unit_score(kind: str, weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-row score of a ``[units, ...]`` weight slice (rows are channels)."""
+    w = weight.detach().flatten(1).double()
+    if kind in _GRADIENT_IMPORTANCES:
+        if grad is None:
+            raise PruningError(f"importance {kind!r}: no gradient reached a pruned layer")
+        g = grad.detach().flatten(1).double()
+        # movement pruning's score -W*dL/dW: weights moving away from zero matter.
+        return -(w * g).sum(1) if kind == "movement" else (w * g).abs().sum(1)
+    return w.square().sum(1)
+
+
+class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
+    """Movement pruning's first-order score ``-W * dL/dW`` (Sanh et al., 2020), summed over the group.
+
+    The weights are not updated while scores accumulate: the score is taken over the calibration
+    batches at the base weights, since hwprune's recovery runs after the plan is applied.
+    """
+
+    def __call__(self, group: tp.Group) -> torch.Tensor | None:
+        total: torch.Tensor | None = None
+        for item in group:
+            layer, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(layer, _PRUNABLE) or layer.weight.grad is None:
+                continue
+            if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+                continue  # depthwise: one weight per channel, the out-channel entry covers it
+            if handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                weight, grad = layer.weight, layer.weight.grad
+            elif handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels):
+                weight, grad = layer.weight.transpose(0, 1), layer.weight.grad.transpose(0, 1)
+            else:
+                continue
+            index = torch.tensor(item.idxs, dtype=torch.long)
+            # Scores land on the root's channels, which is what the caller ranks.
+            score = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+            score.index_add_(0, torch.tensor(item.root_idxs, dtype=torch.long),
+                             _unit_score("movement", weight[index], grad[index]))
+            total = score if total is None else total + score
+        return total
+
+
+def calibration_batches(
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int = CALIBRATION_BATCHES
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` batches of ``loader``, the same on every call.
+
+    A loader that shuffles with a ``torch.Generator`` is reseeded for the draw and its state
+    restored afterwards, so a trial and its re-materialisation calibrate on the same samples.
+    """
+    generator = getattr(loader, "generator", None)
+    saved = generator.get_state() if isinstance(generator, torch.Generator) else None
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(CALIBRATION_SEED)
+    batches = []
+    try:
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) >= count:
+                break
+    finally:
+        if isinstance(generator, torch.Generator) and saved is not None:
+            generator.set_state(saved)
+    if not batches:
+        raise PlanError("calibration needs batches; the training loader yielded none")
+    return batches
 
 
 def _accumulate_gradients(
@@ -246,11 +403,43 @@ def _accumulate_gradients(
         loss_fn(model(inputs), targets).backward()
         seen = True
     if not seen:
-        raise PlanError("importance 'taylor' needs calibration batches; the loader yielded none")
+        raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
 
 
 def _out_channel_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
     return graph.get_pruner_of_module(module).prune_out_channels
+
+
+def _prune_kv_heads(model: nn.Module, info: GroupInfo, target: int, importance: str) -> None:
+    """Remove the least important kv heads of ``info`` with the query heads that share them."""
+    modules = dict(model.named_modules())
+    attention = _gqa_attentions(model)[info.name]
+    q, k, v, o = (modules[name] for name in (attention.q, attention.k, attention.v, attention.o))
+    if not all(isinstance(layer, nn.Linear) for layer in (q, k, v, o)):
+        raise PruningError(f"group {info.name!r}: q/k/v/o_proj must be Linear layers")
+    if importance in ("bn-scale",):
+        raise PruningError(f"importance {importance!r} has no score for group {info.name!r} (no BatchNorm)")
+    dim, share = attention.head_dim, attention.share
+    score_kind = "magnitude" if importance == "lamp" else importance  # LAMP ranks as magnitude within a layer
+    scores = torch.zeros(attention.kv_heads, dtype=torch.float64)
+    # LLM-Pruner's group aggregation: the unit's score is the sum over every coupled weight row.
+    for layer, rows_per_head, transpose in ((q, share * dim, False), (k, dim, False), (v, dim, False),
+                                            (o, share * dim, True)):
+        weight = layer.weight.transpose(0, 1) if transpose else layer.weight
+        grad = layer.weight.grad
+        grad = grad.transpose(0, 1) if grad is not None and transpose else grad
+        per_row = _unit_score(score_kind, weight, grad)
+        scores += per_row.view(attention.kv_heads, rows_per_head).sum(1)
+    drop = sorted(int(i) for i in torch.argsort(scores, stable=True)[: info.size - target])
+    q_rows = [h * share * dim + j for h in drop for j in range(share * dim)]
+    kv_rows = [h * dim + j for h in drop for j in range(dim)]
+    try:
+        tp.prune_linear_out_channels(q, q_rows)
+        tp.prune_linear_out_channels(k, kv_rows)
+        tp.prune_linear_out_channels(v, kv_rows)
+        tp.prune_linear_in_channels(o, q_rows)
+    except Exception as exc:
+        raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
 
 
 def apply_pruning(
@@ -261,67 +450,58 @@ def apply_pruning(
     groups: Sequence[GroupInfo],
     patterns: Mapping[str, tuple[int, int]],
     importance: str = "magnitude",
+    nm_criterion: str = "magnitude",
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     loss_fn: Any = nn.functional.cross_entropy,
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.
 
     Deterministic: the same inputs give bit-identical weights. Within a group the units with the
-    lowest importance go; ties are broken by index (stable sort).
+    lowest importance go; ties are broken by index (stable sort). N:M masks follow
+    ``nm_criterion`` (see ``search.sparsity.sparsify``) on the channel-pruned model.
 
     Raises:
-        PlanError: a data-dependent importance without calibration data.
+        PlanError: a data-dependent importance or N:M criterion without calibration data.
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
     model = copy.deepcopy(base).eval()
     modules = dict(model.named_modules())
     estimator = _importance(importance)
-    if importance == "taylor" and calibration is None:
-        raise PlanError("importance 'taylor' needs calibration batches (the training loader)")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graph = _build_graph(model, example)
-        for info in groups:
-            target = kept.get(info.name, info.size)
-            if target >= info.size:
-                continue
-            root = modules[info.name]
-            prune_fn = _out_channel_fn(graph, root)
-            channels = info.size * info.unit_width * (3 if info.kind == "heads" else 1)
-            if importance == "taylor":
-                _accumulate_gradients(model, calibration or [], loss_fn)
-            scores = estimator(graph.get_pruning_group(root, prune_fn, list(range(channels))))
-            if scores is None:
-                raise PruningError(f"importance {importance!r} has no score for group {info.name!r}")
-            scores = scores.detach().float().cpu()
-            if info.kind == "heads":
-                head_scores = scores.view(3, info.size, info.unit_width).mean(dim=(0, 2))
-                drop = torch.sort(torch.argsort(head_scores, stable=True)[: info.size - target]).values
-                width = info.size * info.unit_width
-                indices = [
-                    part * width + int(head) * info.unit_width + offset
-                    for part in range(3)
-                    for head in drop
-                    for offset in range(info.unit_width)
-                ]
-            else:
-                indices = sorted(int(i) for i in torch.argsort(scores, stable=True)[: info.size - target])
-            try:
-                graph.get_pruning_group(root, prune_fn, indices).prune()
-            except Exception as exc:
-                raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
-            if info.attention is not None:
-                # torch-pruning resizes the tensors; the module's head count is ours to update.
-                modules[info.attention].num_heads = target
-        model.zero_grad(set_to_none=True)
-    tp_warnings = tuple(str(w.message) for w in caught)
-    masks: dict[str, torch.Tensor] = {}
+    needs_data = importance in _GRADIENT_IMPORTANCES or (nm_criterion != "magnitude" and patterns)
+    if needs_data and calibration is None:
+        what = (f"importance {importance!r}" if importance in _GRADIENT_IMPORTANCES
+                else f"N:M criterion {nm_criterion!r}")
+        raise PlanError(f"{what} needs calibration batches (the bundle's training loader)")
+    # Fixed threads: float reductions split by thread count, and replays must be bit-identical.
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        few = calibration_batches(calibration) if needs_data and calibration is not None else []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = _build_graph(model, example)
+            for info in groups:
+                target = kept.get(info.name, info.size)
+                if target >= info.size:
+                    continue
+                if importance == "taylor":
+                    _accumulate_gradients(model, calibration or [], loss_fn)
+                elif importance in _GRADIENT_IMPORTANCES:
+                    _accumulate_gradients(model, few, loss_fn)
+                if info.kind == "kv-heads":
+                    with torch.no_grad():
+                        _prune_kv_heads(model, info, target, importance)
+                    continue
+                _prune_group(graph, modules, info, target, importance, estimator)
+            model.zero_grad(set_to_none=True)
+        tp_warnings = tuple(str(w.message) for w in caught)
+        masks = sparsify(model, patterns, criterion=nm_criterion, calibration=[x for x, _ in few])
+    finally:
+        torch.set_num_threads(previous_threads)
     sparsity: dict[str, float] = {}
     pattern_names: dict[str, str] = {}
     for layer, (n, m) in patterns.items():
-        module = modules[layer]
-        masks[layer] = apply_nm(module, n, m)
-        weight = module.weight  # type: ignore[union-attr]
+        weight = modules[layer].weight  # type: ignore[union-attr]
         if not satisfies_nm(weight, n, m):
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
@@ -340,6 +520,42 @@ def apply_pruning(
         history=graph.pruning_history(),
         warnings=tp_warnings,
     )
+
+
+def _prune_group(
+    graph: tp.DependencyGraph,
+    modules: Mapping[str, nn.Module],
+    info: GroupInfo,
+    target: int,
+    importance: str,
+    estimator: tp.importance.Importance,
+) -> None:
+    root = modules[info.name]
+    prune_fn = _out_channel_fn(graph, root)
+    channels = info.size * info.unit_width * (3 if info.kind == "heads" else 1)
+    scores = estimator(graph.get_pruning_group(root, prune_fn, list(range(channels))))
+    if scores is None:
+        raise PruningError(f"importance {importance!r} has no score for group {info.name!r}")
+    scores = scores.detach().float().cpu()
+    if info.kind == "heads":
+        head_scores = scores.view(3, info.size, info.unit_width).mean(dim=(0, 2))
+        drop = torch.sort(torch.argsort(head_scores, stable=True)[: info.size - target]).values
+        width = info.size * info.unit_width
+        indices = [
+            part * width + int(head) * info.unit_width + offset
+            for part in range(3)
+            for head in drop
+            for offset in range(info.unit_width)
+        ]
+    else:
+        indices = sorted(int(i) for i in torch.argsort(scores, stable=True)[: info.size - target])
+    try:
+        graph.get_pruning_group(root, prune_fn, indices).prune()
+    except Exception as exc:
+        raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
+    if info.attention is not None:
+        # torch-pruning resizes the tensors; the module's head count is ours to update.
+        setattr(modules[info.attention], "num_heads", target)  # noqa: B010
 
 
 def architecture_signature(model: nn.Module, patterns: Mapping[str, str]) -> str:

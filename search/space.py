@@ -209,7 +209,7 @@ def build_space(
     fixed: dict[str, str] = {}
     kept_options: dict[str, tuple[int, ...]] = {}
     for info in discovery.groups:
-        unit_multiple = 1 if info.kind == "heads" else multiple
+        unit_multiple = 1 if info.kind in ("heads", "kv-heads") else multiple
         offered: dict[int, float] = {}
         for ratio in ratios:
             offered.setdefault(kept_units(info.size, ratio, unit_multiple), ratio)
@@ -271,11 +271,14 @@ def apply(
     plan: Plan,
     *,
     importance: str = "magnitude",
+    nm_criterion: str = "magnitude",
     calibration: Any = None,
 ) -> PrunedModel:
     """Validate ``plan`` against ``space`` and apply it to a copy of ``base``.
 
-    Deterministic: the same plan on the same base gives bit-identical weights.
+    Deterministic: the same plan on the same base gives bit-identical weights. ``nm_criterion``
+    chooses the N:M masks (magnitude, wanda or sparsegpt; the last two calibrate on
+    ``calibration``, the training loader).
     """
     space.validate(plan)
     searchable = {g.name for g in space.groups}
@@ -290,5 +293,6 @@ def apply(
         groups=infos,
         patterns=patterns,
         importance=importance,
+        nm_criterion=nm_criterion,
         calibration=calibration,
     )

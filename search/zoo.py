@@ -1,8 +1,9 @@
 """Reference architectures built in code (no weight downloads), for tests and benchmarks.
 
 A ResNet-18 layout (residual shortcuts), a shortened MobileNetV2 (depthwise convolutions,
-inverted residuals) and a small transformer encoder with timm-style attention (one ``qkv`` Linear
-and a ``num_heads`` attribute, the convention hwprune prunes whole heads by).
+inverted residuals), a small transformer encoder with timm-style attention (one ``qkv`` Linear
+and a ``num_heads`` attribute, the convention hwprune prunes whole heads by) and a small decoder
+Llama built from a ``transformers`` config.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from search.errors import ModelLoadError
 
 
 class BasicBlock(nn.Module):
@@ -141,6 +144,53 @@ class TinyTransformer(nn.Module):
         return result
 
 
+class CausalLM(nn.Module):
+    """A transformers causal LM as a plain module: token ids ``[batch, tokens]`` to logits
+    ``[batch, vocab, tokens]``.
+
+    The vocabulary is dimension 1, as classes are for every other model here, so cross-entropy
+    against next-token ids, ``argmax(dim=1)`` and the ONNX export apply unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # An explicit all-ones mask: without one, transformers probes the positions for packed
+        # sequences with torch.diff, which the ONNX exporter cannot express.
+        logits: torch.Tensor = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          use_cache=False).logits
+        return logits.transpose(1, 2)
+
+
+def tiny_llama(
+    *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
+    vocab: int = 128, seed: int = 0,
+) -> CausalLM:
+    """A randomly initialised Llama (grouped-query attention, gated MLP, RMSNorm, rotary
+    embeddings) from a ``transformers`` config; nothing is downloaded.
+
+    Raises:
+        ModelLoadError: ``transformers`` is not installed.
+    """
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise ModelLoadError("the Llama model needs transformers: pip install 'hwprune[dev]'") from exc
+    config = LlamaConfig(  # type: ignore[call-arg]
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        attn_implementation="eager",  # traceable by torch-pruning and the TorchScript exporter
+    )
+    torch.manual_seed(seed)
+    return CausalLM(LlamaForCausalLM(config)).eval()
+
+
+def token_ids(batch: int, tokens: int, *, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
 def randomize_norms(model: nn.Module) -> nn.Module:
     """Give BatchNorm layers random statistics and scales, in place; returns the model."""
     # Fresh BatchNorm layers are identities; random statistics make pruning errors visible.
@@ -163,6 +213,7 @@ ARCHITECTURES: dict[str, Callable[[int], tuple[nn.Module, torch.Tensor]]] = {
     "resnet18-full": lambda resolution: (ResNet18(width=64), _seeded_input(1, 3, resolution, resolution)),
     "mobilenetv2": lambda resolution: (MobileNetV2(), _seeded_input(1, 3, resolution, resolution)),
     "transformer": lambda _resolution: (TinyTransformer(), _seeded_input(1, 8, 16)),
+    "llama": lambda _resolution: (tiny_llama(), token_ids(1, 16)),
 }
 
 
