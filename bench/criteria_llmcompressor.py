@@ -38,7 +38,7 @@ def prepare(folder: Path) -> None:
 
     wrapped = tiny_llama(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, vocab=VOCAB)
     model = wrapped.model
-    model.save_pretrained(folder / "model")
+    model.save_pretrained(folder / "model")  # type: ignore[operator]
     calibration = token_ids(SEQUENCES, TOKENS, vocab=VOCAB, seed=20)
     held_out = token_ids(8, TOKENS, vocab=VOCAB, seed=10)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def prepare(folder: Path) -> None:
     torch.save({"calibration": calibration, "held_out": held_out, "dense": dense}, folder / "data.pt")
     layers = {name: (2, 4) for name, module in wrapped.named_modules()
               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
-    batches = list(calibration.split(8))
+    batches = list(torch.split(calibration, 8))
     rows = []
     for criterion in ("magnitude", "wanda", "sparsegpt"):
         copy = tiny_llama(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, vocab=VOCAB)
@@ -65,17 +65,23 @@ def measure(folder: Path) -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-    from transformers import LlamaForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     data = torch.load(folder / "data.pt")
     ids = data["calibration"]
     rows = (folder / "hwprune.md").read_text().splitlines()
+    # oneshot insists on a processor; the data is already token ids, so a word-level stand-in will do.
+    vocabulary = {f"t{i}": i for i in range(VOCAB)}
+    processor = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
+        pad_token="t0")
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     for name, modifier in (("wanda", WandaPruningModifier), ("sparsegpt", SparseGPTModifier)):
-        model = LlamaForCausalLM.from_pretrained(folder / "model", attn_implementation="eager").eval()
-        recipe = modifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["lm_head"])
+        model = LlamaForCausalLM.from_pretrained(folder / "model", attn_implementation="eager").eval()  # type: ignore[no-untyped-call]
+        recipe = modifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
         start = time.perf_counter()
-        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=SEQUENCES,
+        oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe, num_calibration_samples=SEQUENCES,
                 max_seq_length=TOKENS, shuffle_calibration_samples=False)
         seconds = time.perf_counter() - start
         held_out = data["held_out"]

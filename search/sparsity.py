@@ -130,7 +130,7 @@ def _input_statistics(layer: Prunable, inputs: torch.Tensor, *, hessian: bool) -
     """``X^T X`` (``hessian``) or the squared column norms of X, over all calibration samples."""
     total: torch.Tensor | None = None
     rows = 0
-    for chunk in inputs.split(STATISTICS_CHUNK):
+    for chunk in torch.split(inputs, STATISTICS_CHUNK):
         columns = _columns(layer, chunk).double()
         part = columns.T @ columns if hessian else columns.square().sum(dim=0)
         total = part if total is None else total + part

@@ -178,3 +178,14 @@ def test_zoo_transformer_takes_every_criterion() -> None:
         pruned = apply(model, example, space, plan, nm_criterion=criterion, calibration=batches)
         errors[criterion] = _output_error(model, pruned.model, held_out)
     assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_search_start_refuses_an_unknown_nm_criterion(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from search.cli import app
+
+    result = CliRunner().invoke(app, ["search", "start", "--name", "s", "--example", "digits",
+                                      "--nm-criterion", "obs", "--db", f"sqlite:///{tmp_path}/h.db"])
+    assert result.exit_code == 2
+    assert "nm_criterion" in result.output and "sparsegpt" in result.output
