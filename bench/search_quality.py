@@ -15,6 +15,11 @@ Reported per method and seed:
 Methods: ``tpe``, ``amc`` and ``random`` optimise the scalar reward; ``tpe-pareto`` and
 ``nsga2-pareto`` optimise (error, latency) as two objectives.
 
+A seed here is the search's ``seed``, and it varies everything random in a search: the sampler,
+the recovery's held-out slice of the training data, its batch order (and so the batches adaptive
+batch-norm sees) and torch's generator during recovery (see ``search.recovery``). Two seeds are
+two independent searches, not one search re-sampled.
+
 Run by hand: ``.venv/bin/python bench/search_quality.py [--trials 24] [--seeds 0 1 2]``.
 """
 

@@ -7,6 +7,7 @@ import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -15,6 +16,20 @@ from search.errors import ModelLoadError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 ErrorFn = Callable[[nn.Module, Iterable[Batch]], float]
+
+
+@runtime_checkable
+class Reseedable(Protocol):
+    """A loader that takes the search's seed: how a plugin's own iterable follows ``--seed``.
+
+    hwprune re-orders a ``DataLoader`` over a map-style dataset and a list of batches itself; any
+    other iterable (a stream, an ``IterableDataset``) keeps its own order unless it has this
+    method. hwprune calls ``reseed(seed, epoch)`` before each pass over the training loader (and
+    before scoring over the validation loader, with ``epoch`` 0); the loader should make that
+    pass's order (and any augmentation) a function of the two numbers.
+    """
+
+    def reseed(self, seed: int, epoch: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,23 @@ def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
     if total == 0:
         raise ModelLoadError("the validation loader yielded no samples")
     return wrong / total
+
+
+def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int) -> float:
+    """``bundle.error_fn`` on the validation loader with every source of sampling seeded.
+
+    torch's generator, a ``Reseedable`` loader and a loader's ``torch.Generator`` (e.g. a
+    shuffling ``DataLoader``) take ``seed``, so an error function that samples (a random subset,
+    test-time augmentation) gives the same figure for the same seed.
+    """
+    torch.manual_seed(seed)
+    loader = bundle.val_loader
+    if isinstance(loader, Reseedable):
+        loader.reseed(seed, 0)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+    return float(bundle.error_fn(model, loader))
 
 
 def fidelity_error(reference: nn.Module) -> ErrorFn:

@@ -95,11 +95,17 @@ class ConstraintsConfig(_Section):
 
 
 class RecoverySettings(_Section):
-    """Recovery fine-tuning after pruning, per trial."""
+    """Recovery after pruning, per trial (see ``search.recovery``): adaptive batch-norm on
+    ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
+    and after, judged on ``holdout_batches`` held-out training batches."""
 
     steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
-    lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    lr: Annotated[float, Field(gt=0, le=10)] = 3e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    warmup: Annotated[float, Field(ge=0, lt=1)] = 0.25
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
+    bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
+    holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     threads: Annotated[int, Field(ge=1, le=256)] = 1
 
 

@@ -84,7 +84,7 @@ class DigitsNet(nn.Module):
         return logits
 
 
-def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -125,7 +125,7 @@ def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epoch
 def digits(*, cache_dir: Path) -> ModelBundle:
     """The ``digits`` example: trained on first use (about half a minute on 2 cores), then cached."""
     recipe = DIGITS_RECIPE
-    x_train, y_train, x_val, y_val = _digits_tensors(recipe.size)
+    x_train, y_train, x_val, y_val = digits_tensors(recipe.size)
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=recipe.batch, shuffle=True,
                               generator=generator)

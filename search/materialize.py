@@ -17,7 +17,7 @@ from search.errors import ConfigError, SearchError
 from search.export import OnnxArtifact, export_onnx
 from search.plan import Plan
 from search.pruning import PrunedModel
-from search.recovery import RecoveryConfig, recover, recovery_for
+from search.recovery import recover, recovery_for, with_steps
 from search.space import SearchSpace, apply
 
 STATE_FILE = "model.pt"
@@ -119,8 +119,7 @@ def rebuild_trial(
         )
     if finetune_steps > 0:
         extra = recovery_for(config)
-        recover(pruned.model, bundle, RecoveryConfig(steps=finetune_steps, lr=extra.lr,
-                                                     distill=extra.distill, seed=extra.seed + 1,
-                                                     threads=extra.threads), masks=pruned.masks)
+        recover(pruned.model, bundle, with_steps(extra, finetune_steps, seed=extra.seed + 1),
+                masks=pruned.masks)
         artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
     return plan, pruned, artifact

@@ -1,46 +1,335 @@
-"""Short recovery fine-tuning of a pruned model, optionally distilled from the base model."""
+"""Recovery of a pruned model: adaptive batch-norm, short fine-tuning, and keeping the better model.
+
+After pruning, a trial's model goes through three steps, all on the *training* data:
+
+1. **Adaptive batch-norm** (EagleEye, ECCV 2020): BatchNorm running statistics are re-estimated
+   on ``bn_batches`` training batches. Pruning changes the distribution each BatchNorm sees, so
+   the stored statistics are stale; re-estimating them costs a few forward passes and is what
+   makes a pruned model's error a usable score.
+2. **Fine-tuning** for ``steps`` batches (AdamW with linear warm-up and cosine decay by default,
+   optionally distilled from the dense model's outputs). N:M masks are re-applied after each step.
+3. **Keep the better**: the raw, the BN-adapted and the fine-tuned models are compared on a
+   held-out slice of the training data (``holdout_batches`` batches, never trained on, never the
+   validation data that scores the trial); the best one is kept, so recovery never makes a model
+   worse on data it has not seen.
+
+Everything is a function of ``seed`` (and the thread count): the held-out slice, the order of the
+training batches, the batches BatchNorm is adapted on and any randomness in the model. A stored
+trial therefore re-materialises bit-identically in another process.
+
+How the seed reaches the training data (see ``training_split``):
+
+* a ``torch.utils.data.DataLoader`` over a map-style dataset is re-ordered by hwprune itself (its
+  own ``shuffle``, sampler and ``generator`` are not used);
+* a sequence of batches (a list or tuple) is re-ordered batch by batch;
+* any other iterable is read in its own order; it takes the seed if it has a
+  ``reseed(seed: int, epoch: int)`` method (called before each pass, see ``search.bundle.Reseedable``)
+  or a ``torch.Generator`` at ``.generator`` (re-seeded once).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, IterableDataset
 
-from search.bundle import Batch, ModelBundle
+from search.bundle import Batch, ModelBundle, Reseedable
 from search.config import SearchConfig
+from search.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+Optimizer = Literal["adamw", "sgd"]
+Kept = Literal["raw", "bn", "finetuned"]
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
-    """Steps of SGD with momentum; ``distill`` mixes in KL to the base model's outputs."""
+    """How a trial's model is recovered (see the module docstring).
+
+    Attributes:
+        steps: fine-tuning batches; 0 skips fine-tuning.
+        lr: peak learning rate.
+        optimizer: ``adamw`` (weight decay 1e-4) or ``sgd`` (momentum 0.9, weight decay 1e-4).
+        warmup: fraction of ``steps`` with a linear warm-up; the rest decays as a cosine to 0.
+        distill: weight of the KL divergence to the dense model's outputs in the loss (1 = pure
+            distillation, 0 = the bundle's loss only).
+        temperature: distillation temperature.
+        bn_batches: training batches BatchNorm statistics are re-estimated on; 0 keeps the
+            statistics the pruned model inherited. Models without BatchNorm skip this step.
+        holdout_batches: training batches held out to choose between the models before and
+            after recovery; 0 always keeps the last one.
+        seed: seeds the held-out slice, the batch order and torch's generator.
+        threads: torch threads while recovering (fixed so that replays are bit-identical).
+    """
 
     steps: int = 0
-    lr: float = 0.01
+    lr: float = 3e-4
+    optimizer: Optimizer = "adamw"
+    warmup: float = 0.25
     distill: float = 0.0
     temperature: float = 4.0
+    bn_batches: int = 0
+    holdout_batches: int = 0
     seed: int = 0
     threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What one recovery did and what it cost.
+
+    ``holdout_error`` holds the held-out error of every candidate that was compared, keyed like
+    ``kept``; empty when nothing was held out.
+    """
+
+    model: nn.Module
+    kept: Kept
+    bn_s: float
+    finetune_s: float
+    holdout_s: float
+    holdout_error: Mapping[str, float]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kept": self.kept, "bn_s": self.bn_s, "finetune_s": self.finetune_s,
+                "holdout_s": self.holdout_s, "holdout_error": dict(self.holdout_error)}
 
 
 def recovery_for(config: SearchConfig) -> RecoveryConfig:
     """The recovery a search's trials use (seeded by the search's seed)."""
     settings = config.recovery
-    return RecoveryConfig(steps=settings.steps, lr=settings.lr, distill=settings.distill,
+    return RecoveryConfig(steps=settings.steps, lr=settings.lr, optimizer=settings.optimizer,
+                          warmup=settings.warmup, distill=settings.distill,
+                          bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
                           seed=config.seed, threads=settings.threads)
 
 
-def _forever(loader: Iterable[Batch]) -> Iterator[Batch]:
-    # Re-iterating (not itertools.cycle) reshuffles each epoch and holds no batch in memory.
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the training loader yielded no batches")
+# --- training data: a held-out slice and a seeded order ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSplit:
+    """The held-out batches and a function giving the training batches of each pass."""
+
+    holdout: list[Batch]
+    passes: _Passes
+
+    def batches(self) -> Iterator[Batch]:
+        """Training batches, pass after pass, for ever (each pass in its own seeded order)."""
+        epoch = 0
+        while True:
+            empty = True
+            for batch in self.passes.epoch(epoch):
+                empty = False
+                yield batch
+            if empty:
+                raise ModelLoadError("the training loader yielded no batches besides the held-out ones; "
+                                 "give it more data or set recovery.holdout_batches: 0")
+            epoch += 1
+
+
+class _Passes:
+    def epoch(self, epoch: int) -> Iterable[Batch]:
+        raise NotImplementedError
+
+
+def _order(count: int, seed: int, epoch: int) -> list[int]:
+    # One generator per (seed, epoch): pass k's order does not depend on how far pass k-1 was read.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return [int(i) for i in torch.randperm(count, generator=generator)]
+
+
+class _DatasetPasses(_Passes):
+    def __init__(self, loader: DataLoader[Batch], indices: Sequence[int], seed: int) -> None:
+        self.loader, self.indices, self.seed = loader, indices, seed
+
+    def epoch(self, epoch: int) -> Iterable[Batch]:
+        order = [self.indices[i] for i in _order(len(self.indices), self.seed, epoch + 1)]
+        return _like(self.loader, order)
+
+
+class _SequencePasses(_Passes):
+    def __init__(self, batches: Sequence[Batch], seed: int) -> None:
+        self.batches, self.seed = batches, seed
+
+    def epoch(self, epoch: int) -> Iterable[Batch]:
+        return [self.batches[i] for i in _order(len(self.batches), self.seed, epoch + 1)]
+
+
+class _StreamPasses(_Passes):
+    def __init__(self, loader: Iterable[Batch], skip: int, seed: int) -> None:
+        self.loader, self.skip, self.seed = loader, skip, seed
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if isinstance(self.loader, Reseedable):
+            self.loader.reseed(self.seed, epoch)
+        for index, batch in enumerate(self.loader):
+            if index >= self.skip:
+                yield batch
+
+
+def _like(loader: DataLoader[Batch], order: Sequence[int]) -> DataLoader[Batch]:
+    """A loader like ``loader`` that reads its dataset in ``order``."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=order,
+                      collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn)
+
+
+def training_split(loader: Iterable[Batch], *, holdout_batches: int, seed: int) -> TrainingSplit:
+    """Split the training data into a held-out slice and seeded training passes.
+
+    A map-style ``DataLoader`` holds out ``holdout_batches * batch_size`` samples chosen by the
+    seed; a sequence of batches holds out that many batches chosen by the seed; any other iterable
+    holds out the first ``holdout_batches`` batches of every pass (see the module docstring).
+    """
+    if (isinstance(loader, DataLoader) and loader.batch_size is not None
+            and not isinstance(loader.dataset, IterableDataset)):
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        order = _order(size, seed, 0)
+        cut = min(holdout_batches * loader.batch_size, size // 2)
+        holdout = list(_like(loader, order[:cut])) if cut else []
+        return TrainingSplit(holdout, _DatasetPasses(loader, order[cut:], seed))
+    if isinstance(loader, Sequence):
+        order = _order(len(loader), seed, 0)
+        cut = min(holdout_batches, len(loader) // 2)
+        return TrainingSplit([loader[i] for i in order[:cut]],
+                             _SequencePasses([loader[i] for i in order[cut:]], seed))
+    if isinstance(loader, Reseedable):
+        loader.reseed(seed, 0)
+    else:
+        generator = getattr(loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(seed)
+    holdout = []
+    for batch in loader:
+        if len(holdout) >= holdout_batches:
+            break
+        holdout.append(batch)
+    return TrainingSplit(holdout, _StreamPasses(loader, len(holdout), seed))
+
+
+# --- the three steps -----------------------------------------------------------------------------
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``count`` batches, in place.
+
+    Only ``running_mean`` and ``running_var`` change: weights, biases, momentum and
+    ``num_batches_tracked`` are restored, and every other module runs in eval mode (dropout off).
+    Returns the number of batches used. The model is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    model.eval()
+    if not norms or count <= 0:
+        return 0
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches, not an exponential one
+        norm.train()
+    used = 0
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                model(inputs)
+                used += 1
+                if used >= count:
+                    break
+    finally:
+        for norm, (momentum, tracked) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            if tracked is not None and norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
+            norm.eval()
+    return used
+
+
+def _loss(outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.Tensor | None,
+          bundle: ModelBundle, config: RecoveryConfig) -> torch.Tensor:
+    loss = bundle.loss_fn(outputs, targets)
+    if teacher_outputs is None:
+        return loss
+    temperature = config.temperature
+    kd = F.kl_div(F.log_softmax(outputs / temperature, dim=1), F.softmax(teacher_outputs / temperature, dim=1),
+                  reduction="batchmean") * temperature**2
+    return (1 - config.distill) * loss + config.distill * kd
+
+
+def _schedule(step: int, config: RecoveryConfig) -> float:
+    warm = max(1, round(config.warmup * config.steps)) if config.warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = (step - warm) / max(1, config.steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fine_tune(
+    model: nn.Module,
+    bundle: ModelBundle,
+    batches: Iterator[Batch],
+    config: RecoveryConfig,
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place for ``config.steps`` batches; returns it in eval mode."""
+    modules = dict(model.named_modules())
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-4)
+    teacher = bundle.model.eval() if config.distill > 0 else None
+    model.train()
+    for step in range(config.steps):
+        inputs, targets = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _schedule(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        teacher_outputs = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = teacher(inputs)
+        _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        if masks:
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    modules[name].weight.mul_(mask)  # type: ignore[operator]
+    return model.eval()
+
+
+def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch]) -> tuple[float, float]:
+    """(error, mean loss) on the held-out training batches: the bundle's error function decides,
+    the loss breaks ties (a small slice often gives two models the same error)."""
+    model.eval()
+    error = float(bundle.error_fn(model, holdout))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in holdout:
+            total += float(bundle.loss_fn(model(inputs), targets)) * len(targets)
+            count += len(targets)
+    return error, total / max(count, 1)
+
+
+# --- recovery of one trial -----------------------------------------------------------------------
 
 
 def recover(
@@ -50,53 +339,93 @@ def recover(
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Fine-tune ``model`` in place for ``config.steps`` batches and return it in eval mode.
+    """Recover ``model`` in place (see the module docstring) and return it in eval mode."""
+    return recover_with_report(model, bundle, config, masks=masks).model
 
-    N:M ``masks`` are re-applied after every step so that sparse layers stay exactly sparse.
-    Deterministic for a fixed seed and thread count (the loader's shuffling is reseeded too where
-    it has a generator): a stored trial re-materialises bit-identically in another process.
+
+def recover_with_report(
+    model: nn.Module,
+    bundle: ModelBundle,
+    config: RecoveryConfig,
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> RecoveryReport:
+    """Like ``recover``, and say which model was kept and what each step cost.
+
+    The returned ``report.model`` is ``model`` itself, holding the kept weights.
     """
-    if config.steps <= 0:
-        return model.eval()
     previous_threads = torch.get_num_threads()
     # Float reductions split differently across thread counts; fix it for bit-identical replays.
     torch.set_num_threads(config.threads)
     try:
-        return _train(model, bundle, config, masks)
+        return _recover(model, bundle, config, masks)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(
+def _recover(
     model: nn.Module,
     bundle: ModelBundle,
     config: RecoveryConfig,
     masks: Mapping[str, torch.Tensor] | None,
-) -> nn.Module:
+) -> RecoveryReport:
+    model.eval()
+    adapt = config.bn_batches > 0 and has_batchnorm(model)
+    if not adapt and config.steps <= 0:
+        return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
     torch.manual_seed(config.seed)
-    generator = getattr(bundle.train_loader, "generator", None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(config.seed)
-    teacher = bundle.model.eval() if config.distill > 0 else None
-    modules = dict(model.named_modules())
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    batches = _forever(bundle.train_loader)
-    for _ in range(config.steps):
-        inputs, targets = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
-        loss = bundle.loss_fn(outputs, targets)
-        if teacher is not None:
-            with torch.no_grad():
-                soft = F.softmax(teacher(inputs) / config.temperature, dim=1)
-            kd = F.kl_div(F.log_softmax(outputs / config.temperature, dim=1), soft,
-                          reduction="batchmean") * config.temperature**2
-            loss = (1 - config.distill) * loss + config.distill * kd
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        if masks:
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    modules[name].weight.mul_(mask)  # type: ignore[operator]
-    return model.eval()
+    split = training_split(bundle.train_loader, holdout_batches=config.holdout_batches, seed=config.seed)
+    scores: dict[Kept, tuple[float, float]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    holdout_s = 0.0
+
+    def judge(name: Kept) -> None:
+        nonlocal holdout_s
+        if not split.holdout:
+            return
+        started = time.perf_counter()
+        scores[name] = holdout_score(model, bundle, split.holdout)
+        holdout_s += time.perf_counter() - started
+
+    def snapshot(name: Kept) -> None:
+        if split.holdout:
+            states[name] = copy.deepcopy(model.state_dict())
+
+    judge("raw")
+    snapshot("raw")
+    bn_s = 0.0
+    if adapt:
+        started = time.perf_counter()
+        adapt_batchnorm(model, split.batches(), count=config.bn_batches)
+        bn_s = time.perf_counter() - started
+        judge("bn")
+        snapshot("bn")
+    finetune_s = 0.0
+    if config.steps > 0:
+        started = time.perf_counter()
+        fine_tune(model, bundle, split.batches(), config, masks=masks)
+        finetune_s = time.perf_counter() - started
+        if adapt:
+            # Training moved the weights under statistics averaged with momentum over a few
+            # batches; statistics of the final weights score it fairly.
+            started = time.perf_counter()
+            adapt_batchnorm(model, split.batches(), count=config.bn_batches)
+            bn_s += time.perf_counter() - started
+        judge("finetuned")
+    last: Kept = "finetuned" if config.steps > 0 else "bn"
+    kept = last
+    if scores:
+        # Lowest held-out (error, loss); min() keeps the first of exact ties, the least trained.
+        kept = min(scores, key=lambda name: scores[name])
+        if kept != last:
+            model.load_state_dict(states[kept])
+    report = RecoveryReport(model.eval(), kept, bn_s, finetune_s, holdout_s,
+                            {str(name): score[0] for name, score in scores.items()})
+    logger.info("recovery kept %s (held-out error %s); adaptive BN %.2f s, fine-tuning %.2f s, "
+                "held-out scoring %.2f s", kept, report.holdout_error, bn_s, finetune_s, holdout_s)
+    return report
+
+
+def with_steps(config: RecoveryConfig, steps: int, *, seed: int | None = None) -> RecoveryConfig:
+    """``config`` with another step count (and seed): the longer fine-tuning of an export."""
+    return replace(config, steps=steps, seed=config.seed if seed is None else seed)

@@ -55,7 +55,8 @@ def test_recovery_restores_accuracy_and_keeps_nm(digits_bundle: ModelBundle) -> 
     plan = type(plan)(channels=plan.channels, sparsity=sparse)
     pruned = apply(bundle.model, bundle.example_input, space, plan)
     before = bundle.error_fn(pruned.model, bundle.val_loader)
-    recover(pruned.model, bundle, RecoveryConfig(steps=60, lr=0.02, distill=0.5), masks=pruned.masks)
+    recover(pruned.model, bundle, RecoveryConfig(steps=60, lr=0.02, optimizer="sgd", warmup=0,
+                                                   distill=0.5, bn_batches=4, holdout_batches=2), masks=pruned.masks)
     after = bundle.error_fn(pruned.model, bundle.val_loader)
     assert after < before
     modules = dict(pruned.model.named_modules())

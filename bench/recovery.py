@@ -1,0 +1,311 @@
+"""How well does a cheap search-time error predict the error after a long recovery, and at what cost?
+
+For each model, random plans (a random keep-ratio from the grid for every group) are pruned and
+scored on the validation data five ways: raw (no recovery), adaptive batch-norm on 2 and on the
+default number of training batches, the default recovery with a short fine-tuning (adaptive BN,
+fine-tuning, adaptive BN again, keep the better on the held-out training slice), and the
+reference: the same with a long fine-tuning.
+Reported: the Spearman rank correlation of each cheap error with the reference error over the
+plans, and the median seconds each costs per plan.
+
+A second table compares fine-tuning candidates on nearly dense plans (every group keeps >= 0.75),
+without keeping the better, so the optimiser alone shows whether it makes a model worse than
+adaptive BN left it: SGD lr 0.01 (the old default), SGD with the learning rate from a short range
+test, AdamW with warm-up at two learning rates, and AdamW with distillation to the dense outputs.
+
+Models: the built-in ``digits`` example, and the zoo's ResNet-18 (width 16) and MobileNetV2
+trained here on the same digits images upsampled to ``--resolution`` with 3 channels (the zoo
+builds architectures without weights; the project downloads none). A third table times adaptive
+BN and fine-tuning steps at 224x224 on the zoo's ResNet-18 at full width (64), untrained (cost
+does not depend on the weights).
+
+Run by hand (about 15-20 minutes on 2 shared cores):
+``.venv/bin/python bench/recovery.py [--plans 30] [--resolution 32]`` (writes docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _report import write_section  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from hardware_profiles import load_profile  # noqa: E402
+from search.bundle import ModelBundle, classification_error  # noqa: E402
+from search.config import RecoverySettings, cache_dir  # noqa: E402
+from search.examples import digits, digits_tensors  # noqa: E402
+from search.plan import Plan  # noqa: E402
+from search.recovery import (  # noqa: E402
+    RecoveryConfig,
+    adapt_batchnorm,
+    recover,
+    training_split,
+)
+from search.space import SearchSpace, apply, build_space  # noqa: E402
+from search.zoo import make_architecture  # noqa: E402
+
+THREADS = 1
+
+
+def default_recovery(steps: int) -> RecoveryConfig:
+    settings = RecoverySettings()
+    return RecoveryConfig(steps=steps, lr=settings.lr, optimizer=settings.optimizer,
+                          warmup=settings.warmup, distill=settings.distill,
+                          bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
+                          seed=0, threads=THREADS)
+
+
+def zoo_bundle(name: str, resolution: int, *, epochs: int, batch: int) -> ModelBundle:
+    """A zoo architecture trained on digits at ``resolution`` (cached after the first run)."""
+    x_train, y_train, x_val, y_val = digits_tensors(resolution)
+    x_train, x_val = x_train.expand(-1, 3, -1, -1).contiguous(), x_val.expand(-1, 3, -1, -1).contiguous()
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+    model, _ = make_architecture(name, resolution=resolution)
+    path = cache_dir() / "bench" / f"{name}-digits{resolution}-e{epochs}-b{batch}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
+                                                       total_steps=epochs * len(train_loader))
+        model.train()
+        for _ in range(epochs):
+            for inputs, targets in train_loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                schedule.step()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        print(f"trained {name} at {resolution} in {time.perf_counter() - started:.0f} s", flush=True)
+    model.eval()
+    return ModelBundle(name=f"{name}@{resolution}", model=model, example_input=x_val[:1].clone(),
+                       train_loader=train_loader,
+                       val_loader=DataLoader(TensorDataset(x_val, y_val), batch_size=256),
+                       error_fn=classification_error)
+
+
+def random_plan(space: SearchSpace, rng: random.Random, low: float = 0.0) -> Plan:
+    return Plan(channels={g.name: rng.choice([r for r in g.ratios if r >= low] or [1.0])
+                          for g in space.groups})
+
+
+def timed(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def timed_recovery(model: nn.Module, bundle: ModelBundle, config: RecoveryConfig,
+                   masks: Mapping[str, torch.Tensor] | None = None) -> float:
+    return timed(lambda: recover(model, bundle, config, masks=masks))
+
+
+def timed_adaptation(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> float:
+    return timed(lambda: adapt_batchnorm(model, iter(data), count=count))
+
+
+def rank_table(bundle: ModelBundle, space: SearchSpace, *, plans: int, short: list[int], long: int,
+               seed: int) -> tuple[list[str], dict[str, float]]:
+    rng = random.Random(seed)
+    bn = RecoverySettings().bn_batches
+    columns = ["raw", "BN-2", "BN-8", *(f"BN-{bn} + {s} steps" for s in short), f"BN-{bn} + {long} steps"]
+    errors: dict[str, list[float]] = {c: [] for c in columns}
+    costs: dict[str, list[float]] = {c: [] for c in columns}
+    split = training_split(bundle.train_loader, holdout_batches=2, seed=0)
+
+    def error(model: nn.Module) -> float:
+        return bundle.error_fn(model, bundle.val_loader)
+
+    torch.set_num_threads(THREADS)
+    for index in range(plans):
+        plan = random_plan(space, rng)
+        pruned = apply(bundle.model, bundle.example_input, space, plan)
+        for column in columns:
+            model = copy.deepcopy(pruned.model)
+            started = time.perf_counter()
+            if column.startswith("BN-") and "steps" not in column:
+                adapt_batchnorm(model, split.batches(), count=int(column[3:]))
+            elif column != "raw":
+                steps = int(column.split("+ ")[1].split()[0])
+                recover(model, bundle, default_recovery(steps), masks=pruned.masks)
+            errors[column].append(error(model))
+            costs[column].append(time.perf_counter() - started)
+        print(f"  plan {index}: " + ", ".join(f"{c} {errors[c][-1]:.3f}" for c in columns), flush=True)
+    reference = errors[columns[-1]]
+    rows, rhos = [], {}
+    for column in columns:
+        rho = float(spearmanr(errors[column], reference).statistic) if column != columns[-1] else 1.0
+        rhos[column] = rho
+        rows.append(f"| {bundle.name} | {column} | {rho:.3f} | {statistics.mean(errors[column]):.3f} | "
+                    f"{statistics.median(costs[column]):.2f} |")
+    return rows, rhos
+
+
+def lr_range_test(bundle: ModelBundle, model: nn.Module, *, steps: int = 20) -> float:
+    """Leslie Smith's range test: lr grows 1e-5 -> 1 over ``steps``; a tenth of the lr at the
+    lowest smoothed loss."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+    batches = training_split(bundle.train_loader, holdout_batches=2, seed=0).batches()
+    best_lr, best_loss, smooth = 1e-5, float("inf"), None
+    for step in range(steps):
+        lr = 1e-5 * (1e5 ** (step / (steps - 1)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = next(batches)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        value = float(loss.detach())
+        smooth = value if smooth is None else 0.7 * smooth + 0.3 * value
+        if smooth < best_loss:
+            best_lr, best_loss = lr, smooth
+        if smooth > 4 * best_loss or not torch.isfinite(loss):
+            break
+    return best_lr / 10
+
+
+def optimizer_table(bundle: ModelBundle, space: SearchSpace, *, plans: int, steps: int,
+                    seed: int) -> list[str]:
+    rng = random.Random(seed + 1)
+    chosen = [space.uniform_plan(0.875), space.uniform_plan(0.75)]
+    chosen += [random_plan(space, rng, low=0.75) for _ in range(plans - len(chosen))]
+    base = default_recovery(steps)
+    range_lr = lr_range_test(bundle, apply(bundle.model, bundle.example_input, space, chosen[0]).model)
+    candidates = {
+        "SGD lr 0.01, momentum 0.9 (old default)": replace(base, optimizer="sgd", lr=0.01, warmup=0, distill=0),
+        f"SGD lr {range_lr:.2g} (range test), warm-up": replace(base, optimizer="sgd", lr=range_lr, distill=0),
+        "AdamW lr 1e-3, warm-up": replace(base, optimizer="adamw", lr=1e-3, distill=0),
+        "AdamW lr 3e-4, warm-up": replace(base, optimizer="adamw", lr=3e-4, distill=0),
+        "AdamW lr 1e-3, warm-up, distillation": replace(base, optimizer="adamw", lr=1e-3, distill=1.0),
+    }
+    torch.set_num_threads(THREADS)
+    adapted = []
+    for plan in chosen:
+        pruned = apply(bundle.model, bundle.example_input, space, plan)
+        recover(pruned.model, bundle, replace(base, steps=0, holdout_batches=0))
+        adapted.append((pruned, bundle.error_fn(pruned.model, bundle.val_loader)))
+    rows = []
+    for label, config in candidates.items():
+        # No keep-the-better here: the optimiser alone, against adaptive BN without fine-tuning.
+        config = replace(config, holdout_batches=0)
+        deltas, seconds = [], []
+        for pruned, before in adapted:
+            model = copy.deepcopy(pruned.model)
+            seconds.append(timed_recovery(model, bundle, config, pruned.masks))
+            deltas.append(bundle.error_fn(model, bundle.val_loader) - before)
+        worse = sum(d > 0 for d in deltas)
+        rows.append(f"| {bundle.name} | {label} | {statistics.mean(deltas):+.4f} | {max(deltas):+.4f} | "
+                    f"{worse}/{len(deltas)} | {statistics.median(seconds):.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def cost_at_224(plans: int, steps: int) -> list[str]:
+    model, _ = make_architecture("resnet18-full", resolution=224)
+    space = build_space(model, torch.randn(1, 3, 224, 224), [load_profile("cpu-ort-fp32")])
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 224, 224, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+            for _ in range(2)]
+    bundle = ModelBundle(name="resnet18-full@224", model=model, example_input=data[0][0][:1],
+                         train_loader=data, val_loader=data[:1], error_fn=classification_error)
+    rng = random.Random(0)
+    torch.set_num_threads(THREADS)
+    rows = []
+    for index in range(plans):
+        plan = space.uniform_plan(1.0) if index == 0 else random_plan(space, rng)
+        pruned = apply(model, bundle.example_input, space, plan)
+        row = [f"{pruned.macs / space.base_macs:.2f}"]
+        for count in (1, 2):
+            row.append(f"{timed_adaptation(copy.deepcopy(pruned.model), data, count):.2f}")
+        config = replace(default_recovery(steps), bn_batches=0, holdout_batches=0)
+        row.append(f"{timed_recovery(copy.deepcopy(pruned.model), bundle, config) / steps:.2f}")
+        rows.append("| " + " | ".join(row) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plans", type=int, default=30)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--short", type=int, nargs="+", default=[10])
+    parser.add_argument("--long", type=int, default=50)
+    parser.add_argument("--zoo-long", type=int, default=40)
+    parser.add_argument("--candidate-plans", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=["digits", "resnet18", "mobilenetv2"])
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rank_rows, optimizer_rows, seconds = [], [], {}
+    for name in args.models:
+        begun = time.perf_counter()
+        if name == "digits":
+            bundle, long = digits(cache_dir=cache_dir()), args.long
+        else:
+            bundle, long = zoo_bundle(name, args.resolution, epochs=4, batch=32), args.zoo_long
+        space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
+        print(f"{bundle.name}: base error {bundle.error_fn(bundle.model, bundle.val_loader):.4f}", flush=True)
+        optimizer_rows += optimizer_table(bundle, space, plans=args.candidate_plans, steps=min(args.short),
+                                          seed=0)
+        rows, _ = rank_table(bundle, space, plans=args.plans, short=args.short, long=long, seed=0)
+        rank_rows += rows
+        seconds[bundle.name] = time.perf_counter() - begun
+        print(f"{bundle.name}: {seconds[bundle.name]:.0f} s", flush=True)
+    cost_rows = cost_at_224(2, 1)
+    settings = RecoverySettings()
+    body = (
+        f"Default recovery: {settings.optimizer} lr {settings.lr}, warm-up {settings.warmup} of the "
+        f"steps then cosine decay, distillation {settings.distill}, adaptive BN on "
+        f"{settings.bn_batches} training batches, {settings.holdout_batches} held-out training "
+        f"batches to keep the better; {THREADS} threads. Models: the `digits` example (16x16, batch "
+        f"64) and the zoo's ResNet-18 (width 16) and MobileNetV2 trained here for 4 epochs on the "
+        f"digits images upsampled to {args.resolution}x{args.resolution} (batch 32). "
+        f"**Not 224x224**: at 224 a training step of these models takes 3-10 s on this machine, "
+        f"so {args.plans} plans with a long recovery each would take hours; the cost at 224 is "
+        f"timed separately below.\n\n"
+        f"### Rank correlation with the error after a long recovery\n\n"
+        f"{args.plans} random plans per model (a random keep-ratio of the grid for every group). "
+        f"Reference: adaptive BN + {args.long} steps (digits) or {args.zoo_long} steps (zoo models) "
+        "of the default fine-tuning. rho: Spearman rank correlation over the plans of the column's "
+        "validation error with the reference's. Seconds: median per plan, including the "
+        "validation pass.\n\n"
+        "| model | search-time error | Spearman rho | mean error | s per plan |\n|---|---|---|---|---|\n"
+        + "\n".join(rank_rows) + "\n\n"
+        f"### Fine-tuning candidates on nearly dense plans\n\n"
+        f"{args.candidate_plans} plans per model (uniform 0.875, uniform 0.75, then random with every "
+        f"group >= 0.75), adaptive BN then {min(args.short)} steps, *without* keeping the better. "
+        "Change in validation error against adaptive BN alone (negative: fine-tuning helped).\n\n"
+        "| model | candidate | mean change | worst change | plans made worse | s per plan |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(optimizer_rows) + "\n\n"
+        "### Cost at 224x224: ResNet-18 (width 64), batches of 32\n\n"
+        f"Seconds for adaptive BN on 1 and 2 batches, and per fine-tuning step (default optimiser, "
+        f"1 step timed), {THREADS} thread; the first plan is dense.\n\n"
+        "| MACs / base | BN 1 batch s | BN 2 batches s | s per fine-tuning step |\n"
+        "|---|---|---|---|\n" + "\n".join(cost_rows) + "\n\n"
+        f"Run time: {time.perf_counter() - started:.0f} s.\n"
+    )
+    command = (f".venv/bin/python bench/recovery.py --plans {args.plans} --resolution {args.resolution} "
+               f"--short {' '.join(map(str, args.short))} --long {args.long} --zoo-long {args.zoo_long}")
+    write_section("recovery", "Recovery and the cheap score (bench/recovery.py)", command, body)
+
+
+if __name__ == "__main__":
+    main()
