@@ -337,6 +337,7 @@ def export_command(
         from search.export import export_onnx
         from search.materialize import write_model_dir
         from search.plan import Plan
+        from search.config import RecoverySettings
         from search.recovery import RecoveryConfig, recover
         from search.space import apply, build_space
 
@@ -346,7 +347,12 @@ def export_command(
         space = build_space(bundle.model, bundle.example_input, profiles, ignored=ignore or ())
         pruned = apply(bundle.model, bundle.example_input, space, plan, importance=importance,
                        calibration=bundle.train_loader)
-        recover(pruned.model, bundle, RecoveryConfig(steps=finetune_steps), masks=pruned.masks)
+        # The search's default recovery (adaptive BN, held-out choice) with the asked step count.
+        settings = RecoverySettings()
+        recover(pruned.model, bundle, RecoveryConfig(
+            steps=finetune_steps, lr=settings.lr, optimizer=settings.optimizer, warmup=settings.warmup,
+            distill=settings.distill, bn_batches=settings.bn_batches,
+            holdout_batches=settings.holdout_batches, threads=settings.threads), masks=pruned.masks)
         error = bundle.error_fn(pruned.model, bundle.val_loader)
         with tempfile.TemporaryDirectory() as tmp:
             artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp),

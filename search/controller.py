@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from hardware_profiles import HardwareProfile
 from latency_models import registry
 from search import confirmation
-from search.bundle import ModelBundle, load_bundle
+from search.bundle import ModelBundle, load_bundle, seeded_error
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
 from search.confirmation import Confirmation
 from search.errors import ConfigError, StorageError
@@ -199,7 +199,7 @@ def _create(
     space: SearchSpace,
     profiles: list[HardwareProfile],
 ) -> SearchRecord:
-    base_error = float(bundle.error_fn(bundle.model, bundle.val_loader))
+    base_error = seeded_error(bundle, bundle.model, config.seed)
     signature = architecture_signature(bundle.model, {})
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),

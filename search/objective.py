@@ -20,12 +20,12 @@ from typing import Any
 import optuna
 
 from latency_models import LatencyError
-from search.bundle import ModelBundle
+from search.bundle import ModelBundle, seeded_error
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.export import export_onnx
 from search.latency import LocalMeter, Meter
-from search.recovery import RecoveryConfig, recover, recovery_for
+from search.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.reward import reward
 from search.space import SearchSpace, apply
 from search.storage import Repository
@@ -103,9 +103,10 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     is_base = pruned.signature == ctx.base_signature
     with _stage(trial, "recover", times):
         if not is_base:
-            recover(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks)
+            report = recover_with_report(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks)
+            trial.set_user_attr("recovery", report.to_dict())
     with _stage(trial, "evaluate", times):
-        error = ctx.base_error if is_base else float(ctx.bundle.error_fn(pruned.model, ctx.bundle.val_loader))
+        error = ctx.base_error if is_base else seeded_error(ctx.bundle, pruned.model, ctx.config.seed)
     with _stage(trial, "export", times):
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
