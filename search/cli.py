@@ -334,10 +334,10 @@ def export_command(
             return
         if plan_file is None:
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
+        from search.config import RecoverySettings
         from search.export import export_onnx
         from search.materialize import write_model_dir
         from search.plan import Plan
-        from search.config import RecoverySettings
         from search.recovery import RecoveryConfig, recover
         from search.space import apply, build_space
 
