@@ -312,8 +312,14 @@ FAIL_WITH = SearchError
 FAIL_FROM = None
 
 
+VAL = []
+
+
 def error_fn(model, batches):
-    # Call 1 scores the base model; call 2 is trial 1's evaluation: it fails.
+    # Only scoring on the validation loader counts (recovery also scores its held-out slice).
+    # Call 1 scores the base model; call 2 is the first pruned trial's evaluation: it fails.
+    if batches is not VAL[0]:
+        return classification_error(model, batches)
     calls["n"] += 1
     if calls["n"] == 2 or (FAIL_FROM is not None and calls["n"] >= FAIL_FROM):
         raise FAIL_WITH("validation shard unavailable")
@@ -327,8 +333,10 @@ def bundle():
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    val = DataLoader(TensorDataset(x, y), batch_size=16)
+    VAL[:] = [val]
     return ModelBundle(name="flaky", model=model, example_input=x[:1], train_loader=loader,
-                       val_loader=loader, error_fn=error_fn)
+                       val_loader=val, error_fn=error_fn)
 '''
 
 
