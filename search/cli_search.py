@@ -35,6 +35,7 @@ from search.config import (
     load_search_config,
 )
 from search.errors import ConfigError
+from search.storage.repository import require_database
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -242,6 +243,7 @@ def search_resume(
         from search.controller import find_record, prepare, replace_budget
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout)
         _quiet_optuna()
@@ -261,6 +263,7 @@ def search_worker(
         from search.controller import run_worker
 
         _quiet_optuna()
+        require_database(db_url(db))
         run_worker(name, _runtime(db, worker_index))
 
 
@@ -272,6 +275,7 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         from search.storage import Repository
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         repo = Repository(runtime.db_url)
         try:
             records = repo.list_searches()
@@ -299,6 +303,7 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
         from search.controller import find_record, load_study, summary
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         _quiet_optuna()
         info = summary(record, load_study(record, runtime))
@@ -335,6 +340,7 @@ def pareto_command(
         from search.controller import find_record, load_study, pareto_rows
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         _quiet_optuna()
         chosen = target or record.config["targets"][0]
@@ -355,6 +361,7 @@ def export_from_search(
     if (trial is None) == (not pareto):
         raise ConfigError("give exactly one of --trial K or --pareto")
     runtime = _runtime(db)
+    require_database(runtime.db_url)
     prepared = load_prepared(name, runtime)
     record, config, bundle, space, profiles = (prepared.record, prepared.config, prepared.bundle,
                                                prepared.space, prepared.profiles)

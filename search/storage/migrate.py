@@ -50,12 +50,17 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched."""
+    from alembic.util import CommandError
+
     from alembic import command
 
     try:
         command.upgrade(_config(url), revision)  # type: ignore[arg-type]
+    except CommandError as exc:
+        # e.g. a database at a revision this hwprune does not know (written by a newer one)
+        raise SchemaError(f"cannot migrate {_safe(url)}: {exc}; upgrade hwprune, or use a new database") from None
     except SQLAlchemyError as exc:
-        raise StorageError(f"migrating {url} failed: {exc}") from exc
+        raise StorageError(f"migrating {_safe(url)} failed: {exc}") from exc
 
 
 def ensure_schema(engine: Engine, url: str) -> None:
