@@ -17,8 +17,9 @@ from latency_models.base import Measurement
 
 API_PREFIX = "/v1"
 MAX_RESULT_BYTES = 64 * 1024
-# Row ids are 64-bit signed integers in SQLite; larger path ids would overflow the driver.
-MAX_ID = 2**63 - 1
+# Job ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite). A larger id can name no job,
+# and would overflow the driver or the server, so it is refused as invalid input.
+MAX_ID = 2**31 - 1
 JobId = Annotated[int, Field(ge=1, le=MAX_ID)]
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ProfileName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9._-]*$")]

@@ -176,7 +176,8 @@ def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> Searc
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"search config: {describe_validation_error(exc, SearchConfig)}") from exc
+        origin = f"search config {path.name} (with flags)" if path is not None else "search config"
+        raise ConfigError(f"{origin}: {describe_validation_error(exc, SearchConfig)}") from None
 
 
 HEARTBEAT_ENV = "HWPRUNE_HEARTBEAT_S"

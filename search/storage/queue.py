@@ -315,7 +315,9 @@ class JobQueue:
                 .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None,
                         attempts=JobRow.attempts - 1, updated_at=_now())
             )
-            return Outcome.ACCEPTED if result.rowcount == 1 else Outcome.NOT_HOLDER  # type: ignore[attr-defined]
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return Outcome.ACCEPTED
+            return Outcome.NOT_HOLDER if session.get(JobRow, job_id) is not None else Outcome.UNKNOWN
 
     def holds_artifact(self, agent: AgentRecord, sha256: str) -> bool:
         """True when ``agent`` holds a lease on a job that needs ``sha256``."""

@@ -134,8 +134,9 @@ def test_upgrade_from_0002_keeps_agents_and_jobs(db_url: str) -> None:
     upgrade(db_url, "0002")
     engine = create_engine(db_url)
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO hwprune_agents (name, profile, token_hash, revoked, jobs_done, created_at) "
-                                "VALUES ('orin-1', 'p', 'h', false, 3, CURRENT_TIMESTAMP)"))
+        connection.execute(text(
+            "INSERT INTO hwprune_agents (name, profile, token_hash, revoked, jobs_done, created_at) "
+            "VALUES ('orin-1', 'p', 'h', false, 3, CURRENT_TIMESTAMP)"))
         connection.execute(text(
             "INSERT INTO hwprune_jobs (status, profile, profile_fingerprint, signature, artifact_sha256, "
             "reference_sha256, attempts, max_attempts, created_at, updated_at) "
