@@ -23,6 +23,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Respo
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latency_models.wire import (
     API_PREFIX,
@@ -115,16 +117,16 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _token(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+# Declared through FastAPI's HTTPBearer so that the OpenAPI document names the scheme; the
+# checks themselves are ours (auto_error would answer 403 where 401 is right).
+_bearer = HTTPBearer(auto_error=False, description="An agent's token, or a reader's for /v1/searches.")
+
+
+async def _holder_of(request: Request,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> AgentRecord:
+    if credentials is None or not credentials.credentials.strip():
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return token.strip()
-
-
-async def _holder_of(request: Request) -> AgentRecord:
-    token = _token(request)
+    token = credentials.credentials.strip()
     queue: JobQueue = request.app.state.hub["queue"]
     found = await run_in_threadpool(queue.authenticate, token)
     if found is None:
@@ -132,17 +134,15 @@ async def _holder_of(request: Request) -> AgentRecord:
     return found
 
 
-async def _current_agent(request: Request) -> AgentRecord:
+async def _current_agent(found: Annotated[AgentRecord, Depends(_holder_of)]) -> AgentRecord:
     """The agent whose bearer token came with the request; 401 otherwise, 403 for a reader."""
-    found = await _holder_of(request)
     if found.role != AGENT:
         raise HTTPException(403, "a reader token cannot act as an agent")
     return found
 
 
-async def _current_reader(request: Request) -> AgentRecord:
+async def _current_reader(found: Annotated[AgentRecord, Depends(_holder_of)]) -> AgentRecord:
     """A reader token; agents' tokens measure, they have no business reading searches."""
-    found = await _holder_of(request)
     if found.role != READER:
         raise HTTPException(403, "this endpoint needs a reader token (hwprune agents add NAME --reader)")
     return found
@@ -155,7 +155,7 @@ SearchName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-
 Sha256Path = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 _DESCRIPTIONS = {
-    400: "The request cannot be served as asked.",
+    400: "A malformed request (a body that is not JSON), or one that cannot be served as asked.",
     401: "Missing, unknown or revoked bearer token.",
     403: "The token may not do this (another profile, a job it does not hold, a reader token).",
     404: "No such job, artifact or search.",
@@ -167,7 +167,8 @@ _DESCRIPTIONS = {
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in (*codes, 413, 422, 503)}
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]}
+            for code in sorted({*codes, 400, 413, 422, 503})}
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -209,8 +210,10 @@ def create_app(settings: HubSettings) -> FastAPI:
             state["optuna"] = optuna_storage(runtime)
         return record, load_study(record, runtime, storage=state["optuna"])
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's own HTTPException (FastAPI's derives from it): FastAPI raises that one for a
+    # body it cannot parse, and it must answer in the same shape as ours.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "HTTPException", "detail": _one_line(exc.detail)},
                             status_code=exc.status_code, headers=exc.headers)
 
