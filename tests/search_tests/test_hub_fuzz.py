@@ -29,7 +29,7 @@ from search.cli import app  # noqa: E402
 from search.storage import Repository  # noqa: E402
 from search.storage.queue import JobQueue  # noqa: E402
 
-EXAMPLES = int(os.environ.get("HWPRUNE_FUZZ_EXAMPLES", "90"))
+EXAMPLES = int(os.environ.get("HWPRUNE_FUZZ_EXAMPLES", "60"))
 
 TINY_PLUGIN = '''
 import torch

@@ -1,0 +1,321 @@
+"""Fault matrix: real SIGKILLs of a search, of agents mid-job and of the hub with leases held,
+at seeded random moments; afterwards, every completed trial and every measurement is counted:
+none may be lost, none duplicated.
+
+* search: ``hwprune search start`` (a tiny plugin model, local ``cpu-ort-fp32``) is SIGKILLed
+  after a random delay, then started again (which resumes it), ``--search-kills`` times; then it
+  runs to its budget. Lost: a trial seen COMPLETE before a kill that is not COMPLETE, with the
+  same values, afterwards. Duplicated: two COMPLETE trials retried from one killed trial, or
+  more COMPLETE trials than the budget plus the retries' slack.
+* agents: two ``hwprune agent`` processes serve paired jobs through a ``hwprune serve`` process;
+  whenever an agent holds a lease it is SIGKILLed after a random delay and started again, until
+  ``--agent-kills``; the hub is SIGKILLed ``--hub-kills`` times with a lease held (some of those
+  land while a result is being posted) and started again on its port. Lost: a job not done at
+  the end. Duplicated: a measurement accepted twice (agents' accepted counts summed against the
+  number of jobs; cache rows against jobs).
+
+Run by hand: ``.venv/bin/python bench/faults.py [--search-kills 20] [--agent-kills 20]
+[--hub-kills 6] [--seed 14]``; it writes its section of docs/benchmarks.md. The test suite runs
+the same functions with a few kills (tests/search_tests/test_fault_matrix.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TINY_PLUGIN = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from search.bundle import ModelBundle, classification_error
+
+def bundle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    return ModelBundle(name="tiny", model=model, example_input=x[:1], train_loader=loader,
+                       val_loader=loader, error_fn=classification_error)
+'''
+
+STANDIN_PROFILE = """\
+description: Loopback stand-in for a Jetson Orin's CPU cores, served by an agent on this machine.
+backend: onnxruntime
+device_class: jetson-orin
+location: remote
+threads: 1
+warmup: {runs: 3, min_seconds: 0}
+repeat: {min_runs: 10, max_runs: 400, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.03}
+channel_multiple: 16
+timeout_s: 120
+"""
+PROFILE = "jetson-orin-ort-cpu"
+
+
+@dataclass
+class Counts:
+    kills: int = 0
+    completed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def _hwprune(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "search", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _complete_trials(url: str, name: str) -> dict[int, tuple[Any, ...]]:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            study = optuna.load_study(study_name=f"hwprune:{name}", storage=url)
+        except KeyError:
+            return {}
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        study._storage.remove_session()  # type: ignore[attr-defined]
+    return {t.number: (tuple(t.values), t.system_attrs.get("failed_trial")) for t in trials}
+
+
+def search_faults(workdir: Path, *, kills: int, seed: int, trials: int = 40,
+                  delay_s: tuple[float, float] = (2.0, 9.0), cache_dir: Path | None = None) -> Counts:
+    """SIGKILL ``hwprune search start`` ``kills`` times at random moments, then finish it."""
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    module = f"faultplugin_{seed}"
+    (workdir / f"{module}.py").write_text(TINY_PLUGIN)
+    url = f"sqlite:///{workdir / 'search.db'}"
+    env = _env(PYTHONPATH=f"{ROOT}{os.pathsep}{workdir}", HWPRUNE_HEARTBEAT_S="1", HWPRUNE_GRACE_S="2",
+               HWPRUNE_CACHE=str(cache_dir or workdir / "cache"))
+    budget = trials
+
+    def command() -> tuple[str, ...]:
+        return ("search", "start", "--name", "kill", "--model", f"{module}:bundle", "--trials", str(budget),
+                "--recovery-steps", "2", "--db", url)
+
+    counts = Counts()
+    seen: dict[int, tuple[Any, ...]] = {}
+    log = workdir / "search.log"
+    while counts.kills < kills:
+        process = _hwprune(*command(), env=env, log=log)
+        deadline = time.monotonic() + rng.uniform(*delay_s)
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        if process.poll() is not None:
+            if process.returncode != 0:
+                counts.notes.append(f"search exited {process.returncode} before its kill; see {log}")
+                break
+            budget += 2  # finished before the kill: more to do, so that later kills land mid-search
+            continue
+        _kill(process)
+        counts.kills += 1
+        now = _complete_trials(url, "kill")
+        counts.lost += sum(1 for number, value in seen.items() if now.get(number) != value)
+        seen = now
+    final = subprocess.run([sys.executable, "-m", "search", *command()], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=900)
+    if final.returncode != 0:
+        counts.notes.append(f"final run exited {final.returncode}: {final.stderr.strip()[-300:]}")
+    now = _complete_trials(url, "kill")
+    counts.lost += sum(1 for number, value in seen.items() if now.get(number) != value)
+    origins = [origin for _, origin in now.values() if origin is not None]
+    counts.duplicated = len(origins) - len(set(origins)) + sum(1 for o in set(origins) if o in now)
+    counts.completed = len(now)
+    counts.notes.append(f"search budget {budget} trials")
+    return counts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, seed: int,
+                         jobs: int | None = None) -> Counts:
+    """Kill agents mid-job and the hub with leases held; every job must end done, once."""
+    import httpx
+
+    from latency_models import file_sha256
+    from search.storage import Repository
+    from search.storage.queue import DONE, LEASED, JobQueue
+
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    profiles = workdir / "profiles"
+    profiles.mkdir(exist_ok=True)
+    (profiles / f"{PROFILE}.yaml").write_text(STANDIN_PROFILE)
+    artifact = _tiny_onnx(workdir / "model.onnx")
+    url = f"sqlite:///{workdir / 'hub.db'}"
+    repo = Repository(url)
+    queue = JobQueue(repo.engine)
+    from hardware_profiles import load_profile
+
+    profile = load_profile(PROFILE, [profiles])
+    sha = file_sha256(artifact)
+    repo.put_artifact(sha, artifact.read_bytes())
+    total = jobs or 3 * (agent_kills + hub_kills) + 4
+    # Attempts are generous: each kill spends one, and a job failed by kills alone would be a
+    # measurement the matrix cannot tell from a lost one.
+    ids = [queue.submit(signature=f"fault{i}", profile=PROFILE, profile_fingerprint=profile.fingerprint(),
+                        artifact_sha256=sha, reference_sha256=sha, max_attempts=100) for i in range(total)]
+    port = _free_port()
+    server = f"http://127.0.0.1:{port}"
+    env = _env(HWPRUNE_PROFILES=str(profiles), HWPRUNE_CACHE=str(workdir / "agent-cache"))
+    log = workdir / "processes.log"
+
+    def start_hub() -> subprocess.Popen[bytes]:
+        hub = _hwprune("serve", "--db", url, "--port", str(port), "--lease-seconds", "2", env=env, log=log)
+        _wait(lambda: _up(httpx, server), 60)
+        return hub
+
+    tokens = {name: queue.add_agent(name, PROFILE) for name in ("orin-1", "orin-2")}
+    agent_ids = {a.name: a.id for a in queue.list_agents()}
+
+    def start_agent(name: str) -> subprocess.Popen[bytes]:
+        return _hwprune("agent", "--server", server, "--profile", PROFILE, "--poll", "0.1", "--heartbeat", "0.3",
+                        env={**env, "HWPRUNE_AGENT_TOKEN": tokens[name]}, log=log)
+
+    hub = start_hub()
+    agents = {name: start_agent(name) for name in tokens}
+    counts = Counts()
+    hub_killed = 0
+    try:
+        def leased_by(agent_id: int | None = None) -> bool:
+            return any(j.status == LEASED and (agent_id is None or j.lease_agent_id == agent_id)
+                       for j in queue.jobs())
+
+        while counts.kills < agent_kills or hub_killed < hub_kills:
+            if all(j.status == DONE for j in queue.jobs()):
+                counts.notes.append("ran out of jobs before the last kill")
+                break
+            kill_hub = hub_killed < hub_kills and (counts.kills >= agent_kills or rng.random() < 0.25)
+            if kill_hub:
+                if not _wait(lambda: leased_by(), 60):
+                    continue
+                time.sleep(rng.uniform(0.0, 0.6))  # somewhere in measuring or posting
+                _kill(hub)
+                hub_killed += 1
+                time.sleep(rng.uniform(0.2, 1.5))  # agents retry with backoff meanwhile
+                hub = start_hub()
+                continue
+            name = rng.choice(sorted(agents))
+            if not _wait(functools.partial(leased_by, agent_ids[name]), 60):
+                continue
+            time.sleep(rng.uniform(0.0, 0.5))  # mid-download, mid-measurement or mid-post
+            _kill(agents[name])
+            counts.kills += 1
+            agents[name] = start_agent(name)
+        _wait(lambda: all(j.status == DONE for j in queue.jobs()), 300)
+    finally:
+        for process in (*agents.values(), hub):
+            _kill(process)
+    done = [queue.get(i) for i in ids]
+    counts.completed = sum(1 for j in done if j is not None and j.status == DONE)
+    counts.lost = total - counts.completed
+    accepted = sum(a.jobs_done for a in queue.list_agents())
+    counts.duplicated = max(0, accepted - counts.completed) + max(0, repo.count_measurements() - counts.completed)
+    counts.notes.append(f"{hub_killed} hub kills with a lease held; {total} jobs")
+    repo.close()
+    return counts
+
+
+def _up(httpx: Any, server: str) -> bool:
+    try:
+        return bool(httpx.get(f"{server}/v1/health", timeout=1).status_code == 200)
+    except httpx.HTTPError:
+        return False
+
+
+def _tiny_onnx(path: Path) -> Path:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--search-kills", type=int, default=20)
+    parser.add_argument("--agent-kills", type=int, default=20)
+    parser.add_argument("--hub-kills", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=14)
+    args = parser.parse_args()
+    from _report import write_section
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        remote = agent_and_hub_faults(Path(tmp) / "remote", agent_kills=args.agent_kills,
+                                      hub_kills=args.hub_kills, seed=args.seed)
+        remote_s = time.perf_counter() - started
+        started = time.perf_counter()
+        search = search_faults(Path(tmp) / "search", kills=args.search_kills, seed=args.seed)
+        search_s = time.perf_counter() - started
+    body = (
+        "| fault | kills | completed | lost | duplicated | time |\n|---|---|---|---|---|---|\n"
+        f"| `search start` SIGKILLed at random, then resumed | {search.kills} | {search.completed} trials | "
+        f"{search.lost} | {search.duplicated} | {search_s:.0f} s |\n"
+        f"| agents SIGKILLed holding a lease; hub SIGKILLed with a lease held | {remote.kills} agent + "
+        f"{remote.notes[-1].split(' hub')[0]} hub | {remote.completed} measurements | {remote.lost} | "
+        f"{remote.duplicated} | {remote_s:.0f} s |\n\n"
+        f"Seed {args.seed}. Notes: {'; '.join(search.notes + remote.notes) or 'none'}.\n"
+    )
+    print(body)
+    write_section("faults", "Fault matrix: SIGKILLs of searches, agents and the hub", " ".join(
+        ["python bench/faults.py", *sys.argv[1:]]), body)
+
+
+if __name__ == "__main__":
+    main()
