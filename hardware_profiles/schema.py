@@ -40,12 +40,13 @@ class _Strict(BaseModel):
 # Numbers are strict field by field (a model-wide strict mode would refuse YAML lists for tuples):
 # YAML's `true` is not the number 1 (`batch_size: true` is a mistake, not a batch of one), nor is
 # "8" the number 8. Floats still take integers.
-def _int(**bounds: int) -> Any:
-    return Field(strict=True, **bounds)
+def _int(*, ge: int | None = None, le: int | None = None) -> Any:
+    return Field(strict=True, ge=ge, le=le)
 
 
-def _float(**bounds: float) -> Any:
-    return Field(strict=True, allow_inf_nan=False, **bounds)
+def _float(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    return Field(strict=True, allow_inf_nan=False, ge=ge, gt=gt, le=le, lt=lt)
 
 
 class WarmupPolicy(_Strict):

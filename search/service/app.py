@@ -338,7 +338,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     def search(name: SearchName, me: CurrentReader) -> dict[str, Any]:
         from search.controller import summary
 
-        return _finite(summary(*study(name)))
+        return dict(_finite(summary(*study(name))))
 
     @app.get(f"{API_PREFIX}/searches/{{name}}/trials", responses=_errors(401, 403, 404))
     def trials(name: SearchName, me: CurrentReader) -> list[dict[str, Any]]:

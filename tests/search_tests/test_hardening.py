@@ -56,7 +56,7 @@ def _one_line_exit_2(result: Any, *needles: str) -> str:
     assert "Traceback" not in result.output and "internal error" not in result.output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+    return str(lines[0])
 
 
 def _identity_model(path: Path, dims: list[int | str]) -> Path:
