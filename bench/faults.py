@@ -265,6 +265,78 @@ def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, see
     return counts
 
 
+def hub_killed_mid_post(workdir: Path, *, rounds: int, seed: int) -> Counts:
+    """SIGKILL ``hwprune serve`` while a result body is half sent, restart it, post again: the
+    half body is never accepted, the full one is accepted once, a repeat is a harmless duplicate."""
+    import httpx
+
+    from latency_models import Measurement
+    from latency_models.remote import HubClient
+    from latency_models.wire import ResultBody
+    from search.storage import Repository
+    from search.storage.queue import DONE, LEASED, JobQueue
+
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{workdir / 'hub.db'}"
+    repo = Repository(url)
+    queue = JobQueue(repo.engine)
+    sha = "0" * 64
+    ids = [queue.submit(signature=f"post{i}", profile=PROFILE, profile_fingerprint="f" * 16, artifact_sha256=sha)
+           for i in range(rounds)]
+    token = queue.add_agent("poster", PROFILE)
+    port = _free_port()
+    server = f"http://127.0.0.1:{port}"
+    env = _env()
+    log = workdir / "hub.log"
+
+    def start_hub() -> subprocess.Popen[bytes]:
+        hub = _hwprune("serve", "--db", url, "--port", str(port), "--lease-seconds", "120", env=env, log=log)
+        _wait(lambda: _up(httpx, server), 60)
+        return hub
+
+    counts = Counts()
+    half_accepted = 0
+    hub = start_hub()
+    try:
+        for _ in range(rounds):
+            client = HubClient(server, token)
+            job = client.lease(PROFILE)
+            client.close()
+            assert job is not None
+            body = ResultBody(measurement=Measurement(
+                profile=PROFILE, backend="onnxruntime", backend_version="1", device="cpu", threads=1,
+                median_us=100.0, p10_us=90.0, p90_us=110.0, mean_us=100.0, stdev_us=5.0, n=10, ci_low_us=98.0,
+                ci_high_us=102.0, converged=True, elapsed_s=0.1, artifact_sha256=sha, settings_fingerprint="f"))
+            raw = body.model_dump_json().encode()
+            cut = rng.randrange(1, len(raw))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(
+                    f"POST /v1/jobs/{job.id}/result HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw[:cut])
+                time.sleep(rng.uniform(0.05, 0.3))
+                _kill(hub)
+            counts.kills += 1
+            stored = queue.get(job.id)
+            half_accepted += int(stored is None or stored.status != LEASED)
+            hub = start_hub()
+            client = HubClient(server, token)
+            first, again = client.post_result(job.id, body), client.post_result(job.id, body)
+            client.close()
+            if (first, again) != ("accepted", "duplicate"):
+                counts.notes.append(f"job {job.id}: posts answered {first}, {again}")
+    finally:
+        _kill(hub)
+    done = [queue.get(i) for i in ids]
+    counts.completed = sum(1 for j in done if j is not None and j.status == DONE)
+    counts.lost = rounds - counts.completed + half_accepted
+    accepted = sum(a.jobs_done for a in queue.list_agents())
+    counts.duplicated = max(0, accepted - counts.completed) + max(0, repo.count_measurements() - counts.completed)
+    counts.notes.append(f"{half_accepted} half-sent bodies accepted")
+    repo.close()
+    return counts
+
+
 def _up(httpx: Any, server: str) -> bool:
     try:
         return bool(httpx.get(f"{server}/v1/health", timeout=1).status_code == 200)
@@ -291,6 +363,7 @@ def main() -> None:
     parser.add_argument("--search-kills", type=int, default=20)
     parser.add_argument("--agent-kills", type=int, default=20)
     parser.add_argument("--hub-kills", type=int, default=6)
+    parser.add_argument("--mid-post-kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=14)
     args = parser.parse_args()
     from _report import write_section
@@ -303,14 +376,19 @@ def main() -> None:
         started = time.perf_counter()
         search = search_faults(Path(tmp) / "search", kills=args.search_kills, seed=args.seed)
         search_s = time.perf_counter() - started
+        started = time.perf_counter()
+        post = hub_killed_mid_post(Path(tmp) / "post", rounds=args.mid_post_kills, seed=args.seed)
+        post_s = time.perf_counter() - started
     body = (
         "| fault | kills | completed | lost | duplicated | time |\n|---|---|---|---|---|---|\n"
         f"| `search start` SIGKILLed at random, then resumed | {search.kills} | {search.completed} trials | "
         f"{search.lost} | {search.duplicated} | {search_s:.0f} s |\n"
         f"| agents SIGKILLed holding a lease; hub SIGKILLed with a lease held | {remote.kills} agent + "
         f"{remote.notes[-1].split(' hub')[0]} hub | {remote.completed} measurements | {remote.lost} | "
-        f"{remote.duplicated} | {remote_s:.0f} s |\n\n"
-        f"Seed {args.seed}. Notes: {'; '.join(search.notes + remote.notes) or 'none'}.\n"
+        f"{remote.duplicated} | {remote_s:.0f} s |\n"
+        f"| hub SIGKILLed while a result body is half sent, then the result posted twice | {post.kills} | "
+        f"{post.completed} measurements | {post.lost} | {post.duplicated} | {post_s:.0f} s |\n\n"
+        f"Seed {args.seed}. Notes: {'; '.join(search.notes + remote.notes + post.notes) or 'none'}.\n"
     )
     print(body)
     write_section("faults", "Fault matrix: SIGKILLs of searches, agents and the hub", " ".join(

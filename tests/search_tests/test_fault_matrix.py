@@ -33,3 +33,9 @@ def test_search_killed_at_random_loses_and_duplicates_nothing(tmp_path: Path, hw
                                      cache_dir=hwprune_cache)
     assert counts.kills == 2 and counts.lost == 0 and counts.duplicated == 0, counts
     assert counts.completed >= 12 and not [n for n in counts.notes if "exited" in n], counts
+
+
+def test_hub_killed_mid_post_accepts_the_result_once(tmp_path: Path) -> None:
+    counts = _faults().hub_killed_mid_post(tmp_path, rounds=2, seed=14)
+    assert counts.kills == 2 and counts.completed == 2, counts
+    assert counts.lost == 0 and counts.duplicated == 0 and counts.notes == ["0 half-sent bodies accepted"], counts
