@@ -271,13 +271,30 @@ def _check_input_sizes(model: Path, profile: Any) -> None:
 
 
 def _writable_folder(out: Path) -> None:
-    """Create ``--out`` up front, so that a bad path is refused before minutes of work."""
+    """Refuse an ``--out`` that cannot become a folder before minutes of work (nothing is
+    created here: a refused export leaves no folder behind)."""
+    import os
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is a file; "
+                          "give a folder you can write to")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is not writable; "
+                          "give a folder you can write to")
+
+
+@contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """Writing the export: a file system that refuses (read-only, full, /proc) is the user's to fix."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as exc:
-        raise ConfigError(f"cannot create --out folder {str(out)!r}: {exc.strerror or exc}; "
+        raise ConfigError(f"cannot write to --out {str(out)!r}: {exc.strerror or exc}; "
                           "give a folder you can write to") from None
 
 
@@ -420,9 +437,10 @@ def export_command(
         with tempfile.TemporaryDirectory() as tmp:
             artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp),
                                    batch_size=profiles[0].batch_size, dynamo=dynamo)
-            write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=importance,
-                            extra={"error": error, "finetune_steps": finetune_steps})
+            with output_errors(out):
+                write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                                importance=importance,
+                                extra={"error": error, "finetune_steps": finetune_steps})
         _stdout().print(
             f"wrote {out}: {pruned.macs / 1e6:.2f} M MACs ({100 * pruned.macs / space.base_macs:.0f}% "
             f"of base), {pruned.params / 1e6:.3f} M params, error {error:.4f}, onnx {artifact.sha256[:12]}",

@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
+from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app, output_errors
 from search.config import (
     CACHE_ENV,
     PROFILES_ENV,
@@ -385,14 +385,15 @@ def export_from_search(
                 batch_size=profiles[0].batch_size, finetune_steps=finetune_steps,
             )
             folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
-            write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=config.importance, extra={
-                                "search": name, "trial": number, "error": attrs["error"],
-                                "accuracy": attrs["accuracy"], "latency_us": attrs["latency_us"],
-                                "speedup": {k: base_latency[k] / v for k, v in attrs["latency_us"].items()},
-                                "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
-                                "measured_onnx_sha256": attrs["artifact_sha256"],
-                            })
+            with output_errors(out):
+                write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                                importance=config.importance, extra={
+                                    "search": name, "trial": number, "error": attrs["error"],
+                                    "accuracy": attrs["accuracy"], "latency_us": attrs["latency_us"],
+                                    "speedup": {k: base_latency[k] / v for k, v in attrs["latency_us"].items()},
+                                    "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
+                                    "measured_onnx_sha256": attrs["artifact_sha256"],
+                                })
             _stdout().print(f"trial {number}: wrote {folder}", highlight=False)
 
 
