@@ -210,9 +210,7 @@ def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, see
     log = workdir / "processes.log"
 
     def start_hub() -> subprocess.Popen[bytes]:
-        hub = _hwprune("serve", "--db", url, "--port", str(port), "--lease-seconds", "2", env=env, log=log)
-        _wait(lambda: _up(httpx, server), 60)
-        return hub
+        return _serve(httpx, url, port, "2", env, log)
 
     tokens = {name: queue.add_agent(name, PROFILE) for name in ("orin-1", "orin-2")}
     agent_ids = {a.name: a.id for a in queue.list_agents()}
@@ -291,9 +289,7 @@ def hub_killed_mid_post(workdir: Path, *, rounds: int, seed: int) -> Counts:
     log = workdir / "hub.log"
 
     def start_hub() -> subprocess.Popen[bytes]:
-        hub = _hwprune("serve", "--db", url, "--port", str(port), "--lease-seconds", "120", env=env, log=log)
-        _wait(lambda: _up(httpx, server), 60)
-        return hub
+        return _serve(httpx, url, port, "120", env, log)
 
     counts = Counts()
     half_accepted = 0
@@ -337,6 +333,22 @@ def hub_killed_mid_post(workdir: Path, *, rounds: int, seed: int) -> Counts:
     return counts
 
 
+def _serve(httpx: Any, url: str, port: int, lease_s: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``hwprune serve`` on ``port``, once it answers; started again if it exits early (a
+    restart right after a SIGKILL can race the old socket on a loaded machine)."""
+    for _ in range(5):
+        hub = _hwprune("serve", "--db", url, "--port", str(port), "--lease-seconds", lease_s, env=env, log=log)
+        if _wait(functools.partial(_up_or_gone, httpx, hub, port), 180) and hub.poll() is None:
+            return hub
+        _kill(hub)
+        time.sleep(1)
+    raise RuntimeError(f"hwprune serve did not start on port {port}; see {log}")
+
+
+def _up_or_gone(httpx: Any, hub: subprocess.Popen[bytes], port: int) -> bool:
+    return hub.poll() is not None or _up(httpx, f"http://127.0.0.1:{port}")
+
+
 def _up(httpx: Any, server: str) -> bool:
     try:
         return bool(httpx.get(f"{server}/v1/health", timeout=1).status_code == 200)
@@ -368,14 +380,19 @@ def main() -> None:
     args = parser.parse_args()
     from _report import write_section
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # Kept (not a TemporaryDirectory) so that the processes' logs can be read after a bad run.
+    tmp = tempfile.mkdtemp(prefix="hwprune-faults-")
+    print(f"logs under {tmp}", flush=True)
+    if True:
         started = time.perf_counter()
         remote = agent_and_hub_faults(Path(tmp) / "remote", agent_kills=args.agent_kills,
                                       hub_kills=args.hub_kills, seed=args.seed)
         remote_s = time.perf_counter() - started
+        print(f"agents and hub: {remote} in {remote_s:.0f} s", flush=True)
         started = time.perf_counter()
         search = search_faults(Path(tmp) / "search", kills=args.search_kills, seed=args.seed)
         search_s = time.perf_counter() - started
+        print(f"search: {search} in {search_s:.0f} s", flush=True)
         started = time.perf_counter()
         post = hub_killed_mid_post(Path(tmp) / "post", rounds=args.mid_post_kills, seed=args.seed)
         post_s = time.perf_counter() - started
