@@ -383,19 +383,18 @@ def main() -> None:
     # Kept (not a TemporaryDirectory) so that the processes' logs can be read after a bad run.
     tmp = tempfile.mkdtemp(prefix="hwprune-faults-")
     print(f"logs under {tmp}", flush=True)
-    if True:
-        started = time.perf_counter()
-        remote = agent_and_hub_faults(Path(tmp) / "remote", agent_kills=args.agent_kills,
-                                      hub_kills=args.hub_kills, seed=args.seed)
-        remote_s = time.perf_counter() - started
-        print(f"agents and hub: {remote} in {remote_s:.0f} s", flush=True)
-        started = time.perf_counter()
-        search = search_faults(Path(tmp) / "search", kills=args.search_kills, seed=args.seed)
-        search_s = time.perf_counter() - started
-        print(f"search: {search} in {search_s:.0f} s", flush=True)
-        started = time.perf_counter()
-        post = hub_killed_mid_post(Path(tmp) / "post", rounds=args.mid_post_kills, seed=args.seed)
-        post_s = time.perf_counter() - started
+    started = time.perf_counter()
+    remote = agent_and_hub_faults(Path(tmp) / "remote", agent_kills=args.agent_kills,
+                                  hub_kills=args.hub_kills, seed=args.seed)
+    remote_s = time.perf_counter() - started
+    print(f"agents and hub: {remote} in {remote_s:.0f} s", flush=True)
+    started = time.perf_counter()
+    search = search_faults(Path(tmp) / "search", kills=args.search_kills, seed=args.seed)
+    search_s = time.perf_counter() - started
+    print(f"search: {search} in {search_s:.0f} s", flush=True)
+    started = time.perf_counter()
+    post = hub_killed_mid_post(Path(tmp) / "post", rounds=args.mid_post_kills, seed=args.seed)
+    post_s = time.perf_counter() - started
     body = (
         "| fault | kills | completed | lost | duplicated | time |\n|---|---|---|---|---|---|\n"
         f"| `search start` SIGKILLed at random, then resumed | {search.kills} | {search.completed} trials | "
