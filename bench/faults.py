@@ -199,11 +199,16 @@ def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, see
     profile = load_profile(PROFILE, [profiles])
     sha = file_sha256(artifact)
     repo.put_artifact(sha, artifact.read_bytes())
-    total = jobs or 3 * (agent_kills + hub_kills) + 4
-    # Attempts are generous: each kill spends one, and a job failed by kills alone would be a
-    # measurement the matrix cannot tell from a lost one.
-    ids = [queue.submit(signature=f"fault{i}", profile=PROFILE, profile_fingerprint=profile.fingerprint(),
-                        artifact_sha256=sha, reference_sha256=sha, max_attempts=100) for i in range(total)]
+    ids: list[int] = []
+
+    def submit(count: int) -> None:
+        # Attempts are generous: each kill spends one, and a job failed by kills alone would be a
+        # measurement the matrix cannot tell from a lost one.
+        ids.extend(queue.submit(signature=f"fault{len(ids)}", profile=PROFILE,
+                                profile_fingerprint=profile.fingerprint(), artifact_sha256=sha,
+                                reference_sha256=sha, max_attempts=100) for _ in range(count))
+
+    submit(jobs or 12)
     port = _free_port()
     server = f"http://127.0.0.1:{port}"
     env = _env(HWPRUNE_PROFILES=str(profiles), HWPRUNE_CACHE=str(workdir / "agent-cache"))
@@ -229,7 +234,9 @@ def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, see
                        for j in queue.jobs())
 
         while counts.kills < agent_kills or hub_killed < hub_kills:
-            if all(j.status == DONE for j in queue.jobs()):
+            if jobs is None and sum(1 for j in queue.jobs() if j.status != DONE) < 4:
+                submit(8)  # keep the agents busy until the last kill
+            elif all(j.status == DONE for j in queue.jobs()):
                 counts.notes.append("ran out of jobs before the last kill")
                 break
             kill_hub = hub_killed < hub_kills and (counts.kills >= agent_kills or rng.random() < 0.25)
@@ -255,10 +262,10 @@ def agent_and_hub_faults(workdir: Path, *, agent_kills: int, hub_kills: int, see
             _kill(process)
     done = [queue.get(i) for i in ids]
     counts.completed = sum(1 for j in done if j is not None and j.status == DONE)
-    counts.lost = total - counts.completed
+    counts.lost = len(ids) - counts.completed
     accepted = sum(a.jobs_done for a in queue.list_agents())
     counts.duplicated = max(0, accepted - counts.completed) + max(0, repo.count_measurements() - counts.completed)
-    counts.notes.append(f"{hub_killed} hub kills with a lease held; {total} jobs")
+    counts.notes.append(f"{hub_killed} hub kills with a lease held; {len(ids)} jobs")
     repo.close()
     return counts
 
