@@ -146,3 +146,12 @@ def test_upgrade_from_0002_keeps_agents_and_jobs(db_url: str) -> None:
         assert connection.execute(text("SELECT role, jobs_done FROM hwprune_agents")).one() == ("agent", 3)
         assert connection.execute(text("SELECT status, flagged_json FROM hwprune_jobs")).one() == ("queued", None)
     engine.dispose()
+
+
+def test_empty_part_migrated_database_is_finished_not_refused(db_url: str) -> None:
+    """A process SIGKILLed while it created a database leaves it at an older revision, empty."""
+    upgrade(db_url, "0001")
+    engine = create_engine(db_url)
+    ensure_schema(engine, db_url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
