@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,112 @@ from hardware_profiles.schema import HardwareProfile
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 _SUFFIXES = (".yaml", ".yml")
+
+# Profiles, plans and search configs are a few KB; these caps keep a hostile file (an alias
+# bomb, a huge or endless file, deep nesting) from exhausting memory or the stack.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 20_000  # counted with every alias expanded, as a consumer would walk them
+MAX_YAML_DEPTH = 40
+
+
+class YamlInputError(ValueError):
+    """A YAML file that is unreadable, too big, not UTF-8, malformed or past the caps; the message
+    names the file and what to fix. Callers re-raise it as their own error type."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping (YAML says keys are unique;
+    PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {short_repr(key)} appears twice in one mapping", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_node_budget(root: yaml.Node, origin: str) -> None:
+    # Iterative, so that neither the expansion of aliases nor deep nesting costs more than the caps.
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise YamlInputError(
+                f"{origin}: more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?); "
+                "write the values out without anchors")
+        if depth > MAX_YAML_DEPTH:
+            raise YamlInputError(f"{origin}: nested deeper than {MAX_YAML_DEPTH} levels; flatten it")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+
+
+def read_yaml_file(path: Path, *, what: str, max_bytes: int = MAX_YAML_BYTES) -> Any:
+    """Read one YAML (or JSON) document from ``path`` within the size, node and depth caps.
+
+    ``what`` names the kind of file in messages ("profile", "plan", "config").
+
+    Raises:
+        YamlInputError: one line naming the file, the problem and the fix.
+    """
+    origin = f"{what} {path.name}"
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(max_bytes + 1)  # bounded even for /dev/zero or a FIFO
+    except IsADirectoryError:
+        raise YamlInputError(f"{what} {str(path)!r} is a folder; give a YAML file") from None
+    except OSError as exc:
+        raise YamlInputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
+    if len(raw) > max_bytes:
+        raise YamlInputError(f"{origin} is larger than {max_bytes // 1024} KiB; is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlInputError(f"{origin} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node_budget(node, origin)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YamlInputError(f"{origin}: nested too deeply to read; flatten it") from None
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise YamlInputError(f"{origin}: {problem}{where}") from None
+    finally:
+        loader.dispose()
+
+
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for messages: never expands a big or self-similar value."""
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +199,9 @@ def load_profile_file(path: Path) -> HardwareProfile:
             names the file, the field and what is allowed.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidProfileError(f"cannot read profile {str(path)!r}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise InvalidProfileError(f"profile {path.name}: {problem}{where}") from exc
+        data = read_yaml_file(path, what="profile")
+    except YamlInputError as exc:
+        raise InvalidProfileError(str(exc)) from None
     if not isinstance(data, dict):
         raise InvalidProfileError(
             f"profile {path.name}: expected a mapping of settings, got {type(data).__name__}"
@@ -111,7 +209,7 @@ def load_profile_file(path: Path) -> HardwareProfile:
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
         raise InvalidProfileError(
-            f"profile {path.name}: name {data['name']!r} must equal the file name {path.stem!r}"
+            f"profile {path.name}: name {short_repr(data['name'])} must equal the file name {path.stem!r}"
         )
     return parse_profile(data, origin=path.name)
 
@@ -127,8 +225,10 @@ def parse_profile(data: dict[str, Any], *, origin: str) -> HardwareProfile:
 def describe_validation_error(exc: ValidationError, schema: type[BaseModel] = HardwareProfile) -> str:
     """All problems on one line, each naming the field and what it accepts."""
     problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    # Inputs, field names and messages are shortened: a huge or alias-shared value must never be
+    # printed (or even repr'd) whole.
+    for error in exc.errors(include_url=False):
+        field = _clip(".".join(str(part) for part in error["loc"])) or "(top level)"
         if error["type"] == "extra_forbidden":
             problems.append(
                 f"unknown field {field!r}; allowed: {_allowed_fields(schema, error['loc'])}"
@@ -136,10 +236,12 @@ def describe_validation_error(exc: ValidationError, schema: type[BaseModel] = Ha
         elif error["type"] == "missing":
             problems.append(f"field {field!r} is required")
         elif not error["loc"]:
-            problems.append(error["msg"].removeprefix("Value error, "))
+            problems.append(_clip(error["msg"].removeprefix("Value error, "), 300))
         else:
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"field {field!r}: {message} (got {error.get('input')!r})")
+            message = _clip(error["msg"].removeprefix("Value error, "), 300)
+            problems.append(f"field {field!r}: {message} (got {short_repr(error.get('input'))})")
+    if len(problems) > 5:
+        problems = problems[:5] + [f"and {len(problems) - 5} more"]
     return "; ".join(problems)
 
 

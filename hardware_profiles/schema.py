@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,11 +37,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Numbers are strict field by field (a model-wide strict mode would refuse YAML lists for tuples):
+# YAML's `true` is not the number 1 (`batch_size: true` is a mistake, not a batch of one), nor is
+# "8" the number 8. Floats still take integers.
+def _int(*, ge: int | None = None, le: int | None = None) -> Any:
+    return Field(strict=True, ge=ge, le=le)
+
+
+def _float(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    return Field(strict=True, allow_inf_nan=False, ge=ge, gt=gt, le=le, lt=lt)
+
+
 class WarmupPolicy(_Strict):
     """Untimed runs before timing starts: at least ``runs`` and at least ``min_seconds``."""
 
-    runs: Annotated[int, Field(ge=0, le=100_000)] = 10
-    min_seconds: Annotated[float, Field(ge=0, le=600)] = 0.2
+    runs: Annotated[int, _int(ge=0, le=100_000)] = 10
+    min_seconds: Annotated[float, _float(ge=0, le=600)] = 0.2
 
 
 class RepeatPolicy(_Strict):
@@ -53,11 +65,11 @@ class RepeatPolicy(_Strict):
     reports that it did not converge).
     """
 
-    min_runs: Annotated[int, Field(ge=5, le=1_000_000)] = 30
-    max_runs: Annotated[int, Field(ge=5, le=1_000_000)] = 2000
-    max_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
-    check_every: Annotated[int, Field(ge=1, le=10_000)] = 10
-    target_rel_precision: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    min_runs: Annotated[int, _int(ge=5, le=1_000_000)] = 30
+    max_runs: Annotated[int, _int(ge=5, le=1_000_000)] = 2000
+    max_seconds: Annotated[float, _float(gt=0, le=3600)] = 2.0
+    check_every: Annotated[int, _int(ge=1, le=10_000)] = 10
+    target_rel_precision: Annotated[float, _float(gt=0, lt=1)] = 0.01
 
     @model_validator(mode="after")
     def _runs_ordered(self) -> RepeatPolicy:
@@ -71,10 +83,10 @@ class RepeatPolicy(_Strict):
 class TensorRTOptions(_Strict):
     """Builder and timing settings used by the TensorRT backends only."""
 
-    workspace_mib: Annotated[int, Field(ge=16, le=1_048_576)] = 1024
-    builder_optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
-    use_cuda_graph: bool = False
-    no_data_transfers: bool = True
+    workspace_mib: Annotated[int, _int(ge=16, le=1_048_576)] = 1024
+    builder_optimization_level: Annotated[int, _int(ge=0, le=5)] = 3
+    use_cuda_graph: Annotated[bool, Field(strict=True)] = False
+    no_data_transfers: Annotated[bool, Field(strict=True)] = True
 
 
 class HardwareProfile(_Strict):
@@ -99,22 +111,27 @@ class HardwareProfile(_Strict):
     """
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
-    description: str = ""
-    backend: Annotated[str, Field(min_length=1)]
+    description: Annotated[str, Field(max_length=2000)] = ""
+    backend: Annotated[str, Field(min_length=1, max_length=50)]
     device_class: DeviceClass
     location: Location = "local"
     precision: Precision = "fp32"
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 1
-    dim_values: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
-    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
-    execution_provider: str = "CPUExecutionProvider"
-    provider_options: dict[str, str] = Field(default_factory=dict)
+    batch_size: Annotated[int, _int(ge=1, le=65_536)] = 1
+    # Capped so that the inputs a backend allocates stay within reach of a real model.
+    dim_values: Annotated[
+        dict[Annotated[str, Field(max_length=100)], Annotated[int, _int(ge=1, le=1_000_000)]], Field(max_length=32)
+    ] = Field(default_factory=dict)
+    threads: Annotated[int, _int(ge=1, le=1024)] | None = None
+    execution_provider: Annotated[str, Field(max_length=100)] = "CPUExecutionProvider"
+    provider_options: Annotated[
+        dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=1000)]], Field(max_length=64)
+    ] = Field(default_factory=dict)
     graph_optimization: GraphOptimization = "all"
     warmup: WarmupPolicy = WarmupPolicy()
     repeat: RepeatPolicy = RepeatPolicy()
-    channel_multiple: Annotated[int, Field(ge=1, le=1024)] = 1
-    sparsity_patterns: tuple[str, ...] = ()
-    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    channel_multiple: Annotated[int, _int(ge=1, le=1024)] = 1
+    sparsity_patterns: Annotated[tuple[Annotated[str, Field(max_length=16)], ...], Field(max_length=16)] = ()
+    timeout_s: Annotated[float, _float(gt=0, le=86_400)] = 300.0
     tensorrt: TensorRTOptions = TensorRTOptions()
 
     @field_validator("name")

@@ -62,6 +62,7 @@ class Agent:
         self.max_backoff_s = max_backoff_s
         self.max_jobs = max_jobs
         self.jobs_done = 0
+        self.jobs_failed = 0  # failed here, or a result the hub refused or flagged
         self._stop = threading.Event()
         self._release = threading.Event()
         self._client = HubClient(server, token)
@@ -112,7 +113,8 @@ class Agent:
                     self._retry(lambda: self._client.heartbeat())
                     continue
                 self._serve(job)
-                if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
+                # Every job served counts, failed or not: `--max-jobs 1` means one job, then exit.
+                if self.max_jobs is not None and self.jobs_done + self.jobs_failed >= self.max_jobs:
                     break
         except _Released:
             logger.warning("stopped while the hub was unreachable")
@@ -147,6 +149,7 @@ class Agent:
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("job %d failed: %s", job.id, reason)
             self._retry(lambda: self._client.post_failure(job.id, reason))
+            self.jobs_failed += 1
             return
         finally:
             done.set()
@@ -156,9 +159,24 @@ class Agent:
                 self._retry(lambda: self._client.release(job.id))
             logger.warning("job %d given back unposted", job.id)
             return
-        outcome = self._retry(lambda: self._client.post_result(job.id, body))
+        try:
+            outcome = self._retry(lambda: self._client.post_result(job.id, body))
+        except HubRefused as exc:
+            if exc.status != 422:
+                raise
+            # The hub found the result inconsistent: say so as a failure, so the job is retried
+            # (or fails) instead of waiting for its lease to expire.
+            reason = f"result refused by the hub: {exc}"
+            logger.error("job %d: %s", job.id, reason)
+            self._retry(lambda: self._client.post_failure(job.id, reason))
+            self.jobs_failed += 1
+            return
         if outcome == "conflict":
             logger.warning("job %d: the hub gave it to another agent meanwhile", job.id)
+            return
+        if outcome == "flagged":
+            logger.error("job %d: the hub flagged the result as implausible; it will be measured again", job.id)
+            self.jobs_failed += 1
             return
         self.jobs_done += 1
 

@@ -6,7 +6,10 @@ measures, and posts a result or a failure; heartbeats keep it listed as live and
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+import re
+import unicodedata
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -14,14 +17,32 @@ from latency_models.base import Measurement
 
 API_PREFIX = "/v1"
 MAX_RESULT_BYTES = 64 * 1024
+# Job ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite). A larger id can name no job,
+# and would overflow the driver or the server, so it is refused as invalid input.
+MAX_ID = 2**31 - 1
+JobId = Annotated[int, Field(ge=1, le=MAX_ID)]
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ProfileName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# What an agent says about itself, shown by `hwprune agents list`: a few short strings.
+EnvironmentText = Annotated[str, Field(max_length=500)]
+Environment = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], EnvironmentText],
+                        Field(max_length=32)]
+
+
+def clean_text(text: str, limit: int) -> str:
+    """``text`` without control or format characters (terminal escapes, bidi overrides), at most
+    ``limit`` characters: for strings from the wire that end up in a table or a log."""
+    kept = "".join(c for c in text[: limit * 2] if unicodedata.category(c) not in {"Cc", "Cf", "Zl", "Zp"})
+    return kept[:limit]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LeaseRequest(_Body):
-    profile: Annotated[str, Field(min_length=1, max_length=100)]
+    profile: ProfileName
 
 
 class JobSpec(_Body):
@@ -37,8 +58,8 @@ class JobSpec(_Body):
 
 
 class HeartbeatRequest(_Body):
-    job_id: int | None = None
-    environment: dict[str, str] | None = None
+    job_id: JobId | None = None
+    environment: Environment | None = None
 
 
 class HeartbeatResponse(_Body):
@@ -55,10 +76,63 @@ class ResultBody(_Body):
 
     @field_validator("measurement")
     @classmethod
-    def _plausible(cls, value: Measurement) -> Measurement:
-        if not value.median_us > 0 or value.n < 1:
-            raise ValueError(f"implausible measurement: median {value.median_us} us over {value.n} runs")
+    def _consistent(cls, value: Measurement) -> Measurement:
+        problems = measurement_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
+
+    @field_validator("ratio_ci")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (all(math.isfinite(v) and v > 0 for v in value) and value[0] <= value[1]):
+            raise ValueError(f"ratio_ci must be two finite positive numbers, low <= high; got {list(value)}")
+        return value
+
+    def problems_for(self, *, profile: str, artifact_sha256: str, paired: bool) -> list[str]:
+        """What makes this result unusable for a job measuring ``artifact_sha256`` on ``profile``
+        (a well-formed body can still be another job's, or miss the ratio a paired job needs)."""
+        m, found = self.measurement, []
+        if m.profile != profile:
+            found.append(f"measurement is for profile {clean_text(m.profile, 100)!r}, the job's is {profile!r}")
+        if m.artifact_sha256 != artifact_sha256:
+            found.append(f"measurement is of artifact {clean_text(m.artifact_sha256, 64)!r}, "
+                         f"the job's is {artifact_sha256}")
+        if paired and (self.ratio is None or self.ratio_ci is None):
+            found.append("a paired job needs 'ratio' and 'ratio_ci'")
+        if self.ratio is not None and self.ratio_ci is not None:
+            low, high = self.ratio_ci
+            if not low <= self.ratio <= high:
+                found.append(f"ratio {self.ratio} lies outside its interval [{low}, {high}]")
+        return found
+
+
+def measurement_problems(m: Measurement) -> list[str]:
+    """Internal inconsistencies of a measurement from the wire: non-finite or negative figures,
+    unordered percentiles or interval, impossible counts, over-long or control-laden strings."""
+    found = []
+    figures = {name: getattr(m, name) for name in
+               ("median_us", "p10_us", "p90_us", "mean_us", "stdev_us", "ci_low_us", "ci_high_us", "elapsed_s")}
+    bad = [name for name, value in figures.items() if not (math.isfinite(value) and value >= 0)]
+    if bad:
+        return [f"{', '.join(bad)} must be finite and not negative"]
+    if not m.median_us > 0:
+        found.append("median_us must be positive")
+    if not m.p10_us <= m.median_us <= m.p90_us:
+        found.append(f"percentiles out of order: p10 {m.p10_us} <= median {m.median_us} <= p90 {m.p90_us}")
+    if not m.ci_low_us <= m.median_us <= m.ci_high_us:
+        found.append(f"interval [{m.ci_low_us}, {m.ci_high_us}] does not hold the median {m.median_us}")
+    if not 1 <= m.n <= 10_000_000:
+        found.append(f"n must be in [1, 10000000], got {m.n}")
+    if m.threads is not None and not 1 <= m.threads <= 4096:
+        found.append(f"threads must be in [1, 4096], got {m.threads}")
+    limits = {"profile": 100, "backend": 50, "backend_version": 50, "device": 200,
+              "artifact_sha256": 64, "settings_fingerprint": 64}
+    for name, limit in limits.items():
+        value = getattr(m, name)
+        if len(value) > limit or clean_text(value, limit) != value:
+            found.append(f"{name} must be at most {limit} printable characters")
+    return found
 
 
 class FailureBody(_Body):
@@ -66,9 +140,14 @@ class FailureBody(_Body):
 
 
 class StatusBody(_Body):
+    """``accepted``; ``duplicate`` (the holder posted again: harmless); ``flagged`` (a result
+    too far from what the hub expects: kept for inspection, not cached, the job measured again)."""
+
     status: str
 
 
 class ErrorBody(_Body):
+    """Every refusal: the error's type and a one-line message."""
+
     error: str
-    detail: Any
+    detail: str

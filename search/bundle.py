@@ -149,10 +149,25 @@ def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
             f"cannot import model plugin module {module_name!r}: {exc}; "
             "is it on PYTHONPATH or installed?"
         ) from exc
+    except SyntaxError as exc:
+        raise ModelLoadError(
+            f"model plugin module {module_name!r} has a syntax error at {exc.filename}:{exc.lineno}: {exc.msg}"
+        ) from exc
+    except Exception as exc:  # the user's module-level code: anything may go wrong there
+        raise ModelLoadError(
+            f"importing model plugin module {module_name!r} raised {type(exc).__name__}: {exc}; "
+            "fix the module (run with --debug for the traceback)"
+        ) from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
-    bundle = factory()
+    try:
+        bundle = factory()
+    except Exception as exc:  # the user's factory: a bug there is theirs to fix, not ours
+        raise ModelLoadError(
+            f"model plugin {spec!r} raised {type(exc).__name__}: {exc}; fix the plugin "
+            "(run with --debug for the traceback)"
+        ) from exc
     if not isinstance(bundle, ModelBundle):
         raise ModelLoadError(
             f"model plugin {spec!r} returned {type(bundle).__name__}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -57,6 +58,20 @@ def _stderr() -> Console:
     return Console(stderr=True, soft_wrap=True, emoji=False)
 
 
+_SQL_NOISE = re.compile(r"\[(SQL|parameters): .*?\](?=\s*(\[|\(Background|$))|\(Background on this error at: [^)]*\)",
+                        re.S)
+
+
+def one_line(message: str, limit: int = 600) -> str:
+    """A message fit for one terminal line: SQLAlchemy's statement dumps and links dropped,
+    whitespace folded, control characters removed, long text cut."""
+    from latency_models.wire import clean_text
+
+    text = " ".join(_SQL_NOISE.sub("", message).split())
+    text = clean_text(text, limit + 1)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @contextmanager
 def _handle_errors() -> Iterator[None]:
     try:
@@ -66,7 +81,7 @@ def _handle_errors() -> Iterator[None]:
     except _KNOWN_ERRORS as exc:
         if _state.debug:
             raise
-        _stderr().print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True)
+        _stderr().print(f"[red]error:[/red] {escape(one_line(str(exc)))}", highlight=False, markup=True)
         raise typer.Exit(getattr(exc, "exit_code", 1)) from None
     except KeyboardInterrupt:
         _stderr().print("[red]interrupted[/red]")
@@ -75,7 +90,7 @@ def _handle_errors() -> Iterator[None]:
         if _state.debug:
             raise
         _stderr().print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (run with --debug for the "
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(one_line(str(exc)))} (run with --debug for the "
             "traceback, and please report it)",
             highlight=False,
         )
@@ -200,6 +215,8 @@ def measure(
                 f"profile {profile.name!r} is measured on a remote device; "
                 "pick a local profile (hwprune profiles list)"
             )
+        for path in (model, *([vs] if vs is not None else [])):
+            _check_input_sizes(path, profile)
         with registry.get(profile.backend)(profile) as backend:
             if vs is None:
                 result = backend.measure(model)
@@ -211,6 +228,74 @@ def measure(
             _echo_json(data)
             return
         _print_measurement(data)
+
+
+MAX_INPUT_BYTES = 1 << 30
+
+
+def _check_input_sizes(model: Path, profile: Any) -> None:
+    """Refuse a model whose inputs, with the profile's batch size and dimension values, would
+    need more than MAX_INPUT_BYTES of memory: the backend would allocate them before timing."""
+    import math
+
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from latency_models import ArtifactError
+    from latency_models.ort import resolve_shape
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return  # missing or not ONNX: the backend says so, by name
+    initializers = {init.name for init in proto.graph.initializer}
+    for node in proto.graph.input:
+        if node.name in initializers or not node.type.HasField("tensor_type"):
+            continue
+        tensor = node.type.tensor_type
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+        ]
+        shape = resolve_shape(node.name, dims, profile)
+        try:
+            itemsize = tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 8
+        size = math.prod(shape) * itemsize
+        if size > MAX_INPUT_BYTES:
+            raise ArtifactError(
+                f"{model.name}: input {one_line(node.name, 80)!r} of shape {list(shape)} needs "
+                f"{size / 2**30:.3g} GiB, over the {MAX_INPUT_BYTES >> 30} GiB this command allows; "
+                "lower the profile's batch_size or dim_values, or export the model with smaller inputs"
+            )
+
+
+def _writable_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a folder before minutes of work (nothing is
+    created here: a refused export leaves no folder behind)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is a file; "
+                          "give a folder you can write to")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is not writable; "
+                          "give a folder you can write to")
+
+
+@contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """Writing the export: a file system that refuses (read-only, full, /proc) is the user's to fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --out {str(out)!r}: {exc.strerror or exc}; "
+                          "give a folder you can write to") from None
 
 
 def _print_measurement(data: dict[str, Any]) -> None:
@@ -326,6 +411,7 @@ def export_command(
     """Write ONNX, a reloadable PyTorch state, the plan and a manifest: for a stored search's
     trial(s) (SEARCH --trial K | --pareto), or for a plan file on a model (--plan)."""
     with _handle_errors():
+        _writable_folder(out)
         if search_name is not None:
             from search.cli_search import export_from_search
 
@@ -357,9 +443,10 @@ def export_command(
         with tempfile.TemporaryDirectory() as tmp:
             artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp),
                                    batch_size=profiles[0].batch_size, dynamo=dynamo)
-            write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=importance,
-                            extra={"error": error, "finetune_steps": finetune_steps})
+            with output_errors(out):
+                write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                                importance=importance,
+                                extra={"error": error, "finetune_steps": finetune_steps})
         _stdout().print(
             f"wrote {out}: {pruned.macs / 1e6:.2f} M MACs ({100 * pruned.macs / space.base_macs:.0f}% "
             f"of base), {pruned.params / 1e6:.3f} M params, error {error:.4f}, onnx {artifact.sha256[:12]}",

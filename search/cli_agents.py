@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from latency_models.wire import clean_text
 from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
 from search.config import cache_dir, check_backend, db_url
 from search.errors import ConfigError
@@ -37,35 +38,48 @@ def _queue(db: str | None) -> tuple[object, object]:
 @agents_app.command("add")
 def agents_add(
     name: Annotated[str, typer.Argument(help="Agent name, e.g. the device's host name.")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="The profile this agent serves.")],
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="The profile this agent serves.")] = None,
+    reader: Annotated[bool, typer.Option("--reader", help="A token that may only read searches "
+                                         "through the hub (/v1/searches...), for dashboards and scripts.")] = False,
     db: DbOpt = None,
 ) -> None:
-    """Register an agent and print its token (shown once; only its hash is stored)."""
+    """Register an agent (or a reader) and print its token (shown once; only its hash is stored)."""
     with _handle_errors():
         from hardware_profiles import load_profile
+        from latency_models.wire import AGENT_NAME
+        from search.storage.queue import AGENT, READER
 
-        check_backend(load_profile(profile, _state.profile_dirs))
+        if reader == (profile is not None):
+            raise ConfigError("give --profile PROFILE for an agent, or --reader for a read-only token")
+        if not AGENT_NAME.match(name):  # checked before the database is opened or created
+            raise ConfigError(f"agent name {clean_text(name, 40)!r} must be 1-100 letters, digits, '.', '_' "
+                              "or '-', starting with a letter or digit (e.g. the device's host name)")
+        if profile is not None:
+            check_backend(load_profile(profile, _state.profile_dirs))
         repo, queue = _queue(db)
         try:
-            token = queue.add_agent(name, profile)  # type: ignore[attr-defined]
+            token = queue.add_agent(name, profile or "", role=READER if reader else AGENT)  # type: ignore[attr-defined]
         finally:
             repo.close()  # type: ignore[attr-defined]
         typer.echo(token)
-        _stderr().print(f"agent {name!r} serves {profile}; keep the token above, it is not shown again",
-                        highlight=False)
+        what = "may read searches" if reader else f"serves {profile}"
+        _stderr().print(f"{name!r} {what}; keep the token above, it is not shown again", highlight=False)
 
 
 @agents_app.command("list")
 def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Registered agents: profile, last seen, jobs done, state."""
     with _handle_errors():
+        from search.storage.repository import require_database
+
+        require_database(db_url(db))
         repo, queue = _queue(db)
         try:
             agents = queue.list_agents()  # type: ignore[attr-defined]
         finally:
             repo.close()  # type: ignore[attr-defined]
         rows = [{
-            "name": a.name, "profile": a.profile, "jobs_done": a.jobs_done,
+            "name": a.name, "profile": a.profile, "role": a.role, "jobs_done": a.jobs_done,
             "last_seen": a.last_seen.isoformat() if a.last_seen else None,
             "state": "revoked" if a.revoked else ("live" if a.is_live(60) else "idle"),
             "environment": a.environment,
@@ -75,9 +89,10 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
             return
         table = Table("name", "profile", "state", "last seen (UTC)", "jobs done", "device")
         for row in rows:
-            device = (row["environment"] or {}).get("device", "")
-            table.add_row(row["name"], row["profile"], row["state"], (row["last_seen"] or "never")[:19],
-                          str(row["jobs_done"]), device)
+            # What an agent said about itself reaches a terminal: no escapes, no rich markup.
+            device = clean_text(str((row["environment"] or {}).get("device", "")), 80)
+            table.add_row(escape(clean_text(row["name"], 100)), row["profile"] or f"({row['role']})", row["state"],
+                          (row["last_seen"] or "never")[:19], str(row["jobs_done"]), escape(device))
         _stdout().print(table)
 
 
@@ -85,6 +100,9 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
 def agents_revoke(name: Annotated[str, typer.Argument()], db: DbOpt = None) -> None:
     """Revoke an agent's token; its leased jobs go back to the queue."""
     with _handle_errors():
+        from search.storage.repository import require_database
+
+        require_database(db_url(db))
         repo, queue = _queue(db)
         try:
             queue.revoke_agent(name)  # type: ignore[attr-defined]
@@ -117,7 +135,12 @@ def serve(
         import uvicorn
 
         from search.service import HubSettings, create_app
+        from search.storage import Repository
 
+        _check_tls_files(ssl_certfile, ssl_keyfile)
+        # Open (and migrate) the database here, so that an unusable one is one line, not a
+        # traceback from uvicorn's lifespan.
+        Repository(db_url(db)).close()
         if not _is_loopback(host) and ssl_certfile is None:
             logging.getLogger("hwprune.serve").warning(
                 "binding %s without TLS: tokens and models cross the network in clear; put the hub "
@@ -137,6 +160,41 @@ def serve(
         uvicorn.run("search.service.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
 
 
+def _check_tls_files(certfile: Path | None, keyfile: Path | None) -> None:
+    """Refuse missing, unreadable or mismatched TLS files by name, before uvicorn starts."""
+    import ssl
+
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None:
+        raise ConfigError("--ssl-keyfile needs --ssl-certfile")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {str(path)!r}: no such file; give the PEM file's path")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            str(certfile), str(keyfile) if keyfile else None)
+    except (ssl.SSLError, OSError) as exc:
+        names = str(certfile) + (f" and {keyfile}" if keyfile else "")
+        raise ConfigError(f"cannot use {names} as the TLS certificate and key: {exc}; give PEM files that "
+                          "belong together (the key unencrypted)") from None
+
+
+def check_server_url(server: str) -> str:
+    """The hub's URL, checked: http(s), a host, no query; else a one-line ConfigError."""
+    import httpx
+
+    try:
+        url = httpx.URL(server)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigError(f"--server {clean_text(server, 100)!r} is not a URL ({exc}); "
+                          "e.g. https://hub.example:8443") from None
+    if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+        raise ConfigError(f"--server {clean_text(server, 100)!r} must be an http:// or https:// URL with a host "
+                          "and nothing after the path, e.g. https://hub.example:8443")
+    return server
+
+
 @app.command("agent")
 def agent(
     server: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub.example:8787.")],
@@ -152,6 +210,7 @@ def agent(
         from hardware_profiles import load_profile
         from latency_models.agent import Agent
 
+        check_server_url(server)
         secret = token or os.environ.get(TOKEN_ENV)
         if not secret:
             raise ConfigError(f"give --token or set {TOKEN_ENV} (from `hwprune agents add`)")
@@ -164,7 +223,8 @@ def agent(
         logging.getLogger("latency_models").setLevel(logging.INFO)
         _stderr().print(f"agent serving {profile} from {server}", highlight=False)
         done = worker.run()
-        _stderr().print(f"agent stopped after {done} jobs", highlight=False)
+        failed = f", {worker.jobs_failed} failed" if worker.jobs_failed else ""
+        _stderr().print(f"agent stopped after {done} jobs measured{failed}", highlight=False)
 
 
 @app.command("doctor")

@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
+from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app, output_errors
 from search.config import (
     CACHE_ENV,
     PROFILES_ENV,
@@ -37,6 +37,7 @@ from search.config import (
     load_search_config,
 )
 from search.errors import ConfigError, SearchError
+from search.storage.repository import require_database
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -286,6 +287,7 @@ def search_resume(
         from search.controller import find_record, prepare, replace_budget
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout,
                                 max_consecutive_failures=max_failures)
@@ -306,6 +308,7 @@ def search_worker(
         from search.controller import run_worker
 
         _quiet_optuna()
+        require_database(db_url(db))
         run_worker(name, _runtime(db, worker_index))
 
 
@@ -317,6 +320,7 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         from search.storage import Repository
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         repo = Repository(runtime.db_url)
         try:
             records = repo.list_searches()
@@ -344,6 +348,7 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
         from search.controller import find_record, load_study, summary
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         _quiet_optuna()
         info = summary(record, load_study(record, runtime))
@@ -423,6 +428,7 @@ def pareto_command(
         from search.controller import find_record, load_study, pareto_rows
 
         runtime = _runtime(db)
+        require_database(runtime.db_url)
         record = find_record(name, runtime)
         _quiet_optuna()
         chosen = target or record.config["targets"][0]
@@ -443,6 +449,7 @@ def export_from_search(
     if (trial is None) == (not pareto):
         raise ConfigError("give exactly one of --trial K or --pareto")
     runtime = _runtime(db)
+    require_database(runtime.db_url)
     prepared = load_prepared(name, runtime)
     record, config, bundle, space, profiles = (prepared.record, prepared.config, prepared.bundle,
                                                prepared.space, prepared.profiles)
@@ -469,16 +476,17 @@ def export_from_search(
                 batch_size=profiles[0].batch_size, finetune_steps=finetune_steps,
             )
             folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
-            write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                            importance=config.importance, nm_criterion=config.nm_criterion, extra={
-                                "search": name, "trial": number, "error": attrs["error"],
-                                "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
-                                "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
-                                "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
-                                "latency_confirmed": dict(point.confirmed),
-                                "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
-                                "measured_onnx_sha256": attrs["artifact_sha256"],
-                            })
+            with output_errors(out):
+                write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
+                                importance=config.importance, nm_criterion=config.nm_criterion, extra={
+                                    "search": name, "trial": number, "error": attrs["error"],
+                                    "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
+                                    "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
+                                    "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
+                                    "latency_confirmed": dict(point.confirmed),
+                                    "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
+                                    "measured_onnx_sha256": attrs["artifact_sha256"],
+                                })
             _stdout().print(f"trial {number}: wrote {folder}", highlight=False)
 
 

@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hardware_profiles import HardwareProfile, load_profile
-from hardware_profiles.loader import describe_validation_error
+from hardware_profiles.loader import YamlInputError, describe_validation_error, read_yaml_file
 from latency_models import registry
 from search.errors import ConfigError
 
@@ -187,11 +186,9 @@ def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> Searc
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path.name} is not valid YAML: {exc}") from exc
+            loaded = read_yaml_file(path, what="config")
+        except YamlInputError as exc:
+            raise ConfigError(str(exc)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path.name}: expected a mapping of settings")
         data.update(loaded or {})
@@ -205,7 +202,8 @@ def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> Searc
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"search config: {describe_validation_error(exc, SearchConfig)}") from exc
+        origin = f"search config {path.name} (with flags)" if path is not None else "search config"
+        raise ConfigError(f"{origin}: {describe_validation_error(exc, SearchConfig)}") from None
 
 
 HEARTBEAT_ENV = "HWPRUNE_HEARTBEAT_S"

@@ -149,6 +149,9 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
         check_targets(profiles, repo, runtime)
         if existing is not None:
             _check_same_base(existing, bundle, space)
+            # Optuna checks its own schema when its storage opens: open it before the budget
+            # changes, so that a refused resume leaves the stored search as it was.
+            optuna_storage(runtime).engine.dispose()
             repo.update_budget(config.name, trials=config.trials, timeout_s=config.timeout_s)
             record = repo.get_search(config.name)
         else:

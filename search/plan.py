@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from hardware_profiles.loader import YamlInputError, read_yaml_file, short_repr
 from search.errors import PlanError
 
 
@@ -46,7 +47,7 @@ class Plan:
         unknown = set(data) - {"channels", "sparsity"}
         if unknown:
             raise PlanError(
-                f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                f"{origin}: unknown key(s) {short_repr(sorted(map(str, unknown)))}; "
                 "allowed: channels, sparsity"
             )
         channels = data.get("channels") or {}
@@ -56,14 +57,14 @@ class Plan:
         ratios: dict[str, float] = {}
         for name, value in channels.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PlanError(f"{origin}: ratio for {name!r} must be a number, got {value!r}")
+                raise PlanError(f"{origin}: ratio for {short_repr(name)} must be a number, got {short_repr(value)}")
             ratios[str(name)] = float(value)
         patterns: dict[str, str] = {}
         for name, value in sparsity.items():
             if not isinstance(value, str):
                 raise PlanError(
-                    f"{origin}: sparsity for {name!r} must be a string like '2:4' or 'dense', "
-                    f"got {value!r}"
+                    f"{origin}: sparsity for {short_repr(name)} must be a string like '2:4' or 'dense', "
+                    f"got {short_repr(value)}"
                 )
             patterns[str(name)] = value
         return cls(channels=ratios, sparsity=patterns)
@@ -72,11 +73,9 @@ class Plan:
     def load(cls, path: Path) -> Plan:
         """Read a plan from a YAML or JSON file."""
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise PlanError(f"cannot read plan {str(path)!r}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise PlanError(f"plan {path.name} is not valid YAML/JSON: {exc}") from exc
+            data = read_yaml_file(path, what="plan")
+        except YamlInputError as exc:
+            raise PlanError(str(exc)) from None
         return cls.from_dict(data, origin=f"plan {path.name}")
 
     def dump(self, path: Path) -> None:

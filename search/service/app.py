@@ -1,28 +1,36 @@
 """The hub: HTTP API for remote profiler agents, and read endpoints over stored searches.
 
-Agents authenticate with a bearer token (stored hashed) and act only for themselves: they lease
-jobs of their own profile, download only artifacts their leased jobs need, and post results only
-for jobs they hold. Errors answer ``{"error": <type>, "detail": <message>}``.
+Every endpoint but ``/v1/health`` needs a bearer token (stored hashed). Agents act only for
+themselves: they lease jobs of their own profile, download only artifacts their leased jobs need,
+and post results only for jobs they hold. Reader tokens (``hwprune agents add NAME --reader``)
+may only read searches. Request bodies are capped before anything else looks at them, and a
+result is checked (finite, ordered, the job's own artifact and profile, plausible against the
+base model's cached latency) before it reaches the measurement cache. Errors answer
+``{"error": <type>, "detail": <message>}``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latency_models.wire import (
     API_PREFIX,
+    MAX_ID,
     MAX_RESULT_BYTES,
+    ErrorBody,
     FailureBody,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -30,38 +38,141 @@ from latency_models.wire import (
     LeaseRequest,
     ResultBody,
     StatusBody,
+    clean_text,
 )
-from search.errors import SearchError, SearchNotFoundError, StorageError
+from search.errors import ConfigError, SearchError, SearchNotFoundError, StorageError
 from search.storage import Repository
-from search.storage.queue import AgentRecord, JobQueue, Outcome
+from search.storage.queue import AGENT, READER, AgentRecord, JobQueue, JobRecord, Outcome
 
 logger = logging.getLogger(__name__)
+
+# A paired ratio outside this band, or one that disagrees with the base model's cached median by
+# more than PLAUSIBLE_FACTOR, is flagged instead of trusted: pruning makes a model at most a few
+# times faster, never 50 times, and a candidate is never several times slower than its base.
+PLAUSIBLE_RATIO = (0.02, 5.0)
+PLAUSIBLE_FACTOR = 3.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class HubSettings:
-    """Hub behaviour: how long a lease lasts without a heartbeat, the result size cap."""
+    """Hub behaviour: how long a lease lasts without a heartbeat, the request body cap."""
 
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
 
 
-async def _current_agent(request: Request) -> AgentRecord:
-    """The agent whose bearer token came with the request; 401 otherwise."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+class BodyCap:
+    """ASGI middleware: read at most ``limit`` bytes of any request body, before routing,
+    authentication or parsing; answer 413 past it. The body is then replayed to the app."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client's disconnect, if it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse({"error": "PayloadTooLarge", "detail": f"request body over {self.limit} bytes"},
+                                status_code=413, headers={"Connection": "close"})
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# Declared through FastAPI's HTTPBearer so that the OpenAPI document names the scheme; the
+# checks themselves are ours (auto_error would answer 403 where 401 is right).
+_bearer = HTTPBearer(auto_error=False, description="An agent's token, or a reader's for /v1/searches.")
+
+
+async def _holder_of(request: Request,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> AgentRecord:
+    if credentials is None or not credentials.credentials.strip():
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    token = credentials.credentials.strip()
     queue: JobQueue = request.app.state.hub["queue"]
-    found = await run_in_threadpool(queue.authenticate, token.strip())
+    found = await run_in_threadpool(queue.authenticate, token)
     if found is None:
         raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
     return found
 
 
+async def _current_agent(found: Annotated[AgentRecord, Depends(_holder_of)]) -> AgentRecord:
+    """The agent whose bearer token came with the request; 401 otherwise, 403 for a reader."""
+    if found.role != AGENT:
+        raise HTTPException(403, "a reader token cannot act as an agent")
+    return found
+
+
+async def _current_reader(found: Annotated[AgentRecord, Depends(_holder_of)]) -> AgentRecord:
+    """A reader token; agents' tokens measure, they have no business reading searches."""
+    if found.role != READER:
+        raise HTTPException(403, "this endpoint needs a reader token (hwprune agents add NAME --reader)")
+    return found
+
+
 CurrentAgent = Annotated[AgentRecord, Depends(_current_agent)]
-BodyT = TypeVar("BodyT", bound=BaseModel)
+CurrentReader = Annotated[AgentRecord, Depends(_current_reader)]
+JobIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A job id from a lease.")]
+SearchName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Sha256Path = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
+
+_DESCRIPTIONS = {
+    400: "A malformed request (a body that is not JSON), or one that cannot be served as asked.",
+    401: "Missing, unknown or revoked bearer token.",
+    403: "The token may not do this (another profile, a job it does not hold, a reader token).",
+    404: "No such job, artifact or search.",
+    409: "Another agent holds or finished the job.",
+    413: "Request body over the hub's cap.",
+    422: "The request does not match its schema, or the result is inconsistent.",
+    503: "The database is unreachable.",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]}
+            for code in sorted({*codes, 400, 413, 422, 503})}
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    return clean_text(" ".join(str(text).split()), limit)
 
 
 def create_app(settings: HubSettings) -> FastAPI:
@@ -81,6 +192,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app = FastAPI(title="hwprune hub", version="1", lifespan=lifespan,
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs")
     app.state.hub = state
+    app.add_middleware(BodyCap, limit=settings.max_result_bytes)  # type: ignore[arg-type]
 
     def queue() -> JobQueue:
         return state["queue"]  # type: ignore[no-any-return]
@@ -98,32 +210,40 @@ def create_app(settings: HubSettings) -> FastAPI:
             state["optuna"] = optuna_storage(runtime)
         return record, load_study(record, runtime, storage=state["optuna"])
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": "HTTPException", "detail": exc.detail}, status_code=exc.status_code,
-                            headers=exc.headers)
+    # Starlette's own HTTPException (FastAPI's derives from it): FastAPI raises that one for a
+    # body it cannot parse, and it must answer in the same shape as ours.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": "HTTPException", "detail": _one_line(exc.detail)},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "RequestValidationError", "detail": str(exc.errors())[:2000]}, status_code=422)
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]]
+        return JSONResponse({"error": "RequestValidationError", "detail": _one_line("; ".join(problems))},
+                            status_code=422)
 
     @app.exception_handler(SearchError)
     async def search_error(_request: Request, exc: SearchError) -> JSONResponse:
-        status = 404 if isinstance(exc, SearchNotFoundError) else 503 if isinstance(exc, StorageError) else 400
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status)
+        status = (404 if isinstance(exc, SearchNotFoundError) else 503 if isinstance(exc, StorageError)
+                  else 400)
+        return JSONResponse({"error": type(exc).__name__, "detail": _one_line(str(exc))}, status_code=status)
 
     # --- agents -----------------------------------------------------------------------------
 
-    @app.get(f"{API_PREFIX}/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "jobs": queue().counts()}
+    @app.get(f"{API_PREFIX}/health", responses=_errors())
+    def health() -> StatusBody:
+        """Liveness, without a token and without telling anything about the jobs."""
+        return StatusBody(status="ok")
 
-    @app.post(f"{API_PREFIX}/agents/heartbeat")
+    @app.post(f"{API_PREFIX}/agents/heartbeat", responses=_errors(401, 403))
     def heartbeat(body: HeartbeatRequest, me: CurrentAgent) -> HeartbeatResponse:
         held = queue().touch(me.id, environment=body.environment, job_id=body.job_id, lease_s=settings.lease_s)
         return HeartbeatResponse(lease_held=held if body.job_id is not None else None)
 
-    @app.post(f"{API_PREFIX}/jobs/lease", response_model=None)
+    @app.post(f"{API_PREFIX}/jobs/lease", response_model=JobSpec,
+              responses={204: {"description": "No job queued for this profile: poll again later."},
+                         **_errors(401, 403)})
     def lease(body: LeaseRequest, me: CurrentAgent) -> JobSpec | Response:
         if body.profile != me.profile:
             raise HTTPException(403, f"this token serves profile {me.profile!r}, not {body.profile!r}")
@@ -134,26 +254,18 @@ def create_app(settings: HubSettings) -> FastAPI:
                        artifact_sha256=job.artifact_sha256, reference_sha256=job.reference_sha256,
                        lease_s=settings.lease_s, attempt=job.attempts)
 
-    @app.get(f"{API_PREFIX}/artifacts/{{sha256}}")
-    def artifact(sha256: str, me: CurrentAgent) -> Response:
+    @app.get(f"{API_PREFIX}/artifacts/{{sha256}}", response_class=Response,
+             responses={200: {"description": "The ONNX bytes.",
+                              "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}},
+                        **_errors(401, 403, 404)})
+    def artifact(sha256: Sha256Path, me: CurrentAgent) -> Response:
         if not queue().holds_artifact(me, sha256):
             raise HTTPException(403, "no job leased by this agent needs that artifact")
         content = repo().get_artifact(sha256)
         if content is None:
             raise HTTPException(404, f"no artifact {sha256}")
         return Response(content, media_type="application/octet-stream")
-
-    async def _bounded_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_result_bytes:
-            raise HTTPException(413, f"body over {settings.max_result_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_result_bytes:
-                raise HTTPException(413, f"body over {settings.max_result_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _answer(outcome: str, job_id: int) -> StatusBody:
         if outcome == Outcome.UNKNOWN:
@@ -162,66 +274,101 @@ def create_app(settings: HubSettings) -> FastAPI:
             raise HTTPException(409, f"job {job_id} is not leased by this agent")
         return StatusBody(status=outcome)
 
-    async def _parse(request: Request, schema: type[BodyT]) -> BodyT:
-        # Bodies are read by hand (not as FastAPI parameters) so the size cap applies first.
-        raw = await _bounded_body(request)
-        try:
-            return schema.model_validate_json(raw)
-        except ValidationError as exc:
-            raise HTTPException(422, f"invalid {schema.__name__}: {exc.errors()[:3]}") from exc
-
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/result")
-    async def result(job_id: int, request: Request, me: CurrentAgent) -> StatusBody:
-        body = await _parse(request, ResultBody)
-        outcome = await run_in_threadpool(_accept, job_id, me, body)
-        return _answer(outcome, job_id)
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/result", responses=_errors(401, 403, 404, 409))
+    def result(job_id: JobIdPath, body: ResultBody, me: CurrentAgent) -> StatusBody:
+        """Post the measurement of a held job. Inconsistent results (another job's artifact or
+        profile, a paired job without its ratio) are refused with 422; implausible ones are kept
+        on the job, answered ``flagged`` and measured again; only the rest reach the cache."""
+        return _answer(_accept(job_id, me, body), job_id)
 
     def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
-        outcome, job = queue().complete(me, job_id, body.model_dump(mode="json"))
-        if outcome == Outcome.ACCEPTED and job is not None:
+        job = queue().get(job_id)
+        if job is None:
+            return Outcome.UNKNOWN
+        if job.lease_agent_id != me.id and job.done_by_agent_id != me.id:
+            return Outcome.NOT_HOLDER
+        problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
+                                     paired=bool(job.reference_sha256))
+        if problems:
+            raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
+        doubt = _implausible(job, body)
+        if doubt is not None:
+            logger.warning("job %d: flagged a result from %s: %s", job_id, me.name, doubt)
+            return queue().flag(me, job_id, body.model_dump(mode="json"), doubt)
+        outcome, done = queue().complete(me, job_id, body.model_dump(mode="json"))
+        if outcome == Outcome.ACCEPTED and done is not None:
             repo().put_measurement(
-                signature=job.signature, profile_fingerprint=job.profile_fingerprint,
-                measurement=body.measurement, reference_sha256=job.reference_sha256,
+                signature=done.signature, profile_fingerprint=done.profile_fingerprint,
+                measurement=body.measurement, reference_sha256=done.reference_sha256,
                 ratio=body.ratio, ratio_ci=body.ratio_ci,
             )
         return outcome
 
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure")
-    async def failure(job_id: int, request: Request, me: CurrentAgent) -> StatusBody:
-        body = await _parse(request, FailureBody)
-        return _answer(await run_in_threadpool(queue().fail, me, job_id, body.error), job_id)
+    def _implausible(job: JobRecord, body: ResultBody) -> str | None:
+        if body.ratio is None:
+            return None
+        low, high = PLAUSIBLE_RATIO
+        if not low <= body.ratio <= high:
+            return f"ratio {body.ratio:.4g} to the base model is outside [{low}, {high}]"
+        base_us = repo().reference_median_us(job.reference_sha256, job.profile_fingerprint)
+        if base_us is None:
+            return None
+        expected = body.ratio * base_us
+        if abs(math.log(body.measurement.median_us / expected)) > math.log(PLAUSIBLE_FACTOR):
+            return (f"median {body.measurement.median_us:.4g} us disagrees with ratio {body.ratio:.4g} x the "
+                    f"base model's cached {base_us:.4g} us by more than {PLAUSIBLE_FACTOR:g}x")
+        return None
 
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/release")
-    def release(job_id: int, me: CurrentAgent) -> StatusBody:
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure", responses=_errors(401, 403, 404, 409))
+    def failure(job_id: JobIdPath, body: FailureBody, me: CurrentAgent) -> StatusBody:
+        return _answer(queue().fail(me, job_id, body.error), job_id)
+
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/release", responses=_errors(401, 403, 404, 409))
+    def release(job_id: JobIdPath, me: CurrentAgent) -> StatusBody:
         return _answer(queue().release(me, job_id), job_id)
 
-    # --- read endpoints over searches -------------------------------------------------------
+    # --- read endpoints over searches (reader tokens) ---------------------------------------
 
-    @app.get(f"{API_PREFIX}/searches")
-    def searches() -> list[dict[str, Any]]:
+    @app.get(f"{API_PREFIX}/searches", responses=_errors(401, 403))
+    def searches(me: CurrentReader) -> list[dict[str, Any]]:
         return [{"name": r.name, "targets": r.config["targets"], "objective": r.config["objective"],
                  "created_at": r.created_at.isoformat()} for r in repo().list_searches()]
 
-    @app.get(f"{API_PREFIX}/searches/{{name}}")
-    def search(name: str) -> dict[str, Any]:
+    @app.get(f"{API_PREFIX}/searches/{{name}}", responses=_errors(401, 403, 404))
+    def search(name: SearchName, me: CurrentReader) -> dict[str, Any]:
         from search.controller import summary
 
-        return summary(*study(name))
+        return dict(_finite(summary(*study(name))))
 
-    @app.get(f"{API_PREFIX}/searches/{{name}}/trials")
-    def trials(name: str) -> list[dict[str, Any]]:
+    @app.get(f"{API_PREFIX}/searches/{{name}}/trials", responses=_errors(401, 403, 404))
+    def trials(name: SearchName, me: CurrentReader) -> list[dict[str, Any]]:
         _, found = study(name)
-        return [{"trial": t.number, "state": t.state.name, "values": t.values, "params": t.params,
-                 "user_attrs": t.user_attrs} for t in found.get_trials(deepcopy=False)]
+        return [_finite({"trial": t.number, "state": t.state.name, "values": t.values, "params": t.params,
+                         "user_attrs": t.user_attrs}) for t in found.get_trials(deepcopy=False)]
 
-    @app.get(f"{API_PREFIX}/searches/{{name}}/pareto")
-    def pareto(name: str, target: str | None = None) -> list[dict[str, Any]]:
+    @app.get(f"{API_PREFIX}/searches/{{name}}/pareto", responses=_errors(400, 401, 403, 404))
+    def pareto(name: SearchName, me: CurrentReader,
+               target: Annotated[str | None, Query(max_length=100)] = None) -> list[dict[str, Any]]:
         from search.controller import pareto_rows
 
         record, found = study(name)
-        return pareto_rows(record, found, target or record.config["targets"][0])
+        chosen = target or record.config["targets"][0]
+        if chosen not in record.config["targets"]:
+            raise ConfigError(f"target {chosen!r} is not one of this search's: {', '.join(record.config['targets'])}")
+        return [_finite(row) for row in pareto_rows(record, found, chosen)]
 
     return app
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a stored non-finite figure is sent as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 DB_ENV = "HWPRUNE_HUB_DB"

@@ -50,12 +50,17 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched."""
+    from alembic.util import CommandError
+
     from alembic import command
 
     try:
         command.upgrade(_config(url), revision)  # type: ignore[arg-type]
+    except CommandError as exc:
+        # e.g. a database at a revision this hwprune does not know (written by a newer one)
+        raise SchemaError(f"cannot migrate {_safe(url)}: {exc}; upgrade hwprune, or use a new database") from None
     except SQLAlchemyError as exc:
-        raise StorageError(f"migrating {url} failed: {exc}") from exc
+        raise StorageError(f"migrating {_safe(url)} failed: {exc}") from exc
 
 
 def ensure_schema(engine: Engine, url: str) -> None:
@@ -80,6 +85,11 @@ def ensure_schema(engine: Engine, url: str) -> None:
     from alembic.script import ScriptDirectory
 
     known = {s.revision for s in ScriptDirectory.from_config(_config(url)).walk_revisions()}  # type: ignore[arg-type]
+    if current in known and _holds_nothing(engine):
+        # A process killed while it created a new database leaves it part-migrated and empty
+        # (the fault matrix's SIGKILLs found this): finishing the migration loses nothing.
+        upgrade(url)
+        return
     if current in known:
         raise SchemaError(
             f"database schema at {current}, this hwprune expects {head}: "
@@ -89,6 +99,18 @@ def ensure_schema(engine: Engine, url: str) -> None:
         f"database schema at {current}, which this hwprune does not know (it expects {head}): "
         "it was written by a newer hwprune; upgrade hwprune"
     )
+
+
+def _holds_nothing(engine: Engine) -> bool:
+    """True when every hwprune table that exists is empty."""
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        for name in inspect(connection).get_table_names():
+            if name.startswith("hwprune_") and name != VERSION_TABLE:
+                if connection.execute(text(f'SELECT 1 FROM "{name}" LIMIT 1')).first() is not None:
+                    return False
+    return True
 
 
 def _safe(url: str) -> str:

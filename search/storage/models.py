@@ -102,6 +102,8 @@ class AgentRow(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
     profile: Mapped[str] = mapped_column(String(100), nullable=False)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    # "agent" measures jobs of its profile; "reader" may only read searches through the hub.
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="agent", server_default="agent")
     revoked: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     jobs_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -131,6 +133,8 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The last well-formed but implausible result, with why it was not trusted (never cached).
+    flagged_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_by_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)

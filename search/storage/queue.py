@@ -23,11 +23,14 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from latency_models.wire import AGENT_NAME, clean_text
 from search.errors import ConfigError, StorageError
 from search.storage.models import AgentRow, JobRow
 from search.storage.session import transaction
 
 QUEUED, LEASED, DONE, FAILED = "queued", "leased", "done", "failed"
+AGENT, READER = "agent", "reader"
+MAX_ERROR_CHARS = 2000
 
 
 def _now() -> dt.datetime:
@@ -47,6 +50,7 @@ class AgentRecord:
     jobs_done: int
     last_seen: dt.datetime | None
     environment: dict[str, Any] | None
+    role: str = AGENT
 
     def is_live(self, within_s: float) -> bool:
         return (not self.revoked and self.last_seen is not None
@@ -69,6 +73,7 @@ class JobRecord:
     last_error: str | None
     result: dict[str, Any] | None
     done_by_agent_id: int | None
+    flagged: dict[str, Any] | None = None
 
 
 class Outcome:
@@ -76,6 +81,7 @@ class Outcome:
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"  # the same agent posted again: harmless
+    FLAGGED = "flagged"  # implausible: kept on the job for inspection, never cached; measured again
     NOT_HOLDER = "not_holder"  # another agent holds (or finished) the job
     UNKNOWN = "unknown"
 
@@ -97,12 +103,24 @@ class JobQueue:
 
     # --- agents -----------------------------------------------------------------------------
 
-    def add_agent(self, name: str, profile: str) -> str:
-        """Register an agent; returns its bearer token (only its hash is stored)."""
+    def add_agent(self, name: str, profile: str, *, role: str = AGENT) -> str:
+        """Register an agent (or, with ``role="reader"``, a token that may only read searches);
+        returns its bearer token (only its hash is stored).
+
+        Raises:
+            ConfigError: a name that is not a short slug, or one already taken.
+        """
+        if not AGENT_NAME.match(name):
+            raise ConfigError(
+                f"agent name {clean_text(name, 40)!r} must be 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (e.g. the device's host name)")
+        if role not in (AGENT, READER):
+            raise ConfigError(f"role must be {AGENT!r} or {READER!r}, got {clean_text(role, 20)!r}")
         token = secrets.token_urlsafe(32)
         try:
             with self._session() as session:
-                session.add(AgentRow(name=name, profile=profile, token_hash=hash_token(token)))
+                session.add(AgentRow(name=name, profile=profile if role == AGENT else "", role=role,
+                                     token_hash=hash_token(token)))
         except IntegrityError:
             raise ConfigError(f"an agent named {name!r} exists: revoke it or choose another name") from None
         return token
@@ -137,7 +155,9 @@ class JobQueue:
         with self._session() as session:
             values: dict[str, Any] = {"last_seen": now}
             if environment is not None:
-                values["environment_json"] = json.dumps(environment, sort_keys=True)
+                # Shown in `hwprune agents list`: no terminal escapes, nothing long, a few keys.
+                cleaned = {clean_text(str(k), 64): clean_text(str(v), 500) for k, v in list(environment.items())[:32]}
+                values["environment_json"] = json.dumps(cleaned, sort_keys=True)
             session.execute(update(AgentRow).where(AgentRow.id == agent_id).values(**values))
             if job_id is None or lease_s is None:
                 return True
@@ -241,7 +261,7 @@ class JobQueue:
             done = session.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.status == LEASED,
                                      JobRow.lease_agent_id == agent.id)
-                .values(status=DONE, result_json=json.dumps(result, sort_keys=True),
+                .values(status=DONE, result_json=json.dumps(result, sort_keys=True, allow_nan=False),
                         done_by_agent_id=agent.id, lease_expires_at=None, updated_at=now)
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
@@ -249,6 +269,25 @@ class JobQueue:
             session.execute(update(AgentRow).where(AgentRow.id == agent.id)
                             .values(jobs_done=AgentRow.jobs_done + 1, last_seen=now))
             return Outcome.ACCEPTED, job
+
+    def flag(self, agent: AgentRecord, job_id: int, result: dict[str, Any], reason: str) -> str:
+        """The holder posted a result too implausible to trust: keep it on the job with the
+        reason, and queue the job again (or fail it past the attempt cap), like a failure."""
+        now = _now()
+        with self._session() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                return Outcome.UNKNOWN
+            if row.status != LEASED or row.lease_agent_id != agent.id:
+                return Outcome.NOT_HOLDER
+            row.flagged_json = json.dumps({"reason": reason, "agent": agent.name, "result": result},
+                                          sort_keys=True, allow_nan=False)
+            row.status = FAILED if row.attempts >= row.max_attempts else QUEUED
+            row.last_error = clean_text(f"implausible result from agent {agent.name}: {reason}", MAX_ERROR_CHARS)
+            row.lease_agent_id = None
+            row.lease_expires_at = None
+            row.updated_at = now
+            return Outcome.FLAGGED
 
     def fail(self, agent: AgentRecord, job_id: int, error: str) -> str:
         """The holder could not measure: queue again, or fail past the attempt cap."""
@@ -261,7 +300,7 @@ class JobQueue:
                 return Outcome.NOT_HOLDER
             final = row.attempts >= row.max_attempts
             row.status = FAILED if final else QUEUED
-            row.last_error = error[:2000]
+            row.last_error = clean_text(error, MAX_ERROR_CHARS)
             row.lease_agent_id = None
             row.lease_expires_at = None
             row.updated_at = now
@@ -276,7 +315,9 @@ class JobQueue:
                 .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None,
                         attempts=JobRow.attempts - 1, updated_at=_now())
             )
-            return Outcome.ACCEPTED if result.rowcount == 1 else Outcome.NOT_HOLDER  # type: ignore[attr-defined]
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return Outcome.ACCEPTED
+            return Outcome.NOT_HOLDER if session.get(JobRow, job_id) is not None else Outcome.UNKNOWN
 
     def holds_artifact(self, agent: AgentRecord, sha256: str) -> bool:
         """True when ``agent`` holds a lease on a job that needs ``sha256``."""
@@ -302,7 +343,8 @@ class JobQueue:
 def _agent(row: AgentRow) -> AgentRecord:
     return AgentRecord(id=row.id, name=row.name, profile=row.profile, revoked=row.revoked,
                        jobs_done=row.jobs_done, last_seen=row.last_seen,
-                       environment=json.loads(row.environment_json) if row.environment_json else None)
+                       environment=json.loads(row.environment_json) if row.environment_json else None,
+                       role=row.role)
 
 
 def _job(row: JobRow) -> JobRecord:
@@ -313,4 +355,5 @@ def _job(row: JobRow) -> JobRecord:
         lease_expires_at=row.lease_expires_at, attempts=row.attempts, max_attempts=row.max_attempts,
         last_error=row.last_error, result=json.loads(row.result_json) if row.result_json else None,
         done_by_agent_id=row.done_by_agent_id,
+        flagged=json.loads(row.flagged_json) if row.flagged_json else None,
     )

@@ -6,14 +6,16 @@ import datetime as dt
 import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_models import Measurement
-from search.errors import SearchNotFoundError, StorageError
+from search.errors import ConfigError, SearchNotFoundError, StorageError
 from search.storage.migrate import _safe, ensure_schema
 from search.storage.models import ArtifactRow, MeasurementRow, SearchRow
 from search.storage.session import transaction
@@ -63,6 +65,26 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StorageError(f"cannot use database {url!r}: {exc}") from exc
+
+
+def require_database(url: str) -> None:
+    """Refuse a SQLite file that does not exist, for commands that only read: connecting would
+    create it (and a typo in ``--db`` would silently show an empty database).
+
+    Raises:
+        ConfigError: the URL is malformed, or names a SQLite file that does not exist.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. sqlite:///hwprune.db") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if not Path(parsed.database).is_file():
+        raise ConfigError(
+            f"no database file {parsed.database!r}: check --db or HWPRUNE_DB "
+            "(a database is created by `hwprune search start` or `hwprune db upgrade`)"
+        )
 
 
 class Repository:
@@ -189,6 +211,18 @@ class Repository:
                 return existing
             raise StorageError("measurement cache insert failed and no row exists") from None
         return CachedMeasurement(m, ratio, ratio_ci)
+
+    def reference_median_us(self, artifact_sha256: str, profile_fingerprint: str) -> float | None:
+        """The cached unpaired median of ``artifact_sha256`` on these profile settings (a search's
+        base model), against which a paired ratio can be checked; None when not cached."""
+        with self._session() as session:
+            return session.scalars(
+                select(MeasurementRow.median_us).where(
+                    MeasurementRow.artifact_sha256 == artifact_sha256,
+                    MeasurementRow.profile_fingerprint == profile_fingerprint,
+                    MeasurementRow.reference_sha256 == "",
+                ).limit(1)
+            ).first()
 
     def count_measurements(self) -> int:
         with self._session() as session:

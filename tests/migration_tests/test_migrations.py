@@ -97,14 +97,15 @@ def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) 
     db = tmp_path / "old.db"
     shutil.copyfile(ASSETS / "schema_0001.db", db)
     url = f"sqlite:///{db}"
-    with pytest.raises(SchemaError, match=r"schema at 0001, this hwprune expects 0002: run `hwprune db upgrade --db "):
+    with pytest.raises(SchemaError, match=rf"schema at 0001, this hwprune expects {head_revision()}: "
+                       r"run `hwprune db upgrade --db "):
         Repository(url)
     runner = CliRunner()
     refused = runner.invoke(app, ["search", "status", "t1", "--db", url])
     assert refused.exit_code == 2 and "run `hwprune db upgrade" in refused.stderr
     upgraded = runner.invoke(app, ["db", "upgrade", "--db", url])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "schema 0001 -> 0002" in upgraded.stdout
+    assert f"schema 0001 -> {head_revision()}" in upgraded.stdout
     status = runner.invoke(app, ["search", "status", "t1", "--db", url, "--json"])
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["completed"] == 6
@@ -125,4 +126,32 @@ def test_upgrade_from_0001_keeps_rows(db_url: str) -> None:
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM hwprune_artifacts")).scalar_one() == 1
         assert connection.execute(text("SELECT count(*) FROM hwprune_jobs")).scalar_one() == 0
+    engine.dispose()
+
+
+def test_upgrade_from_0002_keeps_agents_and_jobs(db_url: str) -> None:
+    """0003 adds agent roles and flagged results: existing agents stay agents, jobs stay put."""
+    upgrade(db_url, "0002")
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO hwprune_agents (name, profile, token_hash, revoked, jobs_done, created_at) "
+            "VALUES ('orin-1', 'p', 'h', false, 3, CURRENT_TIMESTAMP)"))
+        connection.execute(text(
+            "INSERT INTO hwprune_jobs (status, profile, profile_fingerprint, signature, artifact_sha256, "
+            "reference_sha256, attempts, max_attempts, created_at, updated_at) "
+            "VALUES ('queued', 'p', 'f', 's', 'a', '', 0, 3, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    upgrade(db_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT role, jobs_done FROM hwprune_agents")).one() == ("agent", 3)
+        assert connection.execute(text("SELECT status, flagged_json FROM hwprune_jobs")).one() == ("queued", None)
+    engine.dispose()
+
+
+def test_empty_part_migrated_database_is_finished_not_refused(db_url: str) -> None:
+    """A process SIGKILLed while it created a database leaves it at an older revision, empty."""
+    upgrade(db_url, "0001")
+    engine = create_engine(db_url)
+    ensure_schema(engine, db_url)
+    assert current_revision(engine) == head_revision()
     engine.dispose()

@@ -23,7 +23,7 @@ def hub(tmp_path: Path, start_hub: Callable[..., Any], onnx_artifact: Path) -> d
     repo = Repository(url)
     queue = JobQueue(repo.engine)
     tokens = {"a": queue.add_agent("a", PROFILE), "b": queue.add_agent("b", PROFILE),
-              "cpu": queue.add_agent("cpu", "cpu-ort-fp32")}
+              "cpu": queue.add_agent("cpu", "cpu-ort-fp32"), "reader": queue.add_agent("dash", "", role="reader")}
     sha = file_sha256(onnx_artifact)
     repo.put_artifact(sha, onnx_artifact.read_bytes())
     repo.put_artifact("e" * 64, b"not leased by anybody")
@@ -119,6 +119,8 @@ def test_heartbeat_reports_lease_and_openapi_is_served(hub: dict[str, Any]) -> N
             assert b.post("/agents/heartbeat", json={"job_id": job["id"]}).json() == {"lease_held": False}
         spec = a.get("/openapi.json").json()
         assert "/v1/jobs/lease" in spec["paths"] and spec["info"]["version"] == "1"
-        assert a.get("/searches").json() == []
-        missing = a.get("/searches/nope")
+        assert a.get("/searches").status_code == 403  # an agent's token measures; it does not read
+    with _client(hub, "reader") as reader:
+        assert reader.get("/searches").json() == []
+        missing = reader.get("/searches/nope")
         assert missing.status_code == 404 and missing.json()["error"] == "SearchNotFoundError"
