@@ -46,10 +46,11 @@ class Plan:
             raise PlanError(f"{origin}: expected a mapping with 'channels' and/or 'sparsity'")
         unknown = set(data) - {"channels", "sparsity"}
         if unknown:
-            raise PlanError(
-                f"{origin}: unknown key(s) {short_repr(sorted(map(str, unknown)))}; "
-                "allowed: channels, sparsity"
-            )
+            names = sorted(map(str, unknown))
+            # At most five names, each cut short: a hostile file cannot flood the terminal.
+            shown = ", ".join(short_repr(name) if len(name) > 40 else name for name in names[:5])
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise PlanError(f"{origin}: unknown key(s) {shown}{more}; allowed: channels, sparsity")
         channels = data.get("channels") or {}
         sparsity = data.get("sparsity") or {}
         if not isinstance(channels, dict) or not isinstance(sparsity, dict):

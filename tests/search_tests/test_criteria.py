@@ -155,7 +155,7 @@ def test_rematerialisation_uses_the_stored_criterion(tmp_path: Path) -> None:
                   calibration=bundle.train_loader)
     measured = export_onnx(trial.model, bundle.example_input, tmp_path / "trial")
     attrs = {"plan": plan.to_dict(), "artifact_sha256": measured.sha256}
-    base = {"name": "s", "model": "x.y:z", "recovery": {"steps": 0}}
+    base = {"name": "s", "model": "x.y:z", "recovery": {"steps": 0, "bn_batches": 0, "holdout_batches": 0}}
     config = load_search_config(None, {**base, "nm_criterion": "sparsegpt"})
     _, rebuilt, artifact = rebuild_trial(bundle=bundle, space=space, config=config, attrs=attrs,
                                          base_signature="dense", artifact_dir=tmp_path / "a", batch_size=1)

@@ -212,6 +212,7 @@ def test_bad_config_file(tmp_path: Path, env: dict[str, str]) -> None:
 
 def test_unknown_search(tmp_path: Path, env: dict[str, str]) -> None:
     url = f"sqlite:///{tmp_path / 'h.db'}"
+    assert _invoke(["db", "upgrade", "--db", url], env).exit_code == 0  # a database without that search
     for args in (["search", "resume", "nope"], ["search", "status", "nope"], ["pareto", "nope"]):
         result = _invoke([*args, "--db", url], env)
         assert result.exit_code == 2
