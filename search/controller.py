@@ -38,6 +38,7 @@ from search.latency import LocalMeter, Meter, RemoteMeter, measure_base
 from search.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.pareto import TrialPoint, pareto_front
 from search.pruning import architecture_signature
+from search.reward import reward
 from search.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
 from search.storage.queue import JobQueue
@@ -523,7 +524,10 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
             entry["count"] += 1
     points = trial_points(study, record)
     feasible = [p for p in points if p.reward is not None and p.feasible]
-    best = max(feasible, key=lambda p: p.reward or 0.0) if feasible else None
+    # The best trial by the reward on the figures shown (confirmed where confirmed): a trial that
+    # led on a lucky first session must not be named best beside a front it is not on.
+    scored = [(shown_reward(p, record), p) for p in feasible]
+    best_reward, best = max(scored, key=lambda pair: pair[0]) if scored else (None, None)
     stage_times: dict[str, list[float]] = {}
     for point in points:
         for stage, seconds in point.stage_s.items():
@@ -542,7 +546,7 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "infeasible": sum(not p.feasible for p in points),
         "failures_by_stage": failures,
         "stage_median_s": {stage: statistics.median(values) for stage, values in sorted(stage_times.items())},
-        "best_reward": best.reward if best is not None else None,
+        "best_reward": best_reward,
         "best_trial": best.trial if best is not None else None,
         "best_is_base": best is not None and best.signature == record.base["signature"],
         "error_floor": error_floor_of(record),
@@ -551,6 +555,14 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "base_latency_us": base_latency_us(record, study),
         "created_at": record.created_at.isoformat(),
     }
+
+
+def shown_reward(point: TrialPoint, record: SearchRecord) -> float:
+    """The reward of ``point`` on the primary target's figure as shown (confirmed where confirmed)."""
+    config = SearchConfig.model_validate(record.config)
+    latency = point.latency_us[config.targets[0]]
+    return reward(point.error, latency, error_floor=error_floor_of(record),
+                  resource_constrained=config.constraints.has_latency_budget)
 
 
 def best_is_base_warning(info: dict[str, Any], config: SearchConfig) -> str | None:
