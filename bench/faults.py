@@ -41,22 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TINY_PLUGIN = '''
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from search.bundle import ModelBundle, classification_error
-
-def bundle():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
-    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    return ModelBundle(name="tiny", model=model, example_input=x[:1], train_loader=loader,
-                       val_loader=loader, error_fn=classification_error)
-'''
+TINY_PLUGIN = (ROOT / "tests" / "search_tests" / "tiny_plugin.py").read_text()
 
 STANDIN_PROFILE = """\
 description: Loopback stand-in for a Jetson Orin's CPU cores, served by an agent on this machine.
