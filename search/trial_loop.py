@@ -24,7 +24,7 @@ from types import TracebackType
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages._heartbeat import BaseHeartbeat  # the heartbeat protocol; Optuna does not re-export it
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import TrialsKeepFailing
