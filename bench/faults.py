@@ -117,7 +117,12 @@ def search_faults(workdir: Path, *, kills: int, seed: int, trials: int = 40,
     counts = Counts()
     seen: dict[int, tuple[Any, ...]] = {}
     log = workdir / "search.log"
+    step, starts = 2, 0
     while counts.kills < kills:
+        starts += 1
+        if starts > 4 * kills + 20:
+            counts.notes.append(f"gave up after {starts - 1} starts: the search kept finishing before its kill")
+            break
         process = _hwprune(*command(), env=env, log=log)
         deadline = time.monotonic() + rng.uniform(*delay_s)
         while time.monotonic() < deadline and process.poll() is None:
@@ -126,7 +131,10 @@ def search_faults(workdir: Path, *, kills: int, seed: int, trials: int = 40,
             if process.returncode != 0:
                 counts.notes.append(f"search exited {process.returncode} before its kill; see {log}")
                 break
-            budget += 2  # finished before the kill: more to do, so that later kills land mid-search
+            # Finished before the kill (a fast machine): give it twice as much more to do each time,
+            # so that a later start outlives the kill delay and the kill lands mid-search.
+            step *= 2
+            budget += step
             continue
         _kill(process)
         counts.kills += 1
