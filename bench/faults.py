@@ -43,17 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TINY_PLUGIN = (ROOT / "tests" / "search_tests" / "tiny_plugin.py").read_text()
 
-STANDIN_PROFILE = """\
-description: Loopback stand-in for a Jetson Orin's CPU cores, served by an agent on this machine.
-backend: onnxruntime
-device_class: jetson-orin
-location: remote
-threads: 1
-warmup: {runs: 3, min_seconds: 0}
-repeat: {min_runs: 10, max_runs: 400, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.03}
-channel_multiple: 16
-timeout_s: 120
-"""
+STANDIN_PROFILE = (ROOT / "tests" / "standin_profile.yaml").read_text()
 PROFILE = "jetson-orin-ort-cpu"
 
 

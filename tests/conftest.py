@@ -316,17 +316,8 @@ def spawn_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes
         process.wait(timeout=30)
 
 
-STANDIN_PROFILE = """\
-description: Loopback stand-in for a Jetson Orin's CPU cores, served by an agent on this machine.
-backend: onnxruntime
-device_class: jetson-orin
-location: remote
-threads: 1
-warmup: {runs: 3, min_seconds: 0}
-repeat: {min_runs: 10, max_runs: 400, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.03}
-channel_multiple: 16
-timeout_s: 120
-"""
+# A loopback stand-in for a Jetson Orin profile, shared with bench/faults.py.
+STANDIN_PROFILE = (Path(__file__).parent / "standin_profile.yaml").read_text()
 
 
 @pytest.fixture
