@@ -29,16 +29,11 @@ from _report import write_section  # noqa: E402
 
 from latency_models import registry  # noqa: E402
 from search.config import cache_dir, load_search_config, resolve_profile  # noqa: E402
-from search.controller import (  # noqa: E402
-    Runtime,
-    confirm_front,
-    load_study,
-    prepare,
-    run_worker,
-    trial_points,
-)
-from search.pareto import TrialPoint, pareto_front  # noqa: E402
 from search.storage import Repository  # noqa: E402
+from search.study.controller import confirm_front, prepare, run_worker  # noqa: E402
+from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
+from search.study.read import trial_points  # noqa: E402
+from search.study.runtime import Runtime, load_study  # noqa: E402
 
 TARGET = "cpu-ort-fp32"
 MODELS = {"ResNet-18": "zoo_plugin:resnet18_224", "MobileNetV2": "zoo_plugin:mobilenetv2_224"}

@@ -4,7 +4,7 @@ Three models: the built-in ``digits`` example (trained), the zoo's transformer e
 Llama built from a ``transformers`` config (both randomly initialised). Fidelity is the relative
 output error ``||f'(x) - f(x)|| / ||f(x)||`` of the pruned model against the dense one on held-out
 inputs, plus top-1 agreement with the dense model (and digits' top-1 error on its validation set).
-Calibration: the first 8 batches of each training loader (``search.pruning.CALIBRATION_BATCHES``).
+Calibration: the first 8 batches of each training loader (``search.pipeline.pruning.CALIBRATION_BATCHES``).
 The random models' loaders label each input with the dense model's own top-1 prediction, so
 gradient importances see a meaningful loss.
 
@@ -32,11 +32,11 @@ from _report import write_section  # noqa: E402
 
 from hardware_profiles import load_profile  # noqa: E402
 from search.config import cache_dir  # noqa: E402
-from search.examples import digits  # noqa: E402
-from search.plan import Plan  # noqa: E402
-from search.pruning import CALIBRATION_BATCHES  # noqa: E402
-from search.space import SearchSpace, apply, build_space  # noqa: E402
-from search.zoo import TinyTransformer, tiny_llama, token_ids  # noqa: E402
+from search.examples.digits import digits  # noqa: E402
+from search.examples.zoo import TinyTransformer, tiny_llama, token_ids  # noqa: E402
+from search.pipeline.plan import Plan  # noqa: E402
+from search.pipeline.pruning import CALIBRATION_BATCHES  # noqa: E402
+from search.pipeline.space import SearchSpace, apply, build_space  # noqa: E402
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 IMPORTANCES = ("magnitude", "taylor", "llm-pruner", "movement")

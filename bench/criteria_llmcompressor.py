@@ -33,8 +33,8 @@ def _relative(out: torch.Tensor, dense: torch.Tensor) -> float:
 
 def prepare(folder: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from search.sparsity import sparsify
-    from search.zoo import tiny_llama, token_ids
+    from search.examples.zoo import tiny_llama, token_ids
+    from search.pipeline.sparsity import sparsify
 
     wrapped = tiny_llama(hidden=128, layers=4, heads=8, kv_heads=2, intermediate=352, vocab=VOCAB)
     model = wrapped.model
@@ -100,7 +100,7 @@ def measure(folder: Path) -> None:
         "The Llama of the criteria benchmark (4 layers, hidden 128, 8 query / 2 kv heads, random init), "
         f"{SEQUENCES} calibration sequences of {TOKENS} tokens, every Linear but lm_head at 2:4; "
         "`rel. error` = ||pruned - dense|| / ||dense|| of the logits on 8 held-out sequences. hwprune: "
-        "`search.sparsity.sparsify`; llmcompressor: `oneshot` with its modifier (sequential pipeline, its "
+        "`search.pipeline.sparsity.sparsify`; llmcompressor: `oneshot` with its modifier (sequential pipeline, its "
         "defaults), in a venv of its own over the project's torch (it pins another transformers).\n\n"
         "| implementation | criterion | rel. error | seconds |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
 from hardware_profiles import load_profile  # noqa: E402
-from search.export import export_onnx  # noqa: E402
-from search.plan import Plan  # noqa: E402
-from search.space import apply, build_space  # noqa: E402
-from search.zoo import make_architecture  # noqa: E402
+from search.examples.zoo import make_architecture  # noqa: E402
+from search.pipeline.onnx_export import export_onnx  # noqa: E402
+from search.pipeline.plan import Plan  # noqa: E402
+from search.pipeline.space import apply, build_space  # noqa: E402
 
 PLANS = 5
 CASES = [("ResNet-18 (width 64) @224", "resnet18-full", 224), ("MobileNetV2-style @64", "mobilenetv2", 64),

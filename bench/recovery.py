@@ -44,18 +44,18 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from hardware_profiles import load_profile  # noqa: E402
-from search.bundle import ModelBundle, classification_error  # noqa: E402
 from search.config import RecoverySettings, cache_dir  # noqa: E402
-from search.examples import digits, digits_tensors  # noqa: E402
-from search.plan import Plan  # noqa: E402
-from search.recovery import (  # noqa: E402
+from search.examples.digits import digits, digits_tensors  # noqa: E402
+from search.examples.zoo import make_architecture  # noqa: E402
+from search.pipeline.bundle import ModelBundle, classification_error  # noqa: E402
+from search.pipeline.plan import Plan  # noqa: E402
+from search.pipeline.recovery import (  # noqa: E402
     RecoveryConfig,
     adapt_batchnorm,
     recover,
     training_split,
 )
-from search.space import SearchSpace, apply, build_space  # noqa: E402
-from search.zoo import make_architecture  # noqa: E402
+from search.pipeline.space import SearchSpace, apply, build_space  # noqa: E402
 
 THREADS = 1
 

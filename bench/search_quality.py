@@ -17,7 +17,7 @@ Methods: ``tpe``, ``amc`` and ``random`` optimise the scalar reward; ``tpe-paret
 
 A seed here is the search's ``seed``, and it varies everything random in a search: the sampler,
 the recovery's held-out slice of the training data, its batch order (and so the batches adaptive
-batch-norm sees) and torch's generator during recovery (see ``search.recovery``). Two seeds are
+batch-norm sees) and torch's generator during recovery (see ``search.pipeline.recovery``). Two seeds are
 two independent searches, not one search re-sampled.
 
 Run by hand: ``.venv/bin/python bench/search_quality.py [--trials 24] [--seeds 0 1 2]``.
@@ -37,9 +37,11 @@ import optuna  # noqa: E402
 from _report import write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
-from search.controller import Runtime, load_study, prepare, run_worker, trial_points  # noqa: E402
-from search.pareto import TrialPoint, pareto_front  # noqa: E402
-from search.space import kept_units  # noqa: E402
+from search.pipeline.space import kept_units  # noqa: E402
+from search.study.controller import prepare, run_worker  # noqa: E402
+from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
+from search.study.read import trial_points  # noqa: E402
+from search.study.runtime import Runtime, load_study  # noqa: E402
 
 TARGET = "cpu-ort-fp32"
 REFERENCE = (0.10, 1.05)

@@ -1,7 +1,7 @@
 """Model plugins over the zoo's reference architectures at 224x224, for benchmarks.
 
 No labels exist for these randomly initialised models, so the error is fidelity to the dense
-model (``search.bundle.fidelity_error``: 1 - cosine similarity of the outputs) and recovery
+model (``search.pipeline.bundle.fidelity_error``: 1 - cosine similarity of the outputs) and recovery
 distils the dense outputs (the training targets are the dense model's outputs, the loss their
 mean squared error). The inputs are seeded noise. Use as ``--model zoo_plugin:resnet18_224`` with
 ``bench/`` on ``PYTHONPATH``.
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.bundle import ModelBundle, fidelity_error
-from search.zoo import make_architecture
+from search.examples.zoo import make_architecture
+from search.pipeline.bundle import ModelBundle, fidelity_error
 
 
 def _bundle(name: str, architecture: str, *, samples: int = 32, batch: int = 8) -> ModelBundle:

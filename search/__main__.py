@@ -1,5 +1,5 @@
 """``python -m search`` runs the ``hwprune`` command line (used to spawn parallel workers)."""
 
-from search.cli import main
+from search.cli.main import main
 
 main()

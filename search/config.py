@@ -68,6 +68,8 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
 # --- search configuration ---------------------------------------------------------------------
 
 DB_ENV = "HWPRUNE_DB"
+# The share of each group's channels a plan may keep, unless a search names its own grid.
+DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 DEFAULT_DB = "sqlite:///hwprune.db"
 
 
@@ -94,7 +96,7 @@ class ConstraintsConfig(_Section):
 
 
 class RecoverySettings(_Section):
-    """Recovery after pruning, per trial (see ``search.recovery``): adaptive batch-norm on
+    """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
     and after, judged on ``holdout_batches`` held-out training batches."""
 
@@ -127,9 +129,8 @@ class SearchConfig(_Section):
     recovery: RecoverySettings = RecoverySettings()
     importance: Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"] = "magnitude"
     nm_criterion: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
-    keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [
-        0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0,
-    ]
+    keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = list(
+        DEFAULT_KEEP_RATIOS)
     ignored_layers: list[str] = []
     # None: the base model's error plus DEFAULT_ERROR_TOLERANCE (see ``resolve_error_floor``).
     error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None

@@ -115,7 +115,7 @@ def hwprune_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_bundle(hwprune_cache: Path) -> Any:
-    from search.examples import digits
+    from search.examples.digits import digits
 
     return digits(cache_dir=hwprune_cache)
 
@@ -208,7 +208,7 @@ class HubThread:
     """The hub (real uvicorn) in a thread on 127.0.0.1; ``restart()`` keeps its port."""
 
     def __init__(self, db_url: str, *, lease_s: float = 2.0, max_result_bytes: int | None = None) -> None:
-        from search.service import HubSettings
+        from search.hub.app import HubSettings
 
         extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
         self.settings = HubSettings(db_url=db_url, lease_s=lease_s, **extra)
@@ -224,7 +224,7 @@ class HubThread:
     def start(self) -> HubThread:
         import uvicorn
 
-        from search.service import create_app
+        from search.hub.app import create_app
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -280,7 +280,7 @@ class _Block:
             raise ImportError(f'{name} is blocked: the agent must not import it')
         return None
 sys.meta_path.insert(0, _Block())
-from search.cli import main
+from search.cli.main import main
 sys.argv = ['hwprune'] + sys.argv[1:]
 main()
 """

@@ -13,7 +13,7 @@ from hardware_profiles import InvalidProfileError, load_profile_file
 from hardware_profiles.loader import MAX_YAML_BYTES
 from search.config import load_search_config
 from search.errors import ConfigError, PlanError
-from search.plan import Plan
+from search.pipeline.plan import Plan
 
 
 def alias_bomb(levels: int = 7, fan: int = 10) -> str:

@@ -92,7 +92,7 @@ def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) 
     """A database written by the released 0001 schema (a finished 6-trial search, checked in)."""
     from typer.testing import CliRunner
 
-    from search.cli import app
+    from search.cli.main import app
 
     db = tmp_path / "old.db"
     shutil.copyfile(ASSETS / "schema_0001.db", db)

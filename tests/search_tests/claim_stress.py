@@ -42,7 +42,7 @@ def _storage(url: str, mode: str) -> optuna.storages.RDBStorage:
 def worker(url: str, study_name: str, mode: str, log: Path, run_s: float, kill_first: bool) -> None:
     """Run trials until every enqueued plan completed (at most ``run_s`` seconds); with
     ``kill_first`` die by SIGKILL inside the first enqueued trial this worker claims."""
-    from search.trial_loop import LoopLimits, run_trials
+    from search.study.trial_loop import LoopLimits, run_trials
 
     storage = _storage(url, mode)
     study = optuna.load_study(study_name=study_name, storage=storage)

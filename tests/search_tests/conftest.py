@@ -1,4 +1,4 @@
-"""Fixtures over the reference architectures of ``search.zoo``: residual, depthwise, attention."""
+"""Fixtures over the reference architectures of ``search.examples.zoo``: residual, depthwise, attention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.zoo import make_architecture
+from search.examples.zoo import make_architecture
 
 TEST_ARCHITECTURES = ("mobilenetv2", "resnet18", "transformer")
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from hardware_profiles import load_profile
-from search.bundle import ModelBundle, load_bundle
 from search.errors import ModelLoadError
-from search.export import export_onnx
-from search.materialize import load_pruned, write_model_dir
-from search.recovery import RecoveryConfig, recover
-from search.space import apply, build_space
+from search.examples import load_bundle
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.onnx_export import export_onnx
+from search.pipeline.recovery import RecoveryConfig, recover
+from search.pipeline.space import apply, build_space
+from search.study.materialize import load_pruned, write_model_dir
 
 
 def test_digits_example_is_trained_and_cached(digits_bundle: ModelBundle, hwprune_cache: Path) -> None:
@@ -42,7 +43,7 @@ def test_plugin_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_bundle("myplugin:missing", cache_dir=tmp_path)
     with pytest.raises(ModelLoadError, match="myplugin has no function 'value'"):
         load_bundle("myplugin:value", cache_dir=tmp_path)
-    with pytest.raises(ModelLoadError, match="returned int; it must return search.bundle.ModelBundle"):
+    with pytest.raises(ModelLoadError, match="returned int; it must return search.pipeline.bundle.ModelBundle"):
         load_bundle("myplugin:not_a_bundle", cache_dir=tmp_path)
     sys.modules.pop("myplugin", None)
 
@@ -60,7 +61,7 @@ def test_recovery_restores_accuracy_and_keeps_nm(digits_bundle: ModelBundle) -> 
     after = bundle.error_fn(pruned.model, bundle.val_loader)
     assert after < before
     modules = dict(pruned.model.named_modules())
-    from search.sparsity import satisfies_nm
+    from search.pipeline.sparsity import satisfies_nm
 
     assert all(satisfies_nm(modules[name].weight, 2, 4) for name in sparse)  # type: ignore[arg-type]
 

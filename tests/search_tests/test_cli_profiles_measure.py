@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from search.cli import app
+from search.cli.main import app
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_gpu_check_plumbing_on_the_onnxruntime_cpu_backend() -> None:
     """The self-check's export, 2:4 plan and paired timing, run on ONNX Runtime CPU as a stand-in
     for TensorRT (no GPU here): CPU kernels ignore 2:4, so no speedup is expected or asserted."""
     from hardware_profiles import load_profile
-    from search.doctor import gpu_check
+    from search.cli.doctor import gpu_check
 
     rows = gpu_check(load_profile("cpu-ort-fp32"), resolution=64)
     assert [r.model for r in rows] == ["resnet18 dense", "resnet18 2:4"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from search.cli import app
+from search.cli.main import app
 
 runner = CliRunner()
 

@@ -11,16 +11,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hardware_profiles import load_profile
-from search.bundle import ModelBundle, classification_error
 from search.config import load_search_config
 from search.errors import ConfigError, PlanError, SearchError
-from search.export import export_onnx
-from search.materialize import rebuild_trial
-from search.plan import Plan
-from search.pruning import calibration_batches
-from search.space import apply, build_space
-from search.sparsity import nm_mask, satisfies_nm, sparsify
-from search.zoo import make_architecture
+from search.examples.zoo import make_architecture
+from search.pipeline.bundle import ModelBundle, classification_error
+from search.pipeline.onnx_export import export_onnx
+from search.pipeline.plan import Plan
+from search.pipeline.pruning import calibration_batches
+from search.pipeline.space import apply, build_space
+from search.pipeline.sparsity import nm_mask, satisfies_nm, sparsify
+from search.study.materialize import rebuild_trial
 
 
 def _output_error(dense: nn.Module, sparse: nn.Module, inputs: torch.Tensor) -> float:
@@ -183,7 +183,7 @@ def test_zoo_transformer_takes_every_criterion() -> None:
 def test_search_start_refuses_an_unknown_nm_criterion(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from search.cli import app
+    from search.cli.main import app
 
     result = CliRunner().invoke(app, ["search", "start", "--name", "s", "--example", "digits",
                                       "--nm-criterion", "obs", "--db", f"sqlite:///{tmp_path}/h.db"])

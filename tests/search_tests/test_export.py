@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from search.errors import ExportError
-from search.export import export_onnx
+from search.pipeline.onnx_export import export_onnx
 
 Factory = Callable[[str, int], tuple[nn.Module, torch.Tensor]]
 

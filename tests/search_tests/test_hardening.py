@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from hardware_profiles.loader import MAX_YAML_DEPTH
-from search.cli import app
+from search.cli.main import app
 from search.storage import Repository
 from search.storage.queue import QUEUED, JobQueue
 

@@ -25,7 +25,7 @@ from schemathesis import GenerationMode, checks  # noqa: E402
 from schemathesis.core.parameters import ParameterLocation  # noqa: E402
 
 from latency_models import file_sha256  # noqa: E402
-from search.cli import app  # noqa: E402
+from search.cli.main import app  # noqa: E402
 from search.storage import Repository  # noqa: E402
 from search.storage.queue import JobQueue  # noqa: E402
 

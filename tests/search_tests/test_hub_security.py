@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from latency_models import Measurement, file_sha256
-from search.cli import app
+from search.cli.main import app
 from search.storage import Repository
 from search.storage.queue import FAILED, QUEUED, JobQueue
 

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from hardware_profiles import load_profile
-from search.export import export_onnx
-from search.plan import Plan
-from search.pruning import discover
-from search.space import SearchSpace, apply, build_space
-from search.sparsity import satisfies_nm
-from search.zoo import tiny_llama, token_ids
+from search.examples.zoo import tiny_llama, token_ids
+from search.pipeline.onnx_export import export_onnx
+from search.pipeline.plan import Plan
+from search.pipeline.pruning import discover
+from search.pipeline.space import SearchSpace, apply, build_space
+from search.pipeline.sparsity import satisfies_nm
 
 pytest.importorskip("transformers")
 # transformers' mask code turns shape checks into Python booleans while traced and indexes with

@@ -8,10 +8,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from hardware_profiles import load_profile
-from search.bundle import Batch, ModelBundle, classification_error, seeded_error
 from search.config import RecoverySettings, SearchConfig
 from search.errors import ModelLoadError
-from search.recovery import (
+from search.examples.zoo import make_architecture
+from search.pipeline.bundle import Batch, ModelBundle, classification_error, seeded_error
+from search.pipeline.recovery import (
     RecoveryConfig,
     adapt_batchnorm,
     recover,
@@ -19,8 +20,7 @@ from search.recovery import (
     recovery_for,
     training_split,
 )
-from search.space import SearchSpace, apply, build_space
-from search.zoo import make_architecture
+from search.pipeline.space import SearchSpace, apply, build_space
 
 
 def _space(bundle: ModelBundle) -> SearchSpace:

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from latency_models import file_sha256
-from search.cli import app
+from search.cli.main import app
 from search.storage import Repository
 from search.storage.queue import DONE, JobQueue
 
@@ -68,7 +68,7 @@ def test_agent_path_imports_neither_torch_nor_optuna(agent_launcher: str) -> Non
                               "--profile", PROFILE], capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if k != "HWPRUNE_AGENT_TOKEN"})
     assert refused.returncode == 2 and "give --token or set HWPRUNE_AGENT_TOKEN" in refused.stderr
-    blocked = subprocess.run([sys.executable, "-c", agent_launcher.replace("from search.cli import main",
+    blocked = subprocess.run([sys.executable, "-c", agent_launcher.replace("from search.cli.main import main",
                               "import optuna"), "x"], capture_output=True, text=True)
     assert blocked.returncode != 0 and "optuna is blocked" in blocked.stderr  # the block is real
 

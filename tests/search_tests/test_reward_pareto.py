@@ -6,8 +6,8 @@ import random
 import pytest
 
 from search.errors import SearchError
-from search.pareto import TrialPoint, dominates, pareto_front
-from search.reward import reward
+from search.study.pareto import TrialPoint, dominates, pareto_front
+from search.study.reward import reward
 
 
 def test_reward_is_amc_with_latency() -> None:
@@ -74,7 +74,7 @@ def test_samplers_differ() -> None:
     import optuna
 
     from search.config import load_search_config
-    from search.controller import make_sampler
+    from search.study.runtime import make_sampler
 
     def proposals(sampler_name: str) -> list[dict[str, int]]:
         config = load_search_config(None, {"name": "s", "example": "digits", "sampler": sampler_name, "trials": 24})

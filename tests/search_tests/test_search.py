@@ -18,7 +18,7 @@ from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from search.cli import app
+from search.cli.main import app
 from search.storage import Repository
 
 runner = CliRunner()
@@ -305,7 +305,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.bundle import ModelBundle, classification_error
+from search.pipeline.bundle import ModelBundle, classification_error
 from search.errors import SearchError
 
 calls = {"n": 0}

@@ -13,10 +13,10 @@ from torch import nn
 
 from hardware_profiles import HardwareProfile, load_profile
 from search.errors import PlanError
-from search.export import export_onnx
-from search.plan import Plan
-from search.space import SearchSpace, apply, build_space, kept_units
-from search.sparsity import nm_mask, satisfies_nm
+from search.pipeline.onnx_export import export_onnx
+from search.pipeline.plan import Plan
+from search.pipeline.space import SearchSpace, apply, build_space, kept_units
+from search.pipeline.sparsity import nm_mask, satisfies_nm
 
 Arch = tuple[str, nn.Module, torch.Tensor]
 Factory = Callable[[str, int], tuple[nn.Module, torch.Tensor]]

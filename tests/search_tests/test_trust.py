@@ -15,9 +15,9 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from search.cli import app
-from search.confirmation import Session, conclude, needs_another, overlap
-from search.reward import reward
+from search.cli.main import app
+from search.study.confirmation import Session, conclude, needs_another, overlap
+from search.study.reward import reward
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 runner = CliRunner()
@@ -77,7 +77,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.bundle import ModelBundle, fidelity_error
+from search.pipeline.bundle import ModelBundle, fidelity_error
 
 
 def bundle():
@@ -201,8 +201,8 @@ def _trial(study: optuna.Study, signature: str, error: float, ratio: float, ci: 
 
 
 def test_an_unconfirmed_lucky_figure_never_hides_a_confirmed_trial() -> None:
-    from search.confirmation import Confirmation, key
-    from search.controller import pareto_rows
+    from search.study.confirmation import Confirmation, key
+    from search.study.read import pareto_rows
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

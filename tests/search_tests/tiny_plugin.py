@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.bundle import ModelBundle, classification_error
+from search.pipeline.bundle import ModelBundle, classification_error
 
 
 def bundle() -> ModelBundle:

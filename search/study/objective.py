@@ -20,15 +20,15 @@ from typing import Any
 import optuna
 
 from latency_models import LatencyError
-from search.bundle import ModelBundle, seeded_error
 from search.config import SearchConfig
 from search.errors import SearchError
-from search.export import export_onnx
-from search.latency import LocalMeter, Meter
-from search.recovery import RecoveryConfig, recover_with_report, recovery_for
-from search.reward import reward
-from search.space import SearchSpace, apply
+from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.onnx_export import export_onnx
+from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
+from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
+from search.study.latency import LocalMeter, Meter
+from search.study.reward import reward
 
 logger = logging.getLogger(__name__)
 

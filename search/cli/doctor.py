@@ -10,9 +10,15 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
 
 from hardware_profiles import HardwareProfile
 from latency_models import LatencyError, registry
+from search.cli._app import app, handle_errors, state, stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +59,10 @@ class GpuCheckRow:
 
 def gpu_check(profile: HardwareProfile, *, resolution: int = 224) -> list[GpuCheckRow]:
     """Time ResNet-18 dense and 2:4 on ``profile``'s GPU backend (raises where it cannot run)."""
-    from search.export import export_onnx
-    from search.plan import Plan
-    from search.space import apply, build_space
-    from search.zoo import make_architecture
+    from search.examples.zoo import make_architecture
+    from search.pipeline.onnx_export import export_onnx
+    from search.pipeline.plan import Plan
+    from search.pipeline.space import apply, build_space
 
     model, example = make_architecture("resnet18-full", resolution=resolution)
     nm_profile = profile if "2:4" in profile.sparsity_patterns else profile.model_copy(
@@ -79,3 +85,32 @@ def gpu_check(profile: HardwareProfile, *, resolution: int = 224) -> list[GpuChe
     return rows
 
 
+@app.command("doctor")
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="Build and time ResNet-18 dense and 2:4 with TensorRT.")] = False,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",
+) -> None:
+    """Show versions and which latency backends run here; with --gpu, verify TensorRT and 2:4."""
+    with handle_errors():
+        from hardware_profiles import discover, load_profile_file
+        from search.study.runtime import package_versions
+
+        profiles = [load_profile_file(s.path) for s in discover(state.profile_dirs).values()]
+        if not gpu:
+            out = stdout()
+            for package, version in package_versions().items():
+                out.print(f"{package}: {version}", highlight=False)
+            table = Table("backend", "runs here", "detail")
+            for status in backend_statuses(profiles):
+                table.add_row(status.name, "yes" if status.available else "no", escape(status.detail))
+            out.print(table)
+            return
+        from hardware_profiles import load_profile
+
+        rows = gpu_check(load_profile(profile, state.profile_dirs))
+        table = Table("model", "median us", "ratio to dense", "layers on sparse kernels", "2:4 layers",
+                      title=f"TensorRT self-check on {profile}")
+        for row in rows:
+            table.add_row(row.model, f"{row.median_us:.1f}", f"{row.ratio_to_dense:.3f}",
+                          str(row.sparse_layers), str(row.nm_layers))
+        stdout().print(table)

@@ -16,14 +16,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from latency_models.wire import clean_text
-from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app
+from search.cli._app import DbOpt, app, echo_json, handle_errors, state, stderr, stdout
 from search.config import cache_dir, check_backend, db_url
 from search.errors import ConfigError
 
 agents_app = typer.Typer(help="Register, list and revoke remote profiler agents.", no_args_is_help=True)
 app.add_typer(agents_app, name="agents")
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
 TOKEN_ENV = "HWPRUNE_AGENT_TOKEN"
 
 
@@ -44,7 +43,7 @@ def agents_add(
     db: DbOpt = None,
 ) -> None:
     """Register an agent (or a reader) and print its token (shown once; only its hash is stored)."""
-    with _handle_errors():
+    with handle_errors():
         from hardware_profiles import load_profile
         from latency_models.wire import AGENT_NAME
         from search.storage.queue import AGENT, READER
@@ -55,7 +54,7 @@ def agents_add(
             raise ConfigError(f"agent name {clean_text(name, 40)!r} must be 1-100 letters, digits, '.', '_' "
                               "or '-', starting with a letter or digit (e.g. the device's host name)")
         if profile is not None:
-            check_backend(load_profile(profile, _state.profile_dirs))
+            check_backend(load_profile(profile, state.profile_dirs))
         repo, queue = _queue(db)
         try:
             token = queue.add_agent(name, profile or "", role=READER if reader else AGENT)  # type: ignore[attr-defined]
@@ -63,13 +62,13 @@ def agents_add(
             repo.close()  # type: ignore[attr-defined]
         typer.echo(token)
         what = "may read searches" if reader else f"serves {profile}"
-        _stderr().print(f"{name!r} {what}; keep the token above, it is not shown again", highlight=False)
+        stderr().print(f"{name!r} {what}; keep the token above, it is not shown again", highlight=False)
 
 
 @agents_app.command("list")
 def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Registered agents: profile, last seen, jobs done, state."""
-    with _handle_errors():
+    with handle_errors():
         from search.storage.repository import require_database
 
         require_database(db_url(db))
@@ -85,7 +84,7 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
             "environment": a.environment,
         } for a in agents]
         if as_json:
-            _echo_json(rows)
+            echo_json(rows)
             return
         table = Table("name", "profile", "state", "last seen (UTC)", "jobs done", "device")
         for row in rows:
@@ -93,13 +92,13 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
             device = clean_text(str((row["environment"] or {}).get("device", "")), 80)
             table.add_row(escape(clean_text(row["name"], 100)), row["profile"] or f"({row['role']})", row["state"],
                           (row["last_seen"] or "never")[:19], str(row["jobs_done"]), escape(device))
-        _stdout().print(table)
+        stdout().print(table)
 
 
 @agents_app.command("revoke")
 def agents_revoke(name: Annotated[str, typer.Argument()], db: DbOpt = None) -> None:
     """Revoke an agent's token; its leased jobs go back to the queue."""
-    with _handle_errors():
+    with handle_errors():
         from search.storage.repository import require_database
 
         require_database(db_url(db))
@@ -131,10 +130,10 @@ def serve(
     workers: Annotated[int, typer.Option(help="Hub worker processes (they share the database).", min=1)] = 1,
 ) -> None:
     """Run the hub: the HTTP API agents pull measurement jobs from."""
-    with _handle_errors():
+    with handle_errors():
         import uvicorn
 
-        from search.service import HubSettings, create_app
+        from search.hub.app import HubSettings, create_app
         from search.storage import Repository
 
         _check_tls_files(ssl_certfile, ssl_keyfile)
@@ -145,19 +144,19 @@ def serve(
             logging.getLogger("hwprune.serve").warning(
                 "binding %s without TLS: tokens and models cross the network in clear; put the hub "
                 "behind a TLS proxy or pass --ssl-certfile/--ssl-keyfile", host)
-            _stderr().print(f"[yellow]warning:[/yellow] hub on {host} without TLS; see README "
+            stderr().print(f"[yellow]warning:[/yellow] hub on {host} without TLS; see README "
                             "(TLS proxy)", highlight=False)
-        options = {"host": host, "port": port, "log_level": "debug" if _state.debug else "warning",
+        options = {"host": host, "port": port, "log_level": "debug" if state.debug else "warning",
                    "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
                    "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None}
         if workers == 1:
             uvicorn.run(create_app(HubSettings(db_url=db_url(db), lease_s=lease_seconds)), **options)  # type: ignore[arg-type]
             return
-        from search.service.app import DB_ENV, LEASE_ENV
+        from search.hub.app import DB_ENV, LEASE_ENV
 
         os.environ[DB_ENV] = db_url(db)
         os.environ[LEASE_ENV] = str(lease_seconds)
-        uvicorn.run("search.service.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+        uvicorn.run("search.hub.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
 
 
 def _check_tls_files(certfile: Path | None, keyfile: Path | None) -> None:
@@ -206,7 +205,7 @@ def agent(
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.", min=1)] = None,
 ) -> None:
     """Serve measurement jobs on this device (runs until SIGTERM or Ctrl-C)."""
-    with _handle_errors():
+    with handle_errors():
         from hardware_profiles import load_profile
         from latency_models.agent import Agent
 
@@ -214,46 +213,14 @@ def agent(
         secret = token or os.environ.get(TOKEN_ENV)
         if not secret:
             raise ConfigError(f"give --token or set {TOKEN_ENV} (from `hwprune agents add`)")
-        resolved = load_profile(profile, _state.profile_dirs)
+        resolved = load_profile(profile, state.profile_dirs)
         check_backend(resolved)
         worker = Agent(server=server, token=secret, profile=resolved,
                        work_dir=work_dir or cache_dir() / "agent", poll_s=poll, heartbeat_s=heartbeat,
                        max_jobs=max_jobs)
         worker.install_signal_handlers()
         logging.getLogger("latency_models").setLevel(logging.INFO)
-        _stderr().print(f"agent serving {profile} from {server}", highlight=False)
+        stderr().print(f"agent serving {profile} from {server}", highlight=False)
         done = worker.run()
         failed = f", {worker.jobs_failed} failed" if worker.jobs_failed else ""
-        _stderr().print(f"agent stopped after {done} jobs measured{failed}", highlight=False)
-
-
-@app.command("doctor")
-def doctor(
-    gpu: Annotated[bool, typer.Option("--gpu", help="Build and time ResNet-18 dense and 2:4 with TensorRT.")] = False,
-    profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",
-) -> None:
-    """Show versions and which latency backends run here; with --gpu, verify TensorRT and 2:4."""
-    with _handle_errors():
-        from hardware_profiles import discover, load_profile_file
-        from search.controller import package_versions
-        from search.doctor import backend_statuses, gpu_check
-
-        profiles = [load_profile_file(s.path) for s in discover(_state.profile_dirs).values()]
-        if not gpu:
-            out = _stdout()
-            for package, version in package_versions().items():
-                out.print(f"{package}: {version}", highlight=False)
-            table = Table("backend", "runs here", "detail")
-            for status in backend_statuses(profiles):
-                table.add_row(status.name, "yes" if status.available else "no", escape(status.detail))
-            out.print(table)
-            return
-        from hardware_profiles import load_profile
-
-        rows = gpu_check(load_profile(profile, _state.profile_dirs))
-        table = Table("model", "median us", "ratio to dense", "layers on sparse kernels", "2:4 layers",
-                      title=f"TensorRT self-check on {profile}")
-        for row in rows:
-            table.add_row(row.model, f"{row.median_us:.1f}", f"{row.ratio_to_dense:.3f}",
-                          str(row.sparse_layers), str(row.nm_layers))
-        _stdout().print(table)
+        stderr().print(f"agent stopped after {done} jobs measured{failed}", highlight=False)

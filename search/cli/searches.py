@@ -1,6 +1,6 @@
 """``hwprune search``, ``pareto``, ``db`` and ``demo``: the commands over stored searches.
 
-Registered on the app of ``search.cli`` when that module is imported.
+Registered on the app of ``search.cli._app`` when that module is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from search.cli import _echo_json, _handle_errors, _state, _stderr, _stdout, app, output_errors
+from search.cli._app import DbOpt, JsonOpt, app, echo_json, handle_errors, output_errors, state, stderr, stdout
 from search.config import (
     CACHE_ENV,
     PROFILES_ENV,
@@ -44,8 +44,6 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(search_app, name="search")
 app.add_typer(db_app, name="db")
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes on this machine.")]
 
 
@@ -55,10 +53,10 @@ WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if 
 
 
 def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = False) -> Any:
-    from search.controller import Runtime
+    from search.study.runtime import Runtime
 
     heartbeat, grace = heartbeat_settings()
-    return Runtime(db_url=db_url(db), profile_dirs=tuple(_state.profile_dirs), cache_dir=cache_dir(),
+    return Runtime(db_url=db_url(db), profile_dirs=tuple(state.profile_dirs), cache_dir=cache_dir(),
                    heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
                    wait_for_agents=wait_for_agents)
 
@@ -66,7 +64,7 @@ def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = Fals
 def _quiet_optuna() -> None:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if _state.debug else optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if state.debug else optuna.logging.WARNING)
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def _quiet_optuna() -> None:
 @db_app.command("upgrade")
 def db_upgrade(db: DbOpt = None) -> None:
     """Migrate hwprune's tables to this version's schema (Optuna's tables are left alone)."""
-    with _handle_errors():
+    with handle_errors():
         from search.storage import current_revision, head_revision, make_engine, upgrade
 
         url = db_url(db)
@@ -90,7 +88,7 @@ def db_upgrade(db: DbOpt = None) -> None:
 @db_app.command("current")
 def db_current(db: DbOpt = None) -> None:
     """Show the database's schema revision and the one this hwprune expects."""
-    with _handle_errors():
+    with handle_errors():
         from search.storage import current_revision, head_revision, make_engine
 
         engine = make_engine(db_url(db))
@@ -102,11 +100,12 @@ def db_current(db: DbOpt = None) -> None:
 
 
 def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
-    from search.controller import completed, run_worker
+    from search.study.controller import run_worker
+    from search.study.runtime import completed
 
     _quiet_optuna()
     config: SearchConfig = prepared.config
-    console = _stderr()
+    console = stderr()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -122,8 +121,8 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
         task = progress.add_task(f"search {config.name}", total=total, status="")
 
         def update(study: Any, _trial: Any = None) -> None:
-            from search.controller import trial_points
-            from search.pareto import pareto_front
+            from search.study.pareto import pareto_front
+            from search.study.read import trial_points
 
             points = trial_points(study)
             rewards = [p.reward for p in points if p.reward is not None and p.feasible]
@@ -140,7 +139,7 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
 
 
 def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> None:
-    from search.controller import load_study
+    from search.study.runtime import load_study
 
     config: SearchConfig = prepared.config
     processes = _spawn_workers(config.name, runtime.db_url, workers)
@@ -161,9 +160,9 @@ def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> No
 
 def _confirm(prepared: Any, runtime: Any, *, as_json: bool) -> None:
     """Confirm the front's figures with independent sessions, showing progress on a terminal."""
-    from search.controller import confirm_front
+    from search.study.controller import confirm_front
 
-    console = _stderr()
+    console = stderr()
     quiet = as_json or not console.is_terminal
     with console.status("confirming the Pareto front's latencies", spinner="dots") if not quiet else nullcontext():
 
@@ -179,12 +178,12 @@ def _confirm(prepared: Any, runtime: Any, *, as_json: bool) -> None:
 def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[bytes]]:
     env = dict(os.environ)
     env[CACHE_ENV] = str(cache_dir())
-    if _state.profile_dirs:
-        env[PROFILES_ENV] = os.pathsep.join(str(d) for d in _state.profile_dirs)
+    if state.profile_dirs:
+        env[PROFILES_ENV] = os.pathsep.join(str(d) for d in state.profile_dirs)
     return [
         subprocess.Popen(
             # --debug carries over so that a worker's own traceback is shown, not only the parent's.
-            [sys.executable, "-m", "search", *(["--debug"] if _state.debug else []), "search", "worker",
+            [sys.executable, "-m", "search", *(["--debug"] if state.debug else []), "search", "worker",
              name, "--db", url, "--worker-index", str(index)],
             env=env,
         )
@@ -193,7 +192,8 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
 
 
 def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    from search.controller import best_is_base_warning, load_study, pareto_rows, summary
+    from search.study.read import best_is_base_warning, pareto_rows, summary
+    from search.study.runtime import load_study
 
     study = load_study(prepared.record, runtime)
     info = summary(prepared.record, study)
@@ -201,16 +201,16 @@ def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
     rows = pareto_rows(prepared.record, study, target)
     warning = best_is_base_warning(info, prepared.config)
     if as_json:
-        _echo_json({"search": info, "pareto": rows, "warnings": [warning] if warning else []})
+        echo_json({"search": info, "pareto": rows, "warnings": [warning] if warning else []})
         return
-    out = _stdout()
+    out = stdout()
     states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items()))
     best = "none" if info["best_reward"] is None else f"{info['best_reward']:.4f} (trial {info['best_trial']})"
     out.print(f"search {info['name']}: {info['completed']} trials completed ({states}), best reward {best}",
               highlight=False)
     _print_pareto(rows, prepared.record, target)
     if warning:
-        _stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+        stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 
@@ -251,8 +251,8 @@ def search_start(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a search (or resume it when one of that name exists with a compatible config)."""
-    with _handle_errors():
-        from search.controller import prepare
+    with handle_errors():
+        from search.study.controller import prepare
 
         config = load_search_config(config_file, {
             "name": name, "example": example, "model": model, "targets": target,
@@ -283,8 +283,9 @@ def search_resume(
     as_json: JsonOpt = False,
 ) -> None:
     """Resume a stored search with its stored configuration."""
-    with _handle_errors():
-        from search.controller import find_record, prepare, replace_budget
+    with handle_errors():
+        from search.study.controller import prepare, replace_budget
+        from search.study.runtime import find_record
 
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         require_database(runtime.db_url)
@@ -304,8 +305,8 @@ def search_worker(
     worker_index: Annotated[int, typer.Option(help="Distinct per worker: seeds its sampler.")] = 0,
 ) -> None:
     """Join a search as one more worker (PostgreSQL for workers on several machines)."""
-    with _handle_errors():
-        from search.controller import run_worker
+    with handle_errors():
+        from search.study.controller import run_worker
 
         _quiet_optuna()
         require_database(db_url(db))
@@ -315,9 +316,10 @@ def search_worker(
 @search_app.command("list")
 def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the searches in the database."""
-    with _handle_errors():
-        from search.controller import load_study, optuna_storage, summary
+    with handle_errors():
         from search.storage import Repository
+        from search.study.read import summary
+        from search.study.runtime import load_study, optuna_storage
 
         runtime = _runtime(db)
         require_database(runtime.db_url)
@@ -330,7 +332,7 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         storage = optuna_storage(runtime)  # one connection for every search listed
         rows = [summary(r, load_study(r, runtime, storage=storage)) for r in records]
         if as_json:
-            _echo_json(rows)
+            echo_json(rows)
             return
         table = Table("name", "targets", "objective", "sampler", "completed", "asked", "best reward", "created")
         for row in rows:
@@ -338,14 +340,15 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
                           str(row["completed"]), str(row["trials_asked"]),
                           "-" if row["best_reward"] is None else f"{row['best_reward']:.4f}",
                           row["created_at"][:19])
-        _stdout().print(table)
+        stdout().print(table)
 
 
 @search_app.command("status")
 def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One search's progress: trials by state, best reward, base figures."""
-    with _handle_errors():
-        from search.controller import find_record, load_study, summary
+    with handle_errors():
+        from search.study.read import summary
+        from search.study.runtime import find_record, load_study
 
         runtime = _runtime(db)
         require_database(runtime.db_url)
@@ -353,7 +356,7 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
         _quiet_optuna()
         info = summary(record, load_study(record, runtime))
         if as_json:
-            _echo_json(info)
+            echo_json(info)
             return
         _print_status(info)
 
@@ -362,8 +365,8 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
 def search_confirm(name: Annotated[str, typer.Argument(help="Search name.")], db: DbOpt = None,
                    as_json: JsonOpt = False) -> None:
     """Measure the front's unconfirmed trials again (a search does this when it ends)."""
-    with _handle_errors():
-        from search.controller import load_prepared
+    with handle_errors():
+        from search.study.controller import load_prepared
 
         runtime = _runtime(db)
         _quiet_optuna()
@@ -373,7 +376,7 @@ def search_confirm(name: Annotated[str, typer.Argument(help="Search name.")], db
 
 
 def _print_status(info: dict[str, Any]) -> None:
-    out = _stdout()
+    out = stdout()
     states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items())) or "none"
     asked = info["trials_asked"] if info["trials_asked"] is not None else "no limit"
     lines = [
@@ -410,9 +413,9 @@ def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
                       f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
                       "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
                       f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
-    _stdout().print(table)
+    stdout().print(table)
     if any(not row["confirmed"][target] for row in rows):
-        _stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
+        stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
                         "measures them again", highlight=False)
 
 
@@ -424,8 +427,9 @@ def pareto_command(
     as_json: JsonOpt = False,
 ) -> None:
     """The non-dominated trials of a search on error x latency for one target."""
-    with _handle_errors():
-        from search.controller import find_record, load_study, pareto_rows
+    with handle_errors():
+        from search.study.read import pareto_rows
+        from search.study.runtime import find_record, load_study
 
         runtime = _runtime(db)
         require_database(runtime.db_url)
@@ -434,7 +438,7 @@ def pareto_command(
         chosen = target or record.config["targets"][0]
         rows = pareto_rows(record, load_study(record, runtime), chosen)
         if as_json:
-            _echo_json(rows)
+            echo_json(rows)
             return
         _print_pareto(rows, record, chosen)
 
@@ -443,8 +447,10 @@ def export_from_search(
     name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
-    from search.controller import base_latency_us, load_prepared, load_study, pareto_rows, trial_points
-    from search.materialize import rebuild_trial, write_model_dir
+    from search.study.controller import load_prepared
+    from search.study.materialize import rebuild_trial, write_model_dir
+    from search.study.read import base_latency_us, pareto_rows, trial_points
+    from search.study.runtime import load_study
 
     if (trial is None) == (not pareto):
         raise ConfigError("give exactly one of --trial K or --pareto")
@@ -487,7 +493,7 @@ def export_from_search(
                                     "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
                                     "measured_onnx_sha256": attrs["artifact_sha256"],
                                 })
-            _stdout().print(f"trial {number}: wrote {folder}", highlight=False)
+            stdout().print(f"trial {number}: wrote {folder}", highlight=False)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -500,8 +506,8 @@ def demo(
     name: Annotated[str, typer.Option(help="Search name.")] = "demo-digits",
 ) -> None:
     """A real search on the built-in digits example, on cpu-ort-fp32, then its Pareto table."""
-    with _handle_errors():
-        from search.controller import prepare
+    with handle_errors():
+        from search.study.controller import prepare
 
         config = load_search_config(None, {
             "name": name, "example": "digits", "targets": ["cpu-ort-fp32"], "trials": trials,
@@ -513,7 +519,7 @@ def demo(
         prepared = prepare(config, runtime)
         _run(prepared, runtime, workers=1, as_json=False)
         _finish(prepared, runtime, as_json=False)
-        _stdout().print(
+        stdout().print(
             f"{time.perf_counter() - started:.0f} s; database {runtime.db_url}; "
             f"export the front with `hwprune export {name} --pareto --out models/`",
             highlight=False,

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from hardware_profiles import HardwareProfile, parse_pattern
+from search.config import DEFAULT_KEEP_RATIOS
 from search.errors import PlanError
-from search.plan import Plan
-from search.pruning import GroupInfo, PrunedModel, apply_pruning, discover
+from search.pipeline.plan import Plan
+from search.pipeline.pruning import GroupInfo, PrunedModel, apply_pruning, discover
 
-DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 DENSE = "dense"
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -128,49 +126,3 @@ def fidelity_error(reference: nn.Module) -> ErrorFn:
         return 0.0 if error < 1e-9 else min(1.0, error)
 
     return error
-
-
-def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
-    """Load a bundle from ``package.module:function`` or a built-in example name.
-
-    Raises:
-        ModelLoadError: the plugin cannot be imported, is not callable, or returns something
-            other than a ``ModelBundle``.
-    """
-    from search import examples
-
-    if ":" not in spec:
-        return examples.load_example(spec, cache_dir=cache_dir)
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"cannot import model plugin module {module_name!r}: {exc}; "
-            "is it on PYTHONPATH or installed?"
-        ) from exc
-    except SyntaxError as exc:
-        raise ModelLoadError(
-            f"model plugin module {module_name!r} has a syntax error at {exc.filename}:{exc.lineno}: {exc.msg}"
-        ) from exc
-    except Exception as exc:  # the user's module-level code: anything may go wrong there
-        raise ModelLoadError(
-            f"importing model plugin module {module_name!r} raised {type(exc).__name__}: {exc}; "
-            "fix the module (run with --debug for the traceback)"
-        ) from exc
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
-    try:
-        bundle = factory()
-    except Exception as exc:  # the user's factory: a bug there is theirs to fix, not ours
-        raise ModelLoadError(
-            f"model plugin {spec!r} raised {type(exc).__name__}: {exc}; fix the plugin "
-            "(run with --debug for the traceback)"
-        ) from exc
-    if not isinstance(bundle, ModelBundle):
-        raise ModelLoadError(
-            f"model plugin {spec!r} returned {type(bundle).__name__}; "
-            "it must return search.bundle.ModelBundle"
-        )
-    return bundle

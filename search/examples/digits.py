@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.bundle import ModelBundle, classification_error
-from search.errors import ModelLoadError
+from search.pipeline.bundle import ModelBundle, classification_error
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +153,4 @@ def digits(*, cache_dir: Path) -> ModelBundle:
         train_loader=train_loader,
         val_loader=val_loader,
         error_fn=classification_error,
-    )
-
-
-def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
-    """A built-in example by name.
-
-    Raises:
-        ModelLoadError: unknown name; the message lists the examples and the plugin syntax.
-    """
-    if name == "digits":
-        return digits(cache_dir=cache_dir)
-    raise ModelLoadError(
-        f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
-        "(or give a plugin as package.module:function)"
     )

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.confirmation import Session
+from search.study.confirmation import Session
 
 
 @dataclass(frozen=True, slots=True)

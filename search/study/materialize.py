@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from search.bundle import ModelBundle
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
-from search.export import OnnxArtifact, export_onnx
-from search.plan import Plan
-from search.pruning import PrunedModel
-from search.recovery import recover, recovery_for, with_steps
-from search.space import SearchSpace, apply
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.onnx_export import OnnxArtifact, export_onnx
+from search.pipeline.plan import Plan
+from search.pipeline.pruning import PrunedModel
+from search.pipeline.recovery import recover, recovery_for, with_steps
+from search.pipeline.space import SearchSpace, apply
 
 STATE_FILE = "model.pt"
 

@@ -23,7 +23,7 @@ How the seed reaches the training data (see ``training_split``):
   own ``shuffle``, sampler and ``generator`` are not used);
 * a sequence of batches (a list or tuple) is re-ordered batch by batch;
 * any other iterable is read in its own order; it takes the seed if it has a
-  ``reseed(seed: int, epoch: int)`` method (called before each pass, see ``search.bundle.Reseedable``)
+  ``reseed(seed: int, epoch: int)`` method (called before each pass, see ``search.pipeline.bundle.Reseedable``)
   or a ``torch.Generator`` at ``.generator`` (re-seeded once).
 """
 
@@ -43,9 +43,9 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 
-from search.bundle import Batch, ModelBundle, Reseedable
 from search.config import SearchConfig
 from search.errors import ModelLoadError
+from search.pipeline.bundle import Batch, ModelBundle, Reseedable
 
 logger = logging.getLogger(__name__)
 

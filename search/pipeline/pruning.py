@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
-from search.sparsity import satisfies_nm, sparsify
+from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def apply_pruning(
 
     Deterministic: the same inputs give bit-identical weights. Within a group the units with the
     lowest importance go; ties are broken by index (stable sort). N:M masks follow
-    ``nm_criterion`` (see ``search.sparsity.sparsify``) on the channel-pruned model.
+    ``nm_criterion`` (see ``search.pipeline.sparsity.sparsify``) on the channel-pruned model.
 
     Raises:
         PlanError: a data-dependent importance or N:M criterion without calibration data.

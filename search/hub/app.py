@@ -202,7 +202,7 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     def study(name: str) -> tuple[Any, Any]:
         """A search's record and study, through one Optuna storage opened on first use."""
-        from search.controller import Runtime, load_study, optuna_storage
+        from search.study.runtime import Runtime, load_study, optuna_storage
 
         record = repo().get_search(name)
         runtime = Runtime(db_url=settings.db_url)
@@ -336,7 +336,7 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/searches/{{name}}", responses=_errors(401, 403, 404))
     def search(name: SearchName, me: CurrentReader) -> dict[str, Any]:
-        from search.controller import summary
+        from search.study.read import summary
 
         return dict(_finite(summary(*study(name))))
 
@@ -349,7 +349,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     @app.get(f"{API_PREFIX}/searches/{{name}}/pareto", responses=_errors(400, 401, 403, 404))
     def pareto(name: SearchName, me: CurrentReader,
                target: Annotated[str | None, Query(max_length=100)] = None) -> list[dict[str, Any]]:
-        from search.controller import pareto_rows
+        from search.study.read import pareto_rows
 
         record, found = study(name)
         chosen = target or record.config["targets"][0]

@@ -1,0 +1,177 @@
+"""The ``hwprune`` application, its shared options and its error contract. The CLI is the only
+package that prints or sets up logging handlers.
+
+Exit status: 0 success, 2 bad usage or input (the error's ``exit_code``), 1 a failure at run
+time. Known errors print one red line; anything else is a bug, shown in full under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from hardware_profiles import ProfileError
+from latency_models import LatencyError
+from search.config import cache_dir, profile_dirs, resolve_profile
+from search.errors import ConfigError, SearchError
+
+app = typer.Typer(
+    name="hwprune",
+    help="Hardware-aware pruning search, scored on latency measured on real targets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_KNOWN_ERRORS = (ProfileError, LatencyError, SearchError)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    profile_dirs: list[Path] = field(default_factory=list)
+
+
+state = _State()
+
+
+def stdout() -> Console:
+    # Off a terminal rich assumes 80 columns and would fold the tables; logs and CI are wider.
+    return Console(soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 160)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True, emoji=False)
+
+
+_SQL_NOISE = re.compile(r"\[(SQL|parameters): .*?\](?=\s*(\[|\(Background|$))|\(Background on this error at: [^)]*\)",
+                        re.S)
+
+
+def one_line(message: str, limit: int = 600) -> str:
+    """A message fit for one terminal line: SQLAlchemy's statement dumps and links dropped,
+    whitespace folded, control characters removed, long text cut."""
+    from latency_models.wire import clean_text
+
+    text = " ".join(_SQL_NOISE.sub("", message).split())
+    text = clean_text(text, limit + 1)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except _KNOWN_ERRORS as exc:
+        if state.debug:
+            raise
+        stderr().print(f"[red]error:[/red] {escape(one_line(str(exc)))}", highlight=False, markup=True)
+        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+    except KeyboardInterrupt:
+        stderr().print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if state.debug:
+            raise
+        stderr().print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(one_line(str(exc)))} (run with --debug for the "
+            "traceback, and please report it)",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+
+
+def echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    profiles_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--profiles-dir",
+            help="Folder of extra hardware profiles (repeatable); default $HWPRUNE_PROFILES.",
+        ),
+    ] = None,
+) -> None:
+    state.debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    state.profile_dirs = profile_dirs(profiles_dir)
+
+
+# --- options and helpers shared by the command groups -----------------------------------------
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
+
+ExampleOpt = Annotated[
+    str | None, typer.Option("--example", help="Built-in example model: digits.")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model plugin as package.module:function.")
+]
+ProfilesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--profile", "-p", help="Target profile (repeatable); default cpu-ort-fp32."),
+]
+IgnoreOpt = Annotated[
+    list[str] | None, typer.Option("--ignore", help="Layer never to prune (repeatable).")
+]
+
+
+def bundle_from_options(example: str | None, model: str | None) -> Any:
+    from search.examples import load_bundle
+
+    if (example is None) == (model is None):
+        raise ConfigError("give exactly one of --example NAME or --model package.module:function")
+    return load_bundle(example or model or "", cache_dir=cache_dir())
+
+
+def profiles_from_options(names: list[str] | None) -> list[Any]:
+    return [resolve_profile(n, state.profile_dirs) for n in (names or ["cpu-ort-fp32"])]
+
+
+def writable_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a folder before minutes of work (nothing is
+    created here: a refused export leaves no folder behind)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is a file; "
+                          "give a folder you can write to")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out folder {str(out)!r}: {str(parent)!r} is not writable; "
+                          "give a folder you can write to")
+
+
+@contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """Writing the export: a file system that refuses (read-only, full, /proc) is the user's to fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --out {str(out)!r}: {exc.strerror or exc}; "
+                          "give a folder you can write to") from None

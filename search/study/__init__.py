@@ -1,0 +1,7 @@
+"""The search over the pipeline: configuration read from the store, Optuna studies, trials.
+
+``runtime`` (where the study lives, Optuna factories), ``read`` (stored trials as figures: status,
+fronts; no torch, so the hub can import it), ``controller`` (prepare, run workers, confirm the front),
+``objective`` (one trial), ``trial_loop`` (ask/tell with heartbeats), ``latency`` (meters),
+``reward``, ``pareto``, ``confirmation``, ``materialize`` (rebuild a stored trial's model).
+"""

@@ -1,0 +1,94 @@
+"""Where a search lives and how Optuna is set up for it: the runtime settings, the study's storage
+and name, the sampler a config names. No torch: the hub and the read side import this."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
+
+from search.config import SearchConfig
+from search.storage import Repository, SearchRecord
+from search.storage.study_storage import open_study_storage
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Where and how a search runs; none of this changes what a trial computes."""
+
+    db_url: str
+    profile_dirs: Sequence[Path] = ()
+    cache_dir: Path = Path(".hwprune-cache")
+    heartbeat_s: int = 10
+    grace_s: int = 30
+    worker_index: int = 0
+    wait_for_agents: bool = False
+    agent_live_s: float = 60.0
+
+
+def study_name(search: str) -> str:
+    return f"hwprune:{search}"
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for package in ("hwprune", "torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "sqlalchemy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def optuna_storage(runtime: Runtime, *, worker: bool = False) -> optuna.storages.RDBStorage:
+    """Optuna's storage for this runtime's database; ``worker`` for a process that claims trials
+    (see ``open_study_storage``)."""
+    return open_study_storage(runtime.db_url, heartbeat_s=runtime.heartbeat_s, grace_s=runtime.grace_s,
+                              worker=worker)
+
+
+def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the config names; each parallel worker gets its own seed."""
+    seed = config.seed + worker_index
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if config.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if config.sampler == "nsga2":
+            population = max(4, min(50, (config.trials or 40) // 4))
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        startup = max(5, min(10, (config.trials or 40) // 4))
+        if config.sampler == "amc":
+            # AMC-style: decisions are made layer by layer within one trial; a multivariate TPE
+            # (grouped by the parameters that appear together) models their interactions.
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constant_liar=True, n_startup_trials=startup)
+        # Classic independent TPE. Optuna 5's default TPE is already multivariate, which would
+        # make `tpe` and `amc` propose the very same plans.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=False, constant_liar=True,
+                                          n_startup_trials=startup)
+
+
+def find_record(name: str, runtime: Runtime) -> SearchRecord:
+    """The stored search called ``name`` (``SearchNotFoundError`` lists the others)."""
+    repo = Repository(runtime.db_url)
+    try:
+        return repo.get_search(name)
+    finally:
+        repo.close()
+
+
+def completed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def load_study(record: SearchRecord, runtime: Runtime, *,
+               storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """A stored search's study; pass ``storage`` to reuse an open one instead of connecting again."""
+    return optuna.load_study(study_name=record.study_name, storage=storage or optuna_storage(runtime))
