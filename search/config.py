@@ -78,6 +78,31 @@ def db_url(flag: str | None, environ: Mapping[str, str] = os.environ) -> str:
     return flag or environ.get(DB_ENV) or DEFAULT_DB
 
 
+ARTIFACTS_ENV = "HWPRUNE_ARTIFACTS"
+
+
+def artifacts_url(database: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Where the ONNX artifacts of ``database`` live: ``HWPRUNE_ARTIFACTS`` (a folder or an fsspec
+    URL such as ``s3://bucket/prefix``), else a folder beside a SQLite file (``hwprune.db`` ->
+    ``hwprune.artifacts``), else a folder per database under the cache (named by a hash of its URL
+    without the password): workers on several machines need a shared ``HWPRUNE_ARTIFACTS``."""
+    import hashlib
+
+    from sqlalchemy.engine import make_url
+
+    if environ.get(ARTIFACTS_ENV):
+        return environ[ARTIFACTS_ENV]
+    try:
+        parsed = make_url(database)
+    except Exception:  # a malformed URL is refused where the database is opened
+        return str(cache_dir(environ) / "artifacts" / hashlib.sha256(database.encode()).hexdigest()[:16])
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(str(parsed.database))
+        return str(path.resolve().parent / f"{path.stem}.artifacts")
+    safe = parsed.render_as_string(hide_password=True)
+    return str(cache_dir(environ) / "artifacts" / hashlib.sha256(safe.encode()).hexdigest()[:16])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -210,8 +211,9 @@ class HubThread:
     def __init__(self, db_url: str, *, lease_s: float = 2.0, max_result_bytes: int | None = None) -> None:
         from search.hub.app import HubSettings
 
-        extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
-        self.settings = HubSettings(db_url=db_url, lease_s=lease_s, **extra)
+        self.settings = HubSettings(db_url=db_url, lease_s=lease_s)
+        if max_result_bytes is not None:
+            self.settings = dataclasses.replace(self.settings, max_result_bytes=max_result_bytes)
         self.port = 0
         self._server: Any = None
         self._thread: threading.Thread | None = None

@@ -66,6 +66,8 @@ class HubSettings:
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
+    # The artifact store agents download from; None: search.config.artifacts_url(db_url).
+    artifacts_url: str | None = None
 
 
 class BodyCap:
@@ -181,7 +183,7 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        repo = Repository(settings.db_url)
+        repo = Repository(settings.db_url, artifacts=settings.artifacts_url)
         state["repo"] = repo
         state["queue"] = JobQueue(repo.engine)
         try:
@@ -262,7 +264,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     def artifact(sha256: Sha256Path, me: CurrentAgent) -> Response:
         if not queue().holds_artifact(me, sha256):
             raise HTTPException(403, "no job leased by this agent needs that artifact")
-        content = repo().get_artifact(sha256)
+        content = repo().get_artifact(sha256)  # from the artifact store, checked against its name
         if content is None:
             raise HTTPException(404, f"no artifact {sha256}")
         return Response(content, media_type="application/octet-stream")

@@ -13,7 +13,7 @@ ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 VERSION_TABLE = "hwprune_alembic_version"
 
 
-def _config(url: str) -> object:
+def _config(url: str, artifacts: str | None = None) -> object:
     from alembic.config import Config
 
     if not (ALEMBIC_DIR / "env.py").is_file():
@@ -24,6 +24,8 @@ def _config(url: str) -> object:
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.attributes["url"] = url
+    if artifacts is not None:
+        config.attributes["artifacts_url"] = artifacts
     return config
 
 
@@ -48,14 +50,16 @@ def current_revision(engine: Engine) -> str | None:
         raise StorageError(f"cannot read the schema version of {engine.url!r}: {exc}") from exc
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched."""
+def upgrade(url: str, revision: str = "head", *, artifacts: str | None = None) -> None:
+    """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched.
+    ``artifacts`` is the artifact store 0004 moves stored ONNX bytes into (default: the
+    database's, ``search.config.artifacts_url``)."""
     from alembic.util import CommandError
 
     from alembic import command
 
     try:
-        command.upgrade(_config(url), revision)  # type: ignore[arg-type]
+        command.upgrade(_config(url, artifacts), revision)  # type: ignore[arg-type]
     except CommandError as exc:
         # e.g. a database at a revision this hwprune does not know (written by a newer one)
         raise SchemaError(f"cannot migrate {_safe(url)}: {exc}; upgrade hwprune, or use a new database") from None

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from latency_models.wire import AGENT_NAME, clean_text
 from search.errors import ConfigError, StorageError
-from search.storage.models import AgentRow, JobRow
+from search.storage.models import AgentRow, JobRow, utcnow
 from search.storage.session import transaction
 
 QUEUED, LEASED, DONE, FAILED = "queued", "leased", "done", "failed"
@@ -33,8 +33,7 @@ AGENT, READER = "agent", "reader"
 MAX_ERROR_CHARS = 2000
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+_now = utcnow
 
 
 def hash_token(token: str) -> str:
