@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hardware_profiles import HardwareProfile, load_profile_file
+from search.cli._app import EXTRA_OF_MODULE
 
 
 def export_model(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -272,20 +273,22 @@ def start_hub() -> Iterator[Callable[..., HubThread]]:
         hub.stop()
 
 
-# Runs ``hwprune`` with torch, optuna and torch-pruning made unimportable: the agent's whole code
-# path (CLI, HTTP client, ONNX checks, ONNX Runtime) must work on a device that has none of them.
+# Runs ``hwprune`` with every module of the ``search`` extra made unimportable (torch, optuna,
+# torch-pruning, SQLAlchemy, FastAPI...): the agent's whole code path (CLI, HTTP client, ONNX checks,
+# ONNX Runtime) must work on a device with only ``pip install 'hwprune[agent]'``.
 AGENT_LAUNCHER = """
 import sys
+BLOCKED = {!r}
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'optuna', 'torch_pruning'}:
-            raise ImportError(f'{name} is blocked: the agent must not import it')
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(f'{{name}} is blocked: the agent must not import it')
         return None
 sys.meta_path.insert(0, _Block())
 from search.cli.main import main
 sys.argv = ['hwprune'] + sys.argv[1:]
 main()
-"""
+""".format(sorted(m for m, extra in EXTRA_OF_MODULE.items() if extra == "search"))
 
 
 @pytest.fixture

@@ -35,6 +35,12 @@ app = typer.Typer(
 )
 
 _KNOWN_ERRORS = (ProfileError, LatencyError, SearchError)
+# Modules that only an extra installs, by the extra: a command that needs one says how to get it.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "torch_pruning", "optuna", "onnxscript", "sqlalchemy", "alembic", "sklearn",
+                     "fastapi", "uvicorn", "starlette"), "search"),
+    **dict.fromkeys(("onnx", "onnxruntime", "httpx"), "agent"),
+}
 
 
 @dataclass
@@ -86,6 +92,12 @@ def handle_errors() -> Iterator[None]:
     except Exception as exc:
         if state.debug:
             raise
+        missing = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else ""
+        if missing in EXTRA_OF_MODULE:
+            hint = escape(f"pip install 'hwprune[{EXTRA_OF_MODULE[missing]}]'")
+            stderr().print(f"[red]error:[/red] this command needs {missing}, which this installation lacks: {hint}",
+                           highlight=False)
+            raise typer.Exit(2) from None
         stderr().print(
             f"[red]internal error:[/red] {type(exc).__name__}: {escape(one_line(str(exc)))} (run with --debug for the "
             "traceback, and please report it)",

@@ -38,7 +38,6 @@ from search.config import (
     load_search_config,
 )
 from search.errors import ConfigError, SearchError
-from search.storage.repository import require_database
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -51,6 +50,13 @@ WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worke
 MaxFailuresOpt = Annotated[int | None, typer.Option(
     "--max-failures", min=1, help="Stop after this many trials fail in a row (default 5).")]
 WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if no agent serves a remote target yet.")]
+
+
+def require_database(url: str) -> None:
+    # Imported on use: SQLAlchemy is in hwprune[search], and `hwprune agent` runs without it.
+    from search.storage.repository import require_database as check
+
+    check(url)
 
 
 def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = False) -> Any:

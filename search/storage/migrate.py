@@ -9,8 +9,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from search.errors import SchemaError, StorageError
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 VERSION_TABLE = "hwprune_alembic_version"
+
+
+def _migrations_dir() -> Path:
+    """The Alembic scripts: inside the package in a wheel (the build copies the top-level
+    ``alembic/`` to ``search/storage/migrations``), else the source tree's (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parents[1] / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    return here / "migrations"
+
+
+ALEMBIC_DIR = _migrations_dir()
 
 
 def _config(url: str, artifacts: str | None = None) -> object:
@@ -18,8 +30,8 @@ def _config(url: str, artifacts: str | None = None) -> object:
 
     if not (ALEMBIC_DIR / "env.py").is_file():
         raise StorageError(
-            f"hwprune's migrations are missing from {ALEMBIC_DIR}: install hwprune from its "
-            "source tree (pip install -e .)"
+            f"hwprune's migrations are missing from {ALEMBIC_DIR}: reinstall hwprune "
+            "(pip install --force-reinstall 'hwprune[search]')"
         )
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
