@@ -423,7 +423,8 @@ def test_artifact_store_keeps_what_fronts_need_and_the_rest_is_remade(tmp_path: 
     try:
         assert "content" not in {c["name"] for c in inspect(repo.engine).get_columns("hwprune_artifacts")}
         with repo.engine.connect() as connection:
-            sizes = dict(connection.execute(text("SELECT sha256, size_bytes FROM hwprune_artifacts")).all())
+            rows = connection.execute(text("SELECT sha256, size_bytes FROM hwprune_artifacts")).all()
+        sizes: dict[str, int] = {str(sha): int(size) for sha, size in rows}
         assert set(sizes) == store.names() and sizes[base_sha] > 1000
     finally:
         repo.close()
