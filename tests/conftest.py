@@ -260,7 +260,11 @@ class HubThread:
 
 
 @pytest.fixture
-def start_hub() -> Iterator[Callable[..., HubThread]]:
+def start_hub(monkeypatch: pytest.MonkeyPatch, hwprune_cache: Path) -> Iterator[Callable[..., HubThread]]:
+    # A hub and the searches that tests run beside it (CliRunner with HWPRUNE_CACHE set to this
+    # session's cache) must find one artifact store; for a PostgreSQL database its default is
+    # under HWPRUNE_CACHE, so this process (the hub's) uses the same cache.
+    monkeypatch.setenv("HWPRUNE_CACHE", str(hwprune_cache))
     hubs: list[HubThread] = []
 
     def start(db_url: str, **kwargs: Any) -> HubThread:
