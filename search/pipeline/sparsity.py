@@ -203,8 +203,8 @@ def sparsify(
     layer's input on the ``calibration`` batches in one forward pass of them all: a hook prunes
     each layer just before it runs, so every layer sees inputs from already-sparse earlier layers,
     as both papers' sequential code does; Wanda on a model with BatchNorm reads the dense model's
-    inputs instead (stale BatchNorm statistics distort the sequential ones). Deterministic for a fixed thread count (statistics are
-    accumulated in float64).
+    inputs instead (stale BatchNorm statistics distort the sequential ones). Deterministic for a
+    fixed thread count (statistics are accumulated in float64).
 
     Raises:
         PlanError: an unknown criterion, a data-aware criterion without calibration batches, a
