@@ -209,3 +209,33 @@ def test_wanda_on_a_batchnorm_model_reads_the_dense_models_inputs() -> None:
     sequential = sparsify(copy.deepcopy(plain), plain_layers, criterion="wanda", calibration=calibration)
     alone_last = sparsify(copy.deepcopy(plain), {"4": (2, 4)}, criterion="wanda", calibration=calibration)
     assert not torch.equal(sequential["4"], alone_last["4"])
+
+
+def test_movement_scores_accumulate_while_the_weights_move() -> None:
+    from search.pipeline.pruning import _accumulate_movement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    before = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 3] * 8))
+               for i in range(3)]
+    loss_fn = nn.functional.cross_entropy
+    _accumulate_movement(model, batches[:1], loss_fn)
+    first = model[0].weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(batches[0][0]), batches[0][1]).backward()
+    # One batch: the score is -W * dL/dW at the base weights.
+    assert torch.allclose(first, -model[0].weight.detach() * model[0].weight.grad)
+    model.zero_grad(set_to_none=True)
+    _accumulate_movement(model, batches, loss_fn)
+    moving = model[0].weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    fixed = torch.zeros_like(moving)
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        fixed -= model[0].weight.detach() * model[0].weight.grad
+    # Three batches: the weights moved between them, so the score is not the one at fixed weights.
+    assert not torch.allclose(moving, fixed)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"scoring changed {name}"
