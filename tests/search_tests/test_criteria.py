@@ -216,25 +216,33 @@ def test_movement_scores_accumulate_while_the_weights_move() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    layer = model[0]
+    assert isinstance(layer, nn.Linear)
+    weight = layer.weight
+
+    def score() -> torch.Tensor:
+        assert weight.grad is not None
+        return weight.grad.clone()
+
     before = copy.deepcopy(model.state_dict())
     batches = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 3] * 8))
                for i in range(3)]
     loss_fn = nn.functional.cross_entropy
     _accumulate_movement(model, batches[:1], loss_fn)
-    first = model[0].weight.grad.clone()
+    first = score()
     model.zero_grad(set_to_none=True)
-    loss_fn(model(batches[0][0]), batches[0][1]).backward()
+    loss_fn(model(batches[0][0]), batches[0][1]).backward()  # type: ignore[no-untyped-call]
     # One batch: the score is -W * dL/dW at the base weights.
-    assert torch.allclose(first, -model[0].weight.detach() * model[0].weight.grad)
+    assert torch.allclose(first, -weight.detach() * score())
     model.zero_grad(set_to_none=True)
     _accumulate_movement(model, batches, loss_fn)
-    moving = model[0].weight.grad.clone()
+    moving = score()
     model.zero_grad(set_to_none=True)
     fixed = torch.zeros_like(moving)
     for inputs, targets in batches:
         model.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
-        fixed -= model[0].weight.detach() * model[0].weight.grad
+        loss_fn(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+        fixed -= weight.detach() * score()
     # Three batches: the weights moved between them, so the score is not the one at fixed weights.
     assert not torch.allclose(moving, fixed)
     for name, value in model.state_dict().items():
