@@ -319,7 +319,7 @@ def search_resume(
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         require_database(runtime.db_url)
         record = find_record(name, runtime)
-        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout,
+        config = replace_budget(SearchConfig.from_stored(record.config), trials=trials, timeout_s=timeout,
                                 max_consecutive_failures=max_failures)
         _quiet_optuna()
         prepared = prepare(config, runtime)

@@ -88,7 +88,7 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
     try:
         existing = repo.find_search(config.name)
         if existing is not None:
-            stored = SearchConfig.model_validate(existing.config)
+            stored = SearchConfig.from_stored(existing.config)
             differences = incompatibilities(stored, config)
             if differences:
                 raise ConfigError(
@@ -199,7 +199,7 @@ def _create(
 def load_prepared(name: str, runtime: Runtime) -> Prepared:
     """A stored search with its model and space rebuilt and checked against what was stored."""
     record = find_record(name, runtime)
-    config = SearchConfig.model_validate(record.config)
+    config = SearchConfig.from_stored(record.config)
     bundle, space, profiles = _load_model_and_space(config, runtime)
     _check_same_base(record, bundle, space)
     return Prepared(record, config, bundle, space, profiles)
