@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from hardware_profiles import ProfileError
 from latency_models import LatencyError
-from search.config import cache_dir, profile_dirs, resolve_profile
+from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
 app = typer.Typer(
@@ -131,7 +131,7 @@ def _main(
 
 # --- options and helpers shared by the command groups -----------------------------------------
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help=f"SQLAlchemy URL; default ${DB_ENV} or {DEFAULT_DB}.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
 
 ExampleOpt = Annotated[

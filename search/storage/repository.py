@@ -15,7 +15,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_models import Measurement
-from search.config import artifacts_url
+from search.config import DEFAULT_DB, artifacts_url
 from search.errors import ConfigError, SearchNotFoundError, StorageError
 from search.storage.artifacts import ArtifactStore
 from search.storage.migrate import _safe, ensure_schema
@@ -80,7 +80,7 @@ def require_database(url: str) -> None:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. sqlite:///hwprune.db") from None
+        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. {DEFAULT_DB}") from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
     if not Path(parsed.database).is_file():
