@@ -45,8 +45,10 @@ def insert_result(connection: Connection, key: MeasurementKey, result: Measureme
         backend=m.backend, backend_version=m.backend_version, device=m.device,
     )
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(MEASUREMENTS).values(**values).on_conflict_do_nothing(index_elements=list(_KEY))
-    return bool(connection.execute(statement).rowcount)
+    statement = (dialect.insert(MEASUREMENTS).values(**values).on_conflict_do_nothing(index_elements=list(_KEY))
+                 .returning(MEASUREMENTS.c.id))
+    # RETURNING, not rowcount: with RETURNING in play a driver may report -1 rows.
+    return connection.execute(statement).first() is not None
 
 
 def reference_median_us(connection: Connection, artifact_sha256: str, profile_fingerprint: str) -> float | None:
