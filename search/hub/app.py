@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -61,11 +62,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class HubSettings:
-    """Hub behaviour: how long a lease lasts without a heartbeat, the request body cap."""
+    """Hub behaviour: how long a lease lasts without a heartbeat, the request body cap, the
+    worker threads that serve requests."""
 
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
+    threads: int = 8
 
 
 class BodyCap:
@@ -181,6 +184,9 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Requests run their database work in worker threads. Python runs one at a time, so
+        # more threads than the database can use only add hand-offs between them.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
         repo = Repository(settings.db_url)
         state["repo"] = repo
         state["queue"] = repo.jobs

@@ -18,9 +18,10 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +121,20 @@ class JobQueue:
         # plenty next to leases that last seconds to minutes.
         self._expire_every_s = expire_every_s
         self._expired_at = 0.0
+        # SQLite has one writer at a time, and a connection that finds the database locked
+        # sleeps for milliseconds before it retries: the hub's threads take turns here instead,
+        # which costs microseconds. PostgreSQL locks rows, so its writers go in parallel.
+        self._writers: AbstractContextManager[Any] = (threading.Lock() if engine.dialect.name == "sqlite"
+                                                      else nullcontext())
 
     def _begin(self) -> AbstractContextManager[Connection]:
         return core_transaction(self.engine, "the job queue")
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A transaction that writes (see ``_writers``)."""
+        with self._writers, core_transaction(self.engine, "the job queue") as connection:
+            yield connection
 
     # --- agents -----------------------------------------------------------------------------
 
@@ -141,7 +153,7 @@ class JobQueue:
             raise ConfigError(f"role must be {AGENT!r} or {READER!r}, got {clean_text(role, 20)!r}")
         token = secrets.token_urlsafe(32)
         try:
-            with self._begin() as connection:
+            with self._write() as connection:
                 connection.execute(insert(AGENTS).values(name=name, profile=profile if role == AGENT else "",
                                                          role=role, token_hash=hash_token(token)))
         except IntegrityError:
@@ -149,7 +161,7 @@ class JobQueue:
         return token
 
     def revoke_agent(self, name: str) -> None:
-        with self._begin() as connection:
+        with self._write() as connection:
             agent_id = connection.execute(select(AGENTS.c.id).where(AGENTS.c.name == name)).scalar()
             if agent_id is None:
                 raise ConfigError(f"no agent named {name!r}; see hwprune agents list")
@@ -180,7 +192,7 @@ class JobQueue:
             # Shown in `hwprune agents list`: no terminal escapes, nothing long, a few keys.
             cleaned = {clean_text(str(k), 64): clean_text(str(v), 500) for k, v in list(environment.items())[:32]}
             values["environment_json"] = json.dumps(cleaned, sort_keys=True)
-        with self._begin() as connection:
+        with self._write() as connection:
             connection.execute(update(AGENTS).where(AGENTS.c.id == agent_id).values(**values))
             if job_id is None or lease_s is None:
                 return True
@@ -205,7 +217,7 @@ class JobQueue:
         key = (c.signature == signature, c.profile_fingerprint == profile_fingerprint,
                c.reference_sha256 == reference_sha256)
         for _ in range(3):
-            with self._begin() as connection:
+            with self._write() as connection:
                 found = connection.execute(select(c.id, c.status).where(*key)).first()
                 if found is not None:
                     if found.status == FAILED:
@@ -213,7 +225,7 @@ class JobQueue:
                                            .values(status=QUEUED, attempts=0, last_error=None, updated_at=_now()))
                     return int(found.id)
             try:
-                with self._begin() as connection:
+                with self._write() as connection:
                     added = connection.execute(
                         insert(JOBS).values(status=QUEUED, profile=profile, profile_fingerprint=profile_fingerprint,
                                             signature=signature, artifact_sha256=artifact_sha256,
@@ -255,7 +267,7 @@ class JobQueue:
             oldest = oldest.with_for_update(skip_locked=True)
         for _ in range(5):
             now = _now()
-            with self._begin() as connection:
+            with self._write() as connection:
                 if agent.last_seen is None or (now - agent.last_seen).total_seconds() >= SEEN_EVERY_S:
                     connection.execute(update(AGENTS).where(AGENTS.c.id == agent.id).values(last_seen=now))
                 if time.monotonic() - self._expired_at >= self._expire_every_s:
@@ -288,7 +300,7 @@ class JobQueue:
         failed past the attempt cap), like a failure. Returns the outcome and the job as found.
         """
         now = _now()
-        with self._begin() as connection:
+        with self._write() as connection:
             row = connection.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
             if row is None:
                 return Outcome.UNKNOWN, None
@@ -328,7 +340,7 @@ class JobQueue:
     def fail(self, agent: AgentRecord, job_id: int, error: str) -> str:
         """The holder could not measure: queue again, or fail past the attempt cap."""
         c = JOBS.c
-        with self._begin() as connection:
+        with self._write() as connection:
             changed = connection.execute(
                 update(JOBS).where(c.id == job_id, c.status == LEASED, c.lease_agent_id == agent.id)
                 .values(status=case((c.attempts >= c.max_attempts, FAILED), else_=QUEUED),
@@ -343,7 +355,7 @@ class JobQueue:
     def release(self, agent: AgentRecord, job_id: int) -> str:
         """Give a leased job back unmeasured (agent shutting down); the attempt is not spent."""
         c = JOBS.c
-        with self._begin() as connection:
+        with self._write() as connection:
             result = connection.execute(
                 update(JOBS).where(c.id == job_id, c.status == LEASED, c.lease_agent_id == agent.id)
                 .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None,

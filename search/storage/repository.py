@@ -38,6 +38,9 @@ class SearchRecord:
     created_at: dt.datetime
 
 
+POOL_SIZE = 16
+
+
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     # WAL lets readers (searches, the hub) proceed while one writer commits, and NORMAL
     # synchronisation skips an fsync per commit (still crash-safe in WAL mode): the job queue
@@ -51,11 +54,14 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite waits for locks instead of failing at once."""
     try:
+        # Connections are opened as needed and kept up to POOL_SIZE: past the pool, each one
+        # would be opened and closed again per transaction (a new PostgreSQL backend each time),
+        # which cost the hub more than its statements under 20 agents.
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 60})
+            engine = create_engine(url, connect_args={"timeout": 60}, pool_size=POOL_SIZE)
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StorageError(f"cannot use database {url!r}: {exc}") from exc
 
