@@ -17,6 +17,12 @@ from search.storage.models import MeasurementRow
 
 MEASUREMENTS: Table = MeasurementRow.__table__  # type: ignore[assignment]
 _KEY = ("signature", "profile_fingerprint", "reference_sha256")
+# Built once (the job queue's hot path files a row per accepted result); the values come with
+# each execution.
+_INSERTS = {
+    name: dialect.insert(MEASUREMENTS).on_conflict_do_nothing(index_elements=list(_KEY)).returning(MEASUREMENTS.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 def _where(key: MeasurementKey) -> tuple[Any, ...]:
@@ -44,11 +50,8 @@ def insert_result(connection: Connection, key: MeasurementKey, result: Measureme
         ratio_ci_high=result.ratio_ci[1] if result.ratio_ci else None, converged=m.converged,
         backend=m.backend, backend_version=m.backend_version, device=m.device,
     )
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = (dialect.insert(MEASUREMENTS).values(**values).on_conflict_do_nothing(index_elements=list(_KEY))
-                 .returning(MEASUREMENTS.c.id))
     # RETURNING, not rowcount: with RETURNING in play a driver may report -1 rows.
-    return connection.execute(statement).first() is not None
+    return connection.execute(_INSERTS[connection.dialect.name], values).first() is not None
 
 
 def reference_median_us(connection: Connection, artifact_sha256: str, profile_fingerprint: str) -> float | None:

@@ -25,7 +25,22 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Row,
+    Table,
+    Text,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResult
@@ -45,6 +60,33 @@ SEEN_EVERY_S = 1.0
 
 JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 AGENTS: Table = AgentRow.__table__  # type: ignore[assignment]
+
+# The statements of every request, built once with named parameters: building and hashing a
+# statement per call cost about as much as running it.
+_AGENT_BY_TOKEN = select(AGENTS).where(AGENTS.c.token_hash == bindparam("p_token"))
+_JOB_BY_ID = select(JOBS).where(JOBS.c.id == bindparam("p_job"))
+_HELD = (JOBS.c.id == bindparam("p_job"), JOBS.c.status == LEASED, JOBS.c.lease_agent_id == bindparam("p_agent"))
+_MARK_DONE = update(JOBS).where(*_HELD).values(
+    status=DONE, result_json=bindparam("p_result", type_=Text), done_by_agent_id=bindparam("p_done_by", type_=Integer),
+    lease_expires_at=None, updated_at=bindparam("p_now", type_=DateTime))
+_COUNT_DONE = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(
+    jobs_done=AGENTS.c.jobs_done + 1, last_seen=bindparam("p_now", type_=DateTime))
+_SEEN = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(last_seen=bindparam("p_now", type_=DateTime))
+_ANY_QUEUED = select(JOBS.c.id).where(JOBS.c.status == QUEUED, JOBS.c.profile == bindparam("p_profile")).limit(1)
+
+
+def _take_oldest(*, postgres: bool) -> Any:
+    """Lease the oldest queued job of a profile in one statement (the sub-select skips rows
+    that concurrent leases hold locked, on PostgreSQL); returns the job's row."""
+    c = JOBS.c
+    oldest = select(c.id).where(c.status == QUEUED, c.profile == bindparam("p_profile")).order_by(c.id).limit(1)
+    if postgres:
+        oldest = oldest.with_for_update(skip_locked=True)
+    return (update(JOBS).where(c.id == oldest.scalar_subquery(), c.status == QUEUED)
+            .values(status=LEASED, lease_agent_id=bindparam("p_holder", type_=Integer), attempts=c.attempts + 1,
+                    lease_expires_at=bindparam("p_expires", type_=DateTime),
+                    updated_at=bindparam("p_now", type_=DateTime))
+            .returning(*JOBS.c))
 
 
 def _now() -> dt.datetime:
@@ -121,6 +163,7 @@ class JobQueue:
         # plenty next to leases that last seconds to minutes.
         self._expire_every_s = expire_every_s
         self._expired_at = 0.0
+        self._take = _take_oldest(postgres=self._postgres)
         # SQLite has one writer at a time, and a connection that finds the database locked
         # sleeps for milliseconds before it retries: the hub's threads take turns here instead,
         # which costs microseconds. PostgreSQL locks rows, so its writers go in parallel.
@@ -180,7 +223,7 @@ class JobQueue:
     def authenticate(self, token: str) -> AgentRecord | None:
         """The agent a token belongs to, unless unknown or revoked."""
         with self._begin() as connection:
-            row = connection.execute(select(AGENTS).where(AGENTS.c.token_hash == hash_token(token))).first()
+            row = connection.execute(_AGENT_BY_TOKEN, {"p_token": hash_token(token)}).first()
         return None if row is None or row.revoked else _agent(row)
 
     def touch(self, agent_id: int, *, environment: dict[str, Any] | None = None,
@@ -238,7 +281,7 @@ class JobQueue:
 
     def get(self, job_id: int) -> JobRecord | None:
         with self._begin() as connection:
-            row = connection.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+            row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
         return None if row is None else _job(row)
 
     def state(self, job_id: int) -> JobState | None:
@@ -261,30 +304,22 @@ class JobQueue:
 
     def lease(self, agent: AgentRecord, lease_s: float) -> JobRecord | None:
         """Give ``agent`` the oldest queued job of its profile, or None; marks the agent seen."""
-        c = JOBS.c
-        oldest = select(c.id).where(c.status == QUEUED, c.profile == agent.profile).order_by(c.id).limit(1)
-        if self._postgres:
-            oldest = oldest.with_for_update(skip_locked=True)
         for _ in range(5):
             now = _now()
             with self._write() as connection:
                 if agent.last_seen is None or (now - agent.last_seen).total_seconds() >= SEEN_EVERY_S:
-                    connection.execute(update(AGENTS).where(AGENTS.c.id == agent.id).values(last_seen=now))
+                    connection.execute(_SEEN, {"p_agent": agent.id, "p_now": now})
                 if time.monotonic() - self._expired_at >= self._expire_every_s:
                     self._expire(connection, now)
                     self._expired_at = time.monotonic()
-                taken = connection.execute(
-                    update(JOBS).where(c.id == oldest.scalar_subquery(), c.status == QUEUED)
-                    .values(status=LEASED, lease_agent_id=agent.id, attempts=c.attempts + 1,
-                            lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
-                    .returning(*JOBS.c)
-                ).first()
+                taken = connection.execute(self._take, {
+                    "p_profile": agent.profile, "p_holder": agent.id, "p_now": now,
+                    "p_expires": now + dt.timedelta(seconds=lease_s)}).first()
                 if taken is not None:
                     return _job(taken)
                 # Nothing taken: the queue is empty, or (PostgreSQL) every queued row was locked
                 # by another lease at that instant, or (SQLite) taken between select and update.
-                if connection.execute(select(c.id).where(c.status == QUEUED, c.profile == agent.profile)
-                                      .limit(1)).first() is None:
+                if connection.execute(_ANY_QUEUED, {"p_profile": agent.profile}).first() is None:
                     return None
         return None  # lost every race: the caller polls again
 
@@ -301,7 +336,7 @@ class JobQueue:
         """
         now = _now()
         with self._write() as connection:
-            row = connection.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+            row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
             if row is None:
                 return Outcome.UNKNOWN, None
             job = _job(row)
@@ -313,15 +348,11 @@ class JobQueue:
                 job, lambda: cache.reference_median_us(connection, job.reference_sha256, job.profile_fingerprint))
             if doubt is not None:
                 return self._flag(connection, agent, job, result, doubt, now), job
-            done = connection.execute(
-                update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status == LEASED, JOBS.c.lease_agent_id == agent.id)
-                .values(status=DONE, result_json=result_to_json(result), done_by_agent_id=agent.id,
-                        lease_expires_at=None, updated_at=now)
-            )
+            done = connection.execute(_MARK_DONE, {"p_job": job_id, "p_agent": agent.id, "p_done_by": agent.id,
+                                                   "p_result": result_to_json(result), "p_now": now})
             if done.rowcount != 1:
                 return Outcome.NOT_HOLDER, job
-            connection.execute(update(AGENTS).where(AGENTS.c.id == agent.id)
-                               .values(jobs_done=AGENTS.c.jobs_done + 1, last_seen=now))
+            connection.execute(_COUNT_DONE, {"p_agent": agent.id, "p_now": now})
             cache.insert_result(connection, job.key, result)
             return Outcome.ACCEPTED, job
 
