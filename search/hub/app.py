@@ -68,6 +68,8 @@ class HubSettings:
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
+    # The artifact store agents download from; None: search.config.artifacts_url(db_url).
+    artifacts_url: str | None = None
     threads: int = 8
 
 
@@ -187,7 +189,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         # Requests run their database work in worker threads. Python runs one at a time, so
         # more threads than the database can use only add hand-offs between them.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        repo = Repository(settings.db_url)
+        repo = Repository(settings.db_url, artifacts=settings.artifacts_url)
         state["repo"] = repo
         state["queue"] = repo.jobs
         try:
@@ -268,7 +270,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     def artifact(sha256: Sha256Path, me: CurrentAgent) -> Response:
         if not queue().holds_artifact(me, sha256):
             raise HTTPException(403, "no job leased by this agent needs that artifact")
-        content = repo().get_artifact(sha256)
+        content = repo().get_artifact(sha256)  # from the artifact store, checked against its name
         if content is None:
             raise HTTPException(404, f"no artifact {sha256}")
         return Response(content, media_type="application/octet-stream")

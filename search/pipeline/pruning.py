@@ -332,16 +332,16 @@ def _unit_score(kind: str, weight: torch.Tensor, grad: torch.Tensor | None) -> t
         if grad is None:
             raise PruningError(f"importance {kind!r}: no gradient reached a pruned layer")
         g = grad.detach().flatten(1).double()
-        # movement pruning's score -W*dL/dW: weights moving away from zero matter.
-        return -(w * g).sum(1) if kind == "movement" else (w * g).abs().sum(1)
+        # For movement, ``grad`` holds the accumulated score itself (see _accumulate_movement).
+        return g.sum(1) if kind == "movement" else (w * g).abs().sum(1)
     return w.square().sum(1)
 
 
 class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
-    """Movement pruning's first-order score ``-W * dL/dW`` (Sanh et al., 2020), summed over the group.
+    """Movement pruning's score ``S = -sum_t W_t * dL/dW_t`` (Sanh et al., 2020), summed over the group.
 
-    The weights are not updated while scores accumulate: the score is taken over the calibration
-    batches at the base weights, since hwprune's recovery runs after the plan is applied.
+    ``S`` accumulates while a scratch copy of the model fine-tunes on the calibration batches
+    (``_accumulate_movement``), and arrives in each weight's ``.grad``.
     """
 
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
@@ -404,6 +404,37 @@ def _accumulate_gradients(
         seen = True
     if not seen:
         raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
+
+
+MOVEMENT_LR = 3e-4  # AdamW, as recovery fine-tunes by default (search.config.RecoverySettings)
+
+
+def _accumulate_movement(
+    model: nn.Module, calibration: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn: Any
+) -> None:
+    """Leave movement pruning's score ``-sum_t W_t * dL/dW_t`` in each weight's ``.grad``.
+
+    The weights move: a scratch copy of ``model`` takes one AdamW step per calibration batch (in
+    eval mode, so BatchNorm statistics stay put) while the score accumulates, as movement pruning
+    does during fine-tuning; ``model`` itself is left as it was. Weights that move away from zero
+    score high. Deterministic for the fixed thread count ``apply_pruning`` sets.
+    """
+    if not calibration:
+        raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
+    scratch = copy.deepcopy(model).eval()
+    parameters = dict(scratch.named_parameters())
+    scores = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    optimizer = torch.optim.AdamW(list(parameters.values()), lr=MOVEMENT_LR, weight_decay=0.0)
+    for inputs, targets in calibration:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(scratch(inputs), targets).backward()
+        with torch.no_grad():
+            for name, p in parameters.items():
+                if p.grad is not None:
+                    scores[name] -= p * p.grad
+        optimizer.step()
+    for name, p in model.named_parameters():
+        p.grad = scores[name]
 
 
 def _out_channel_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
@@ -486,6 +517,8 @@ def apply_pruning(
                     continue
                 if importance == "taylor":
                     _accumulate_gradients(model, calibration or [], loss_fn)
+                elif importance == "movement":
+                    _accumulate_movement(model, few, loss_fn)
                 elif importance in _GRADIENT_IMPORTANCES:
                     _accumulate_gradients(model, few, loss_fn)
                 if info.kind == "kv-heads":

@@ -47,7 +47,7 @@ from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResul
 from latency_models.wire import AGENT_NAME, clean_text, result_from_json, result_to_json
 from search.errors import ConfigError, StorageError
 from search.storage import cache
-from search.storage.models import AgentRow, JobRow
+from search.storage.models import AgentRow, JobRow, utcnow
 from search.storage.session import core_transaction
 
 QUEUED, LEASED, DONE, FAILED = (s.value for s in (JobStatus.QUEUED, JobStatus.LEASED, JobStatus.DONE,
@@ -89,8 +89,7 @@ def _take_oldest(*, postgres: bool) -> Any:
             .returning(*JOBS.c))
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+_now = utcnow
 
 
 def hash_token(token: str) -> str:

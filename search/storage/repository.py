@@ -15,11 +15,13 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_models import JobState, MeasurementKey, MeasurementResult
+from search.config import DEFAULT_DB, artifacts_url
 from search.errors import ConfigError, SearchNotFoundError, StorageError
 from search.storage import cache
+from search.storage.artifacts import ArtifactStore
 from search.storage.migrate import _safe, ensure_schema
-from search.storage.models import ArtifactRow, MeasurementRow, SearchRow
-from search.storage.queue import JobQueue
+from search.storage.models import ArtifactRow, JobRow, MeasurementRow, SearchRow
+from search.storage.queue import LEASED, QUEUED, JobQueue
 from search.storage.session import core_transaction, transaction
 
 
@@ -76,7 +78,7 @@ def require_database(url: str) -> None:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. sqlite:///hwprune.db") from None
+        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. {DEFAULT_DB}") from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
     if not Path(parsed.database).is_file():
@@ -87,12 +89,19 @@ def require_database(url: str) -> None:
 
 
 class Repository:
-    """hwprune's tables in one database. Checks the schema when opened. It is the
-    ``latency_models.MeasurementStore`` of meters: the measurement cache and, through ``jobs``,
-    the queue of remote measurement jobs."""
+    """hwprune's tables in one database, and its artifact store. Checks the schema when opened.
+    It is the ``latency_models.MeasurementStore`` of meters: the measurement cache and, through
+    ``jobs``, the queue of remote measurement jobs.
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    Args:
+        url: the database's SQLAlchemy URL.
+        artifacts: the artifact store's folder or fsspec URL; default ``search.config.artifacts_url``.
+        migrate: create the tables of a new database, refuse one at another schema.
+    """
+
+    def __init__(self, url: str, *, artifacts: str | None = None, migrate: bool = True) -> None:
         self.url = url
+        self.artifacts = ArtifactStore(artifacts or artifacts_url(url))
         self.engine = make_engine(url)
         if migrate:
             try:
@@ -155,18 +164,35 @@ class Repository:
     # --- artifacts --------------------------------------------------------------------------
 
     def put_artifact(self, sha256: str, content: bytes) -> None:
-        """Store ONNX bytes under their sha256; storing the same bytes twice is harmless."""
+        """Store ONNX bytes under their sha256 (checked); storing the same bytes twice is harmless."""
+        self.artifacts.put_bytes(content, sha256)
+        self._name_artifact(sha256, len(content))
+
+    def put_artifact_file(self, path: Path, sha256: str) -> None:
+        """Store the ONNX file at ``path`` under its sha256 (checked)."""
+        self.artifacts.put_file(path, sha256)
+        self._name_artifact(sha256, path.stat().st_size)
+
+    def _name_artifact(self, sha256: str, size_bytes: int) -> None:
+        # The row says the artifact was made (for accounting); the bytes live in the store.
         try:
             with self._session() as session:
                 if session.get(ArtifactRow, sha256) is None:
-                    session.add(ArtifactRow(sha256=sha256, size_bytes=len(content), content=content))
+                    session.add(ArtifactRow(sha256=sha256, size_bytes=size_bytes))
         except IntegrityError:
-            pass  # another worker stored the same bytes first
+            pass  # another worker named the same bytes first
 
     def get_artifact(self, sha256: str) -> bytes | None:
+        """The artifact's bytes from the store, or None: it was pruned (re-make it from its plan)."""
+        return self.artifacts.read_bytes(sha256)
+
+    def jobs_artifacts(self) -> set[str]:
+        """Artifacts that queued or leased measurement jobs need (the candidate and its reference)."""
         with self._session() as session:
-            row = session.get(ArtifactRow, sha256)
-            return None if row is None else bytes(row.content)
+            rows = session.execute(
+                select(JobRow.artifact_sha256, JobRow.reference_sha256).where(JobRow.status.in_((QUEUED, LEASED)))
+            ).all()
+        return {sha for row in rows for sha in row if sha}
 
     # --- measurements: the MeasurementStore protocol of latency_models -------------------
 
