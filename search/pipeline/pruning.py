@@ -29,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
+from search.pipeline.inputs import ModelInput, primary, run
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class PrunedModel:
     warnings: tuple[str, ...] = ()
 
 
-def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], list[str]]:
+def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str]]:
     """MACs of every Conv2d/Linear for one example, and the order in which they ran."""
     macs: dict[str, int] = {}
     order: list[str] = []
@@ -130,7 +131,7 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            run(model, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -216,7 +217,7 @@ def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     ]
 
 
-def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
     try:
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example, unwrapped_parameters=_unwrapped_vectors(model)
@@ -225,7 +226,7 @@ def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
 
 
-def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] = ()) -> Discovery:
+def discover(model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = ()) -> Discovery:
     """Find the prunable groups of ``model``.
 
     The output layer (the Conv2d/Linear that runs last) and the ``ignored`` layers keep their
@@ -368,8 +369,8 @@ class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
 
 
 def calibration_batches(
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int = CALIBRATION_BATCHES
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader: Iterable[tuple[ModelInput, torch.Tensor]], count: int = CALIBRATION_BATCHES
+) -> list[tuple[ModelInput, torch.Tensor]]:
     """The first ``count`` batches of ``loader``, the same on every call.
 
     A loader that shuffles with a ``torch.Generator`` is reseeded for the draw and its state
@@ -394,13 +395,13 @@ def calibration_batches(
 
 
 def _accumulate_gradients(
-    model: nn.Module, calibration: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: Any
+    model: nn.Module, calibration: Iterable[tuple[ModelInput, torch.Tensor]], loss_fn: Any
 ) -> None:
     model.zero_grad(set_to_none=True)
     model.eval()  # keep BatchNorm statistics fixed: calibration must not change the weights
     seen = False
     for inputs, targets in calibration:
-        loss_fn(model(inputs), targets).backward()
+        loss_fn(primary(run(model, inputs)), targets).backward()
         seen = True
     if not seen:
         raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
@@ -444,14 +445,14 @@ def _prune_kv_heads(model: nn.Module, info: GroupInfo, target: int, importance: 
 
 def apply_pruning(
     base: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     *,
     kept: Mapping[str, int],
     groups: Sequence[GroupInfo],
     patterns: Mapping[str, tuple[int, int]],
     importance: str = "magnitude",
     nm_criterion: str = "magnitude",
-    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None = None,
     loss_fn: Any = nn.functional.cross_entropy,
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
-import torch
 from torch import nn
 
 from hardware_profiles import HardwareProfile, parse_pattern
 from search.config import DEFAULT_KEEP_RATIOS
 from search.errors import PlanError
+from search.pipeline.inputs import ModelInput
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import GroupInfo, PrunedModel, apply_pruning, discover
 
@@ -188,7 +188,7 @@ def channel_multiple(profiles: Sequence[HardwareProfile]) -> int:
 
 def build_space(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     profiles: Sequence[HardwareProfile],
     *,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
@@ -266,7 +266,7 @@ def build_space(
 
 def apply(
     base: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     space: SearchSpace,
     plan: Plan,
     *,
