@@ -52,6 +52,18 @@ def batched(example: ModelInput, batch_size: int) -> ModelInput:
     return model_inputs.batched(example, batch_size)
 
 
+class _ByName(nn.Module):
+    """Takes the named inputs positionally, in ``names`` order, and calls the model by name."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+
 def _export_bytes(
     model: nn.Module,
     example: ModelInput,
@@ -62,8 +74,12 @@ def _export_bytes(
     dynamo: bool,
     opset: int | None,
 ) -> bytes:
-    args: tuple[Any, ...] = () if isinstance(example, dict) else tuple(model_inputs.tensors(example))
-    kwargs = dict(example) if isinstance(example, dict) else None
+    args = tuple(model_inputs.tensors(example))
+    if isinstance(example, dict):
+        # The TorchScript exporter binds keyword inputs to the wrong parameters when a forward
+        # has more of them (Hugging Face's use_cache, ...): export a positional front instead.
+        # In eval mode: the exporter restores the wrapper's mode, recursively, after tracing.
+        model = _ByName(model, list(example)).eval()
     if dynamo:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "model.onnx"
@@ -73,7 +89,7 @@ def _export_bytes(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", UserWarning)
                 program = torch.onnx.export(
-                    model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                    model, args, dynamo=True, opset_version=opset,
                     external_data=False, verbose=False, input_names=list(names),
                     output_names=list(output_names), dynamic_axes=axes,
                 )
@@ -93,7 +109,6 @@ def _export_bytes(
             model,
             args,
             buffer,  # type: ignore[arg-type]  # file-like objects are accepted by the TorchScript exporter
-            kwargs=kwargs,
             dynamo=False,
             opset_version=opset or 17,
             input_names=list(names),
@@ -145,7 +160,9 @@ def export_onnx(
         if tensor.dim() and tensor.shape[0] == batch_size:
             axes[name] = {0: model_inputs.BATCH_AXIS}
     try:
-        with torch.no_grad():
+        # Traced with gradients on: without them nn.MultiheadAttention takes its fused fast path
+        # (aten::_native_multi_head_attention), which has no ONNX form.
+        with torch.enable_grad():
             blob = _export_bytes(model, ordered, names=names, output_names=output_names, axes=axes,
                                  dynamo=dynamo, opset=opset)
         blob = _with_example_shapes(blob, ordered, names)

@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
-from search.pipeline.inputs import ModelInput, primary, run
+from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class LayerInfo:
 class GroupInfo:
     """One torch-pruning dependency group, named by its root module.
 
-    ``kind`` is ``channels`` for ordinary groups and ``heads`` for the output of an attention
-    ``qkv`` projection, where whole heads (``unit_width`` channels each, in q, k and v) go at once.
+    ``kind`` is ``channels`` for ordinary groups and ``heads`` for an attention's q, k and v
+    projections (a fused ``qkv``, ``parts`` 3, or separate ``query``/``key``/``value``, ``parts``
+    1), where whole heads (``unit_width`` channels each, in q, k and v) go at once.
     ``kv-heads`` is a Llama-style attention's key/value head with the query heads sharing it; its
     name is the ``k_proj`` layer and ``unit_width`` the ``o_proj`` inputs one unit holds.
     ``consumers`` are the layers whose input channels are this group's.
@@ -73,6 +74,7 @@ class GroupInfo:
     consumers: tuple[str, ...]
     mac_share: float
     attention: str | None = None
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +149,53 @@ def _macs_per_output(layer: nn.Module) -> int:
     return 0
 
 
-def _attention_modules(model: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """``qkv`` layer name -> (attention module name, heads, head width) for timm-style attention.
+@dataclass(frozen=True, slots=True)
+class _HeadLayout:
+    """Where an attention's heads sit in a projection's output channels."""
 
-    The convention (as in timm's ViT): a module with an integer ``num_heads`` and a Linear child
-    ``qkv`` whose output is q, k and v side by side, each ``num_heads * head_dim`` wide.
+    holder: str
+    heads: int
+    head_dim: int
+    parts: int  # 3 for a fused qkv (q, k and v side by side), 1 for a separate q, k or v
+
+
+def _attention_modules(model: nn.Module) -> dict[str, _HeadLayout]:
+    """Projection layer name -> its attention's head layout, for the layouts torch-pruning groups.
+
+    timm-style: a module with an integer ``num_heads`` and a fused Linear ``qkv`` (q, k and v
+    side by side, each ``num_heads * head_dim`` wide). Hugging Face BERT-style (BERT, RoBERTa,
+    ELECTRA, DeiT before transformers 5): a module with ``num_attention_heads``,
+    ``attention_head_size`` and Linear ``query``, ``key``, ``value``; torch-pruning's graph
+    couples the three with the attention output's input channels, so one group holds the heads.
     """
     found = {}
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         heads = getattr(module, "num_heads", None)
         qkv = getattr(module, "qkv", None)
         if isinstance(heads, int) and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
-            prefix = f"{name}." if name else ""
-            found[f"{prefix}qkv"] = (name, heads, qkv.out_features // (3 * heads))
+            found[f"{prefix}qkv"] = _HeadLayout(name, heads, qkv.out_features // (3 * heads), 3)
+        heads = getattr(module, "num_attention_heads", None)
+        head_dim = getattr(module, "attention_head_size", None)
+        projections = [getattr(module, part, None) for part in ("query", "key", "value")]
+        if (isinstance(heads, int) and isinstance(head_dim, int)
+                and all(isinstance(p, nn.Linear) and p.out_features == heads * head_dim for p in projections)):
+            for part in ("query", "key", "value"):
+                found[f"{prefix}{part}"] = _HeadLayout(name, heads, head_dim, 1)
     return found
+
+
+def _set_head_count(holder: nn.Module, heads: int, head_dim: int) -> None:
+    """Give an attention module its new head count, so its own forward reshapes right.
+
+    A Hugging Face config is shared by every layer and cannot hold per-layer head counts, so it
+    is left as it was: the pruned model runs in its own code; it is rebuilt by replaying the plan.
+    """
+    for attribute in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(holder, attribute, None), int):
+            setattr(holder, attribute, heads)
+    if isinstance(getattr(holder, "all_head_size", None), int):
+        setattr(holder, "all_head_size", heads * head_dim)  # noqa: B010
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,15 +241,20 @@ _KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Laye
 
 
 def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    # Per-channel scales of modules torch-pruning has no pruner for (RMSNorm): their one dimension
-    # is the channel one. Declared, torch-pruning prunes them without warning that it guessed.
-    return [
-        (parameter, 0)
-        for module in model.modules()
-        if not isinstance(module, _KNOWN_MODULES)
-        for parameter in module.parameters(recurse=False)
-        if parameter.dim() == 1
-    ]
+    # Parameters of modules torch-pruning has no pruner for: per-channel scales (RMSNorm), whose
+    # one dimension is the channel one, and tokens or position tables added to the activations
+    # (a ViT's cls_token [1, 1, D] and position_embeddings [1, N, D]), whose last one is.
+    # Declared, torch-pruning prunes them without warning that it guessed.
+    found = []
+    for module in model.modules():
+        if isinstance(module, _KNOWN_MODULES):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.dim() == 1:
+                found.append((parameter, 0))
+            elif parameter.dim() > 1 and parameter.shape[0] == 1:
+                found.append((parameter, parameter.dim() - 1))
+    return found
 
 
 def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
@@ -226,11 +266,67 @@ def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
 
 
-def discover(model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = ()) -> Discovery:
+def _output_layers(model: nn.Module, example: ModelInput) -> tuple[list[str], set[str]]:
+    """The Conv2d/Linear layers whose outputs reach what the model returns with no other
+    Conv2d/Linear in between: their output channels are the model's output channels.
+
+    Found by walking the autograd graph back from every returned tensor, so a layer that runs
+    but feeds nothing returned (an unused pooler) is not one, and every layer writing into a
+    returned residual stream (a transformer's hidden states) is. Also returns the layers that
+    reach the outputs at all (the live ones).
+    """
+    producers: dict[Any, str] = {}
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)  # a frozen layer must leave a trace too (``model`` is a copy)
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _PRUNABLE):
+
+            def hook(_mod: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
+                if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                    producers[out.grad_fn] = name
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            returned = flat_outputs(run(model, example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    roots = [t.grad_fn for t in returned if t.grad_fn is not None]
+
+    def walk(stop_at_layers: bool) -> set[str]:
+        found: set[str] = set()
+        pending: list[Any] = list(roots)
+        seen: set[Any] = set()
+        while pending:
+            node = pending.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in producers:
+                found.add(producers[node])
+                if stop_at_layers:
+                    continue
+            pending.extend(child for child, _ in node.next_functions)
+        return found
+
+    return sorted(walk(stop_at_layers=True)), walk(stop_at_layers=False)
+
+
+def discover(
+    model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = (), hidden_size: bool = False
+) -> Discovery:
     """Find the prunable groups of ``model``.
 
-    The output layer (the Conv2d/Linear that runs last) and the ``ignored`` layers keep their
-    output channels.
+    The output layers (those whose outputs reach what the model returns, see
+    ``_output_layers``) and the ``ignored`` layers keep their output channels, and so does every
+    group holding one of them: a transformer's hidden size stays whole when its hidden states
+    are returned. ``output_layer`` names the last of them to run.
+
+    A transformer's hidden size (a group holding an ``Embedding`` or ``LayerNorm``: the residual
+    stream) is a group only with ``hidden_size``; torch-pruning then prunes the embeddings,
+    every LayerNorm and every consumer with it.
 
     Raises:
         PlanError: an ignored layer name that is not a module of the model.
@@ -244,8 +340,11 @@ def discover(model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = 
     macs, order = _layer_macs(model, example)
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
-    output_layer = order[-1]
-    ignored_names = tuple(dict.fromkeys([output_layer, *ignored]))
+    outputs, live = _output_layers(model, example)
+    outputs = outputs or [order[-1]]
+    last_run = {name: index for index, name in enumerate(order)}
+    output_layer = max(outputs, key=lambda name: last_run.get(name, -1))
+    ignored_names = tuple(dict.fromkeys([output_layer, *sorted(outputs), *ignored]))
     layers = {
         name: LayerInfo(
             name=name,
@@ -272,23 +371,27 @@ def discover(model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = 
     ):
         root_module = group[0].dep.target.module
         root = names.get(root_module)
-        if root is None:
-            continue
+        if root is None or (live and root not in live):
+            continue  # a layer whose output nothing returned reads is no decision
         members: set[str] = set()
         consumers: set[str] = set()
+        residual_stream = False
         for dep, _ in group:
             target = dep.target.module
+            residual_stream = residual_stream or isinstance(target, (nn.Embedding, nn.LayerNorm))
             if isinstance(target, _PRUNABLE) and target in names:
                 members.add(names[target])
                 if graph.is_in_channel_pruning_fn(dep.handler):
                     consumers.add(names[target])
+        if residual_stream and not hidden_size:
+            continue  # opt-in: the hidden size touches every layer, and accuracy with it
         if consumers & projections:
             continue  # the residual stream of a decoder LLM: kept whole
         share = sum(macs.get(m, 0) for m in members) / total_macs
-        if root in attention:
-            holder, heads, head_dim = attention[root]
-            info = GroupInfo(root, "heads", heads, head_dim, tuple(sorted(members)),
-                             tuple(sorted(consumers)), share, holder)
+        layout = attention.get(root)
+        if layout is not None and graph.get_out_channels(root_module) == layout.parts * layout.heads * layout.head_dim:
+            info = GroupInfo(root, "heads", layout.heads, layout.head_dim, tuple(sorted(members)),
+                             tuple(sorted(consumers)), share, layout.holder, layout.parts)
         else:
             size = graph.get_out_channels(root_module)
             info = GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)),
@@ -441,6 +544,10 @@ def _prune_kv_heads(model: nn.Module, info: GroupInfo, target: int, importance: 
         tp.prune_linear_in_channels(o, q_rows)
     except Exception as exc:
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
+    holder = modules[attention.holder]
+    _set_head_count(holder, target * share, dim)
+    if isinstance(getattr(holder, "num_key_value_heads", None), int):
+        setattr(holder, "num_key_value_heads", target)  # noqa: B010
 
 
 def apply_pruning(
@@ -533,18 +640,20 @@ def _prune_group(
 ) -> None:
     root = modules[info.name]
     prune_fn = _out_channel_fn(graph, root)
-    channels = info.size * info.unit_width * (3 if info.kind == "heads" else 1)
+    channels = info.size * info.unit_width * info.parts
     scores = estimator(graph.get_pruning_group(root, prune_fn, list(range(channels))))
     if scores is None:
         raise PruningError(f"importance {importance!r} has no score for group {info.name!r}")
     scores = scores.detach().float().cpu()
     if info.kind == "heads":
-        head_scores = scores.view(3, info.size, info.unit_width).mean(dim=(0, 2))
+        # A head's score is the mean over its channels in every coupled layer (torch-pruning has
+        # already reduced the group's layers onto the root's channels).
+        head_scores = scores.view(info.parts, info.size, info.unit_width).mean(dim=(0, 2))
         drop = torch.sort(torch.argsort(head_scores, stable=True)[: info.size - target]).values
         width = info.size * info.unit_width
         indices = [
             part * width + int(head) * info.unit_width + offset
-            for part in range(3)
+            for part in range(info.parts)
             for head in drop
             for offset in range(info.unit_width)
         ]
@@ -556,7 +665,7 @@ def _prune_group(
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
     if info.attention is not None:
         # torch-pruning resizes the tensors; the module's head count is ours to update.
-        setattr(modules[info.attention], "num_heads", target)  # noqa: B010
+        _set_head_count(modules[info.attention], target, info.unit_width)
 
 
 def architecture_signature(model: nn.Module, patterns: Mapping[str, str]) -> str:

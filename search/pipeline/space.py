@@ -193,8 +193,12 @@ def build_space(
     *,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
     ignored: Sequence[str] = (),
+    hidden_size: bool = False,
 ) -> SearchSpace:
     """Discover the groups of ``model`` and turn them into decisions for ``profiles``.
+
+    ``hidden_size`` offers a transformer's hidden size (embeddings, LayerNorms and every layer
+    reading the residual stream) as one more group; off by default.
 
     Raises:
         PlanError: a keep-ratio outside (0, 1], or an unknown ignored layer name.
@@ -203,7 +207,7 @@ def build_space(
     bad = [r for r in ratios if not 0 < r <= 1]
     if bad:
         raise PlanError(f"keep-ratios must be in (0, 1], got {bad}")
-    discovery = discover(model, example, ignored=ignored)
+    discovery = discover(model, example, ignored=ignored, hidden_size=hidden_size)
     multiple = channel_multiple(profiles)
     groups: list[GroupChoice] = []
     fixed: dict[str, str] = {}
