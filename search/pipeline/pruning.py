@@ -29,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
+from search.pipeline.attention import HeadPrunedAttention
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
@@ -236,6 +237,63 @@ def _gqa_attentions(model: nn.Module) -> dict[str, _GqaAttention]:
     return found
 
 
+def _mha_modules(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` modules whose heads ``HeadPrunedAttention`` can remove."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+        and module.bias_k is None and not module.add_zero_attn and module.num_heads > 1
+    }
+
+
+def _mha_macs(model: nn.Module, example: ModelInput) -> dict[str, int]:
+    macs: dict[str, int] = {}
+    handles = []
+    for name, module in _mha_modules(model).items():
+
+        def hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
+            tokens = int(out[0].numel()) // int(mod.embed_dim)
+            macs[name] = macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
+def _prune_mha_heads(model: nn.Module, info: GroupInfo, target: int, importance: str) -> None:
+    """Replace an ``nn.MultiheadAttention`` by a ``HeadPrunedAttention`` of its best ``target`` heads.
+
+    A head's score sums its q, k and v rows of ``in_proj_weight`` and its ``out_proj`` columns
+    (magnitude, or the gradient criteria as for the other head groups).
+    """
+    parent_name, _, child = info.name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    mha = getattr(parent, child)
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise PruningError(f"group {info.name!r}: expected nn.MultiheadAttention, found {type(mha).__name__}")
+    if importance == "bn-scale":
+        raise PruningError(f"importance {importance!r} has no score for group {info.name!r} (no BatchNorm)")
+    score_kind = "magnitude" if importance == "lamp" else importance
+    heads, dim, embed = mha.num_heads, info.unit_width, mha.embed_dim
+    scores = torch.zeros(heads, dtype=torch.float64)
+    in_grad = mha.in_proj_weight.grad
+    for part in range(3):
+        rows = slice(part * embed, (part + 1) * embed)
+        grad = None if in_grad is None else in_grad[rows]
+        scores += _unit_score(score_kind, mha.in_proj_weight[rows], grad).view(heads, dim).sum(1)
+    out_grad = mha.out_proj.weight.grad
+    scores += _unit_score(score_kind, mha.out_proj.weight.transpose(0, 1),
+                          None if out_grad is None else out_grad.transpose(0, 1)).view(heads, dim).sum(1)
+    kept = sorted(int(i) for i in torch.argsort(scores, stable=True)[heads - target:])
+    setattr(parent, child, HeadPrunedAttention(mha, kept))
+
+
 _KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                   nn.Embedding, nn.PReLU, nn.MultiheadAttention)
 
@@ -357,7 +415,8 @@ def discover(
         for name, module in modules.items()
         if isinstance(module, _PRUNABLE)
     }
-    total_macs = sum(macs.values()) or 1
+    mha_macs = _mha_macs(model, example)
+    total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
     gqa = _gqa_attentions(model)
@@ -397,6 +456,14 @@ def discover(
             info = GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)),
                              tuple(sorted(consumers)), share)
         groups.append(info)
+    for name, mha in _mha_modules(model).items():
+        if name in ignored_names:
+            continue
+        head_dim = mha.embed_dim // mha.num_heads
+        # in_proj is no Linear module (no hook saw it): q, k, v and out projections are 4 E x E.
+        share = mha_macs.get(name, 0) / total_macs
+        groups.append(GroupInfo(name, "heads", mha.num_heads, head_dim, (name, f"{name}.out_proj"),
+                                (f"{name}.out_proj",), share, name, 3))
     for name, gqa_attention in gqa.items():
         if name in ignored_names:
             continue
@@ -588,7 +655,10 @@ def apply_pruning(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             graph = _build_graph(model, example)
-            for info in groups:
+            # nn.MultiheadAttention heads last: their module is replaced, which the graph
+            # (built on the original) would not know about for the groups after them.
+            mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
+            for info in [*(g for g in groups if g not in mha), *mha]:
                 target = kept.get(info.name, info.size)
                 if target >= info.size:
                     continue
@@ -599,6 +669,10 @@ def apply_pruning(
                 if info.kind == "kv-heads":
                     with torch.no_grad():
                         _prune_kv_heads(model, info, target, importance)
+                    continue
+                if isinstance(modules.get(info.name), nn.MultiheadAttention):
+                    with torch.no_grad():
+                        _prune_mha_heads(model, info, target, importance)
                     continue
                 _prune_group(graph, modules, info, target, importance, estimator)
             model.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from hardware_profiles import HardwareProfile, load_profile
 from latency_models.ort import OnnxRuntimeBackend
+from search.pipeline.attention import HeadPrunedAttention
 from search.pipeline.inputs import ModelInput, primary, run
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
@@ -211,18 +212,32 @@ def test_vit_heads_apply_and_export(vit: nn.Module, cpu: HardwareProfile, tmp_pa
     assert artifact.max_abs_diff <= 1e-4
 
 
-def test_multihead_attention_model(cpu: HardwareProfile, tmp_path: Path) -> None:
+def test_multihead_attention_heads(cpu: HardwareProfile, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = MhaEncoder().eval()
     example = torch.randn(1, 8, 16)
     space = build_space(model, example, [cpu])
-    # nn.MultiheadAttention ties its heads' width to the embedding width (in_proj is
-    # [3 * embed_dim, embed_dim]), so its heads are kept; the FFN is a decision.
-    assert [g.name for g in space.groups] == ["fc1"]
-    pruned = apply(model, example, space, space.uniform_plan(0.5))
-    assert pruned.model.fc1.out_features == 64  # type: ignore[union-attr]
-    artifact = export_onnx(pruned.model, example, tmp_path, batch_size=3)
+    assert [(g.name, g.kind, g.kept, g.unit_width) for g in space.groups if g.kind == "heads"] == [
+        ("attn", "heads", (1, 2, 3, 4), 16)]
+    assert "fc1" in {g.name for g in space.groups}
+    pruned: Any = apply(model, example, space, Plan(channels={"attn": 0.5, "fc1": 0.5})).model
+    assert isinstance(pruned.attn, HeadPrunedAttention) and pruned.attn.num_heads == 2
+    assert pruned.attn.in_proj.out_features == 3 * 32 and pruned.fc1.out_features == 64
+    artifact = export_onnx(pruned, example, tmp_path, batch_size=3)
     assert artifact.max_abs_diff <= 1e-4
+    # Removing heads equals zeroing their values in the dense module.
+    kept = pruned.attn.kept_heads.tolist()
+    masked: Any = copy.deepcopy(model)
+    pruned_attention_only: Any = apply(model, example, space, Plan(channels={"attn": 0.5})).model
+    assert pruned_attention_only.attn.kept_heads.tolist() == kept
+    with torch.no_grad():
+        for head in set(range(4)) - set(kept):
+            rows = slice(2 * 64 + head * 16, 2 * 64 + (head + 1) * 16)
+            masked.attn.in_proj_weight[rows] = 0
+            masked.attn.in_proj_bias[rows] = 0
+        x = torch.randn(3, 8, 16)
+        assert torch.allclose(pruned_attention_only(x), masked(x), atol=1e-5)
+        assert not torch.allclose(model(x), masked(x), atol=1e-5)
 
 
 def _short_search(model: nn.Module, example: ModelInput, space: SearchSpace, held_out: ModelInput,
