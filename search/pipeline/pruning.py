@@ -444,8 +444,8 @@ def discover(
                     consumers.add(names[target])
         if residual_stream and not hidden_size:
             continue  # opt-in: the hidden size touches every layer, and accuracy with it
-        if consumers & projections:
-            continue  # the residual stream of a decoder LLM: kept whole
+        if consumers & projections and not residual_stream:
+            continue  # the residual stream of a decoder LLM: kept whole (opt-in above)
         share = sum(macs.get(m, 0) for m in members) / total_macs
         layout = attention.get(root)
         if layout is not None and graph.get_out_channels(root_module) == layout.parts * layout.heads * layout.head_dim:

@@ -273,3 +273,22 @@ def test_short_searches(bert: nn.Module, vit: nn.Module, fast_profile: HardwareP
         space = build_space(model, example, [fast_profile])
         results = _short_search(model, example, space, held_out, fast_profile, tmp_path)
         assert results[0][0] == 0.0 and all(latency > 0 for _, latency in results)
+
+
+@TRACED
+def test_hidden_size_opt_in_prunes_embeddings_and_norms_consistently(
+    bert: nn.Module, vit: nn.Module, cpu: HardwareProfile, tmp_path: Path
+) -> None:
+    for model, example in ((bert, _tokens(1, 16)), (vit, torch.randn(1, 3, 32, 32))):
+        space = build_space(model, example, [cpu], hidden_size=True)
+        default = {g.name for g in build_space(model, example, [cpu]).groups}
+        (hidden,) = [g for g in space.groups if g.name not in default]
+        assert hidden.size == 64
+        pruned: Any = apply(model, example, space, Plan(channels={hidden.name: 0.5})).model
+        norms = [m for m in pruned.modules() if isinstance(m, nn.LayerNorm)]
+        assert norms and all(m.normalized_shape == (32,) for m in norms)
+        embeddings = [m for m in pruned.modules() if isinstance(m, nn.Embedding)]
+        assert all(m.embedding_dim == 32 for m in embeddings)
+        with torch.no_grad():
+            run(pruned, example)  # its own code, its own inputs
+        assert export_onnx(pruned, example, tmp_path, batch_size=2).max_abs_diff <= 1e-4
