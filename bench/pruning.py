@@ -8,7 +8,8 @@ For each architecture: build the space once (cpu-ort-fp32 and ampere-trt-fp16, s
 exist), then time ``apply`` (deep copy, dependency graph, importance, pruning, N:M masks) and
 ``export_onnx`` (TorchScript exporter, onnx.checker, comparison with torch) for random plans.
 
-Run by hand: ``.venv/bin/python bench/pruning.py`` (writes docs/benchmarks.md).
+Run by hand: ``.venv/bin/python bench/pruning.py`` (writes docs/benchmarks.md);
+``--transformers`` times only the two Hugging Face models, into a section of their own.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ CASES: list[tuple[str, Callable[[], tuple[nn.Module, Any]]]] = [
 
 
 def main() -> None:
+    only_transformers = "--transformers" in sys.argv[1:]
+    cases = CASES[3:] if only_transformers else CASES
     profiles = [load_profile("cpu-ort-fp32"), load_profile("ampere-trt-fp16")]
     rng = random.Random(0)
     rows = []
@@ -79,7 +82,7 @@ def main() -> None:
     # comparison with ONNX Runtime (at two batch sizes) is the real check.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
     warnings.filterwarnings("ignore", message=".*aten::index operator.*")
-    for label, build in CASES:
+    for label, build in cases:
         model, example = build()
         start = time.perf_counter()
         space = build_space(model, example, profiles)
@@ -110,7 +113,11 @@ def main() -> None:
         "| architecture | base MMACs | groups | N:M layers | build space s | apply s | export s | per plan s |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\nAim: <= 1.0 s per plan.\n"
     )
-    write_section("pruning", "Pruning and export cost (bench/pruning.py)", ".venv/bin/python bench/pruning.py", body)
+    if only_transformers:
+        write_section("pruning-transformers", "Pruning and export cost, Hugging Face transformers (bench/pruning.py)",
+                      ".venv/bin/python bench/pruning.py --transformers", body)
+    else:
+        write_section("pruning", "Pruning and export cost (bench/pruning.py)", ".venv/bin/python bench/pruning.py", body)
 
 
 if __name__ == "__main__":
