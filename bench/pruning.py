@@ -117,7 +117,8 @@ def main() -> None:
         write_section("pruning-transformers", "Pruning and export cost, Hugging Face transformers (bench/pruning.py)",
                       ".venv/bin/python bench/pruning.py --transformers", body)
     else:
-        write_section("pruning", "Pruning and export cost (bench/pruning.py)", ".venv/bin/python bench/pruning.py", body)
+        write_section("pruning", "Pruning and export cost (bench/pruning.py)",
+                      ".venv/bin/python bench/pruning.py", body)
 
 
 if __name__ == "__main__":
