@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
@@ -80,6 +80,7 @@ class SearchSpace:
     base_macs: int
     base_params: int
     _infos: tuple[GroupInfo, ...]
+    notes: Mapping[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> GroupChoice:
         for choice in self.groups:
@@ -167,6 +168,7 @@ class SearchSpace:
             "groups": [asdict(g) for g in self.groups],
             "sparsity": [asdict(s) for s in self.sparsity],
             "fixed": dict(self.fixed),
+            "notes": dict(self.notes),
         }
 
     def fingerprint(self) -> str:
@@ -211,6 +213,7 @@ def build_space(
     multiple = channel_multiple(profiles)
     groups: list[GroupChoice] = []
     fixed: dict[str, str] = {}
+    notes: dict[str, str] = {}
     kept_options: dict[str, tuple[int, ...]] = {}
     for info in discovery.groups:
         unit_multiple = 1 if info.kind in ("heads", "kv-heads") else multiple
@@ -218,6 +221,13 @@ def build_space(
         for ratio in ratios:
             offered.setdefault(kept_units(info.size, ratio, unit_multiple), ratio)
         kept_options[info.name] = tuple(sorted(offered))
+        off = [k * info.unit_width for k in sorted(offered) if (k * info.unit_width) % multiple]
+        if info.kind in ("heads", "kv-heads") and off:
+            # Heads are whole units: the targets' channel multiple cannot be met by rounding them.
+            notes[info.name] = (
+                f"heads of {info.unit_width} channels: {', '.join(map(str, off))} channels "
+                f"are not multiples of {multiple}, the targets' channel multiple"
+            )
         if len(offered) < 2:
             fixed[info.name] = (
                 f"{info.size} {info.kind} cannot be rounded to a multiple of {unit_multiple} "
@@ -265,6 +275,7 @@ def build_space(
         base_macs=discovery.macs,
         base_params=discovery.params,
         _infos=discovery.groups,
+        notes=notes,
     )
 
 

@@ -292,3 +292,16 @@ def test_hidden_size_opt_in_prunes_embeddings_and_norms_consistently(
         with torch.no_grad():
             run(pruned, example)  # its own code, its own inputs
         assert export_onnx(pruned, example, tmp_path, batch_size=2).max_abs_diff <= 1e-4
+
+
+def test_a_note_when_whole_heads_miss_the_channel_multiple() -> None:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(config).eval()
+    example = {k: v for k, v in _tokens(1, 8).items() if k != "input_ids"} | {"input_ids": torch.zeros(1, 8).long()}
+    space = build_space(model, example, [load_profile("ampere-trt-fp16")])
+    (heads,) = [g for g in space.groups if g.kind == "heads"]
+    assert heads.kept == (1, 2, 3, 4) and heads.unit_width == 12
+    assert "12, 36 channels are not multiples of 8" in space.notes[heads.name]
+    assert space.to_dict()["notes"] == dict(space.notes)
