@@ -305,3 +305,50 @@ def test_a_note_when_whole_heads_miss_the_channel_multiple() -> None:
     assert heads.kept == (1, 2, 3, 4) and heads.unit_width == 12
     assert "12, 36 channels are not multiples of 8" in space.notes[heads.name]
     assert space.to_dict()["notes"] == dict(space.notes)
+
+
+BERT_PLUGIN = '''
+import torch
+import transformers
+
+from search.pipeline.bundle import ModelBundle, classification_error
+
+
+def bundle() -> ModelBundle:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):  # (named inputs, labels): what a Hugging Face user's loader yields
+        ids = torch.randint(0, 100, (8, 16), generator=generator)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            batches.append((inputs, model(**inputs).logits.argmax(dim=1)))
+    example = {k: v[:1] for k, v in batches[0][0].items()}
+    return ModelBundle(name="bert", model=model, example_input=example, train_loader=batches,
+                       val_loader=batches, error_fn=classification_error)
+'''
+
+
+@TRACED
+def test_search_over_a_bert_with_named_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole search (base measurement, recovery, scoring, export, ORT timing) on a bundle whose
+    example and loaders are mappings of named tensors and whose model returns a ModelOutput."""
+    from typer.testing import CliRunner
+
+    from search.cli.main import app
+
+    name = f"bert_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(BERT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    env = {"HWPRUNE_CACHE": str(tmp_path / "cache"), "HWPRUNE_HEARTBEAT_S": "1", "HWPRUNE_GRACE_S": "3"}
+    result = CliRunner().invoke(app, ["search", "start", "--name", "bert", "--model", f"{name}:bundle",
+                                      "--trials", "3", "--recovery-steps", "2", "--db", url, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="hwprune:bert", storage=url)
+    completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(completed) == 3
+    assert any(key.startswith("keep:") and "attention.self" in key for key in completed[0].params)
