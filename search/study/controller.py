@@ -68,7 +68,8 @@ def _load_model_and_space(
     profiles = [resolve_profile(name, runtime.profile_dirs) for name in config.targets]
     bundle = load_bundle(config.model_spec, cache_dir=runtime.cache_dir)
     space = build_space(bundle.model, bundle.example_input, profiles,
-                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers)
+                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers,
+                        hidden_size=config.prune_hidden_size)
     return bundle, space, profiles
 
 
