@@ -581,7 +581,7 @@ MOVEMENT_LR = 3e-4  # AdamW, as recovery fine-tunes by default (search.config.Re
 
 
 def _accumulate_movement(
-    model: nn.Module, calibration: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn: Any
+    model: nn.Module, calibration: Sequence[tuple[ModelInput, torch.Tensor]], loss_fn: Any
 ) -> None:
     """Leave movement pruning's score ``-sum_t W_t * dL/dW_t`` in each weight's ``.grad``.
 
@@ -598,7 +598,7 @@ def _accumulate_movement(
     optimizer = torch.optim.AdamW(list(parameters.values()), lr=MOVEMENT_LR, weight_decay=0.0)
     for inputs, targets in calibration:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(scratch(inputs), targets).backward()
+        loss_fn(primary(run(scratch, inputs)), targets).backward()
         with torch.no_grad():
             for name, p in parameters.items():
                 if p.grad is not None:
