@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -70,8 +71,9 @@ def _self_labelled(model: nn.Module, inputs: list[torch.Tensor]) -> list[tuple[t
 
 def _cases() -> list[Case]:
     bundle = digits(cache_dir=cache_dir())
-    held = torch.cat([x for x, _ in bundle.val_loader])
-    cases = [Case("digits (trained CNN, 360 val images)", bundle.model, bundle.example_input, bundle.train_loader,
+    held = torch.cat([cast(torch.Tensor, x) for x, _ in bundle.val_loader])  # digits: one tensor per batch
+    cases = [Case("digits (trained CNN, 360 val images)", bundle.model, cast(torch.Tensor, bundle.example_input),
+                  bundle.train_loader,
                   held, lambda m: bundle.error_fn(m, bundle.val_loader))]
     torch.manual_seed(0)
     encoder = TinyTransformer().eval()

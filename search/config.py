@@ -166,6 +166,8 @@ class SearchConfig(_Section):
     keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = list(
         DEFAULT_KEEP_RATIOS)
     ignored_layers: list[str] = []
+    # A transformer's hidden size (embeddings, LayerNorms, the residual stream) as one more group.
+    prune_hidden_size: bool = False
     # None: the base model's error plus DEFAULT_ERROR_TOLERANCE (see ``resolve_error_floor``).
     error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None
     seed: int = 0

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from search.config import SearchConfig
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
+from search.pipeline.inputs import primary, run
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int) -
     try:
         with torch.no_grad():
             for inputs, _ in batches:
-                model(inputs)
+                run(model, inputs)
                 used += 1
                 if used >= count:
                     break
@@ -306,11 +307,11 @@ def fine_tune(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _schedule(step, config)
         optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
+        outputs = primary(run(model, inputs))
         teacher_outputs = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_outputs = teacher(inputs)
+                teacher_outputs = primary(run(teacher, inputs))
         _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         if masks:
@@ -328,7 +329,7 @@ def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, targets in holdout:
-            total += float(bundle.loss_fn(model(inputs), targets)) * len(targets)
+            total += float(bundle.loss_fn(primary(run(model, inputs)), targets)) * len(targets)
             count += len(targets)
     return error, total / max(count, 1)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from search.errors import PlanError, PruningError
+from search.pipeline.inputs import ModelInput, concatenated, run, shapes
 
 Prunable = nn.Conv2d | nn.Linear
 
@@ -193,7 +194,7 @@ def sparsify(
     patterns: Mapping[str, tuple[int, int]],
     *,
     criterion: str = "magnitude",
-    calibration: Sequence[torch.Tensor] = (),
+    calibration: Sequence[ModelInput] = (),
 ) -> dict[str, torch.Tensor]:
     """Give each layer of ``patterns`` its N:M pattern, in place; returns the masks by layer name.
 
@@ -254,15 +255,15 @@ def sparsify(
         return hook
 
     try:
-        samples = torch.cat(list(calibration))
+        samples = concatenated(list(calibration))
     except RuntimeError as exc:
-        shapes = sorted({tuple(batch.shape[1:]) for batch in calibration})
-        raise PlanError(f"N:M calibration batches must share one sample shape, got {shapes}: "
+        found = sorted({tuple(shape[1:] for shape in shapes(batch)) for batch in calibration})
+        raise PlanError(f"N:M calibration batches must share one sample shape, got {found}: "
                         "give the training loader fixed-size samples") from exc
     handles = [layer.register_forward_pre_hook(prune_before_running(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            model(samples)
+            run(model, samples)
     finally:
         for handle in handles:
             handle.remove()

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from hardware_profiles import HardwareProfile
-from latency_models import file_sha256, registry
+from latency_models import BaseArtifact, Measurement, Meter, file_sha256, make_meter, registry
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
 from search.errors import ConfigError, StorageError
 from search.examples import load_bundle
@@ -31,10 +31,8 @@ from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
 from search.storage.models import utcnow
-from search.storage.queue import JobQueue
 from search.study import confirmation
 from search.study.confirmation import Confirmation
-from search.study.latency import LocalMeter, Meter, RemoteMeter, measure_base
 from search.study.materialize import rebuild_trial
 from search.study.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.study.pareto import TrialPoint, pareto_front
@@ -70,7 +68,8 @@ def _load_model_and_space(
     profiles = [resolve_profile(name, runtime.profile_dirs) for name in config.targets]
     bundle = load_bundle(config.model_spec, cache_dir=runtime.cache_dir)
     space = build_space(bundle.model, bundle.example_input, profiles,
-                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers)
+                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers,
+                        hidden_size=config.prune_hidden_size)
     return bundle, space, profiles
 
 
@@ -120,9 +119,8 @@ def check_targets(profiles: Sequence[HardwareProfile], repo: Repository, runtime
                 pass
     if runtime.wait_for_agents:
         return
-    queue = JobQueue(repo.engine)
     for profile in profiles:
-        if profile.location == "remote" and not queue.live_agents(profile.name, runtime.agent_live_s):
+        if profile.location == "remote" and not repo.jobs.live_agents(profile.name, runtime.agent_live_s):
             raise ConfigError(
                 f"no live agent serves remote profile {profile.name!r}: register one with `hwprune "
                 f"agents add NAME --profile {profile.name}`, start `hwprune serve`, run `hwprune agent "
@@ -158,11 +156,8 @@ def _create(
         artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
                                batch_size=profiles[0].batch_size)
         repo.put_artifact_file(artifact.path, artifact.sha256)
-        measurements = {
-            p.name: measure_base(p, artifact.path, repo=repo, sha256=artifact.sha256,
-                                 signature=signature).to_dict()
-            for p in profiles
-        }
+        base = BaseArtifact(artifact.path, artifact.sha256, signature)
+        measurements = {p.name: _measure_base(p, repo, base).to_dict() for p in profiles}
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
@@ -194,6 +189,12 @@ def _create(
     repo.add_search(record)
     logger.info("created search %s (%d groups, %d N:M layers)", config.name, len(space.groups), len(space.sparsity))
     return record
+
+
+def _measure_base(profile: HardwareProfile, repo: Repository, base: BaseArtifact) -> Measurement:
+    """The base model alone on a target: the reference every trial's ratio multiplies."""
+    with make_meter(profile, repo, base) as meter:
+        return meter.measure_base()
 
 
 def load_prepared(name: str, runtime: Runtime) -> Prepared:
@@ -233,23 +234,17 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
     return artifact_dir, base_path
 
 
+def _base_of(record: SearchRecord, base_path: Path) -> BaseArtifact:
+    return BaseArtifact(base_path, record.base["artifact_sha256"], record.base["signature"])
+
+
 def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
-    """One meter per target (local or remote), entered on ``stack``."""
+    """One meter per target (local or remote, as its profile says), entered on ``stack``."""
     record = prepared.record
-    meters: list[Meter] = []
-    for profile in prepared.profiles:
-        base_median = record.base["measurements"][profile.name]["median_us"]
-        if profile.location == "remote":
-            meter: Meter = RemoteMeter(
-                profile, repo, base_sha256=record.base["artifact_sha256"],
-                base_signature=record.base["signature"], base_median_us=base_median)
-        else:
-            meter = LocalMeter(profile, repo, base_path=base_path,
-                               base_sha256=record.base["artifact_sha256"],
-                               base_signature=record.base["signature"], base_median_us=base_median)
-        stack.enter_context(meter)
-        meters.append(meter)
-    return meters
+    base = _base_of(record, base_path)
+    return [stack.enter_context(make_meter(profile, repo, base,
+                                           base_median_us=record.base["measurements"][profile.name]["median_us"]))
+            for profile in prepared.profiles]
 
 
 def run_worker(
@@ -320,9 +315,7 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
         for profile in prepared.profiles:
             # Remote targets keep the base figure their agent measured when the search began.
             if profile.location == "local":
-                base_now[profile.name] = measure_base(
-                    profile, base_path, repo=repo, sha256=record.base["artifact_sha256"],
-                    signature=record.base["signature"]).median_us
+                base_now[profile.name] = _measure_base(profile, repo, _base_of(record, base_path)).median_us
         study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
         meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
         for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one

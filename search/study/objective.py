@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from latency_models import LatencyError
+from latency_models import LatencyError, Meter
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
@@ -27,7 +27,6 @@ from search.pipeline.onnx_export import export_onnx
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
-from search.study.latency import LocalMeter, Meter
 from search.study.reward import reward
 
 logger = logging.getLogger(__name__)
@@ -114,9 +113,9 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
     latencies = {}
     try:
-        # Remote jobs are queued first so that every device works at once.
+        # Meters that measure in the background (remote jobs) start first, so every device works at once.
         pending = []
-        for meter in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter)):
+        for meter in sorted(ctx.meters, key=lambda m: not m.background):
             with _stage(trial, f"measure:{meter.profile.name}", times):
                 pending.append((meter.profile.name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
         for name, waiting in pending:

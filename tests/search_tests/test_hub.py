@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from latency_models import Measurement, file_sha256
+from latency_models import Measurement, MeasurementKey, file_sha256
 from latency_models.wire import ResultBody
 from search.storage import Repository
 from search.storage.artifacts import ArtifactStore
@@ -118,7 +118,7 @@ def test_results_only_from_the_holder_once_and_bounded(hub: dict[str, Any]) -> N
         again = a.post(f"/jobs/{job['id']}/result", json=body)
         assert again.status_code == 200 and again.json() == {"status": "duplicate"}
         assert a.post("/jobs/424242/result", json=body).status_code == 404
-    cached = hub["repo"].find_measurement("s1", "f" * 16, "")
+    cached = hub["repo"].find_measurement(MeasurementKey("s1", "f" * 16))
     assert cached is not None and cached.measurement.median_us == 100.0  # it landed in the cache
 
 

@@ -12,6 +12,7 @@ from search.config import RecoverySettings, SearchConfig
 from search.errors import ModelLoadError
 from search.examples.zoo import make_architecture
 from search.pipeline.bundle import Batch, ModelBundle, classification_error, seeded_error
+from search.pipeline.inputs import tensors
 from search.pipeline.recovery import (
     RecoveryConfig,
     adapt_batchnorm,
@@ -167,7 +168,7 @@ def test_a_plugin_stream_takes_the_seed_through_reseed() -> None:
     batches = split.batches()
     trained = [next(batches) for _ in range(5)]  # 3 per pass after the held-out one
     assert stream.calls == [(7, 0), (7, 0), (7, 1)]
-    assert len(split.holdout) == 1 and not torch.equal(trained[0][0], trained[3][0])
+    assert len(split.holdout) == 1 and not torch.equal(tensors(trained[0][0])[0], tensors(trained[3][0])[0])
 
 
 def test_scoring_is_seeded(digits_bundle: ModelBundle) -> None:
