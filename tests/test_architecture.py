@@ -31,6 +31,7 @@ LAYERS: dict[str, float] = {
     "search.errors": 2,
     "search": 2.5,  # the package's __init__ re-exports the errors only
     "search.config": 3,
+    "search.progress": 3,  # reporting hooks only: imports nothing of the project
     "search.pipeline": 4,
     "search.storage": 4,
     "search.examples": 5,

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +160,38 @@ def _main(
         format="%(levelname)s %(name)s: %(message)s",
     )
     state.profile_dirs = profile_dirs(profiles_dir)
+    # Long steps below the CLI (first-use training, base measurement) show progress on a terminal.
+    from search import progress
+
+    progress.install(terminal_progress if stderr().is_terminal else None)
+
+
+def _ignore(_steps: int = 1) -> None:
+    return None
+
+
+@contextmanager
+def terminal_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr for one long step, removed when it ends."""
+    from rich.errors import LiveError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=stderr(), transient=True)
+    try:
+        bar.start()
+    except LiveError:  # another display (a search's own bar) is showing: stay quiet under it
+        yield _ignore
+        return
+    try:
+        task = bar.add_task(description, total=total)
+
+        def advance(steps: int = 1) -> None:
+            bar.advance(task, steps)
+
+        yield advance
+    finally:
+        bar.stop()
 
 
 # --- options and helpers shared by the command groups -----------------------------------------

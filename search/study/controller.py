@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 
+import search.progress as progress
 from hardware_profiles import HardwareProfile
 from latency_models import registry
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
@@ -156,11 +157,12 @@ def _create(
         artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
                                batch_size=profiles[0].batch_size)
         repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
-        measurements = {
-            p.name: measure_base(p, artifact.path, repo=repo, sha256=artifact.sha256,
-                                 signature=signature).to_dict()
-            for p in profiles
-        }
+        measurements = {}
+        with progress.task("measuring the base model (trial 0's reference)", total=len(profiles)) as advance:
+            for p in profiles:
+                measurements[p.name] = measure_base(p, artifact.path, repo=repo, sha256=artifact.sha256,
+                                                    signature=signature).to_dict()
+                advance(1)
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
