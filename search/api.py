@@ -59,6 +59,7 @@ __all__ = [
     "measure",
     "pareto",
     "plan_template",
+    "report",
     "resume_search",
     "run_search",
     "status",
@@ -488,3 +489,14 @@ def export_trials(
             if on_trial is not None:
                 on_trial(number, folder)
     return manifests
+
+
+def report(name: str, out: str | Path, *, force: bool = False, settings: Settings = DEFAULT) -> dict[str, Any]:
+    """Write ``out/index.html`` with PNG plots of a stored search (see ``search.study.report``);
+    returns what each plot draws."""
+    from search.study.report import write_report
+
+    folder = Path(out)
+    check_output_folder(folder, force=force)
+    record, study = _study(name, settings)
+    return write_report(record, study, folder)

@@ -561,6 +561,27 @@ def export_from_search(
         echo_json(manifests)
 
 
+@app.command("report")
+def report_command(
+    name: Annotated[str, typer.Argument(help="Search name.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """An HTML page with PNG plots: the front per target, the optimisation history, kept channels
+    of the front's trials, latency against MACs."""
+    with handle_errors():
+        from search.api import report
+
+        with output_errors(out):
+            data = report(name, out, force=force, settings=api_settings(db))
+        if as_json:
+            echo_json({"index": str(out / "index.html"), "plots": data["plots"]})
+            return
+        stdout().print(f"wrote {out / 'index.html'} with {len(data['plots'])} plots", highlight=False)
+
+
 # --- demo -------------------------------------------------------------------------------------
 
 

@@ -163,3 +163,41 @@ def test_help_shows_defaults_uncut_and_one_name_per_concept() -> None:
     text = re.sub(r"\s+", " ", start)
     assert "Default: 20" in text and "trial 0 (the dense base model) included" in text
     assert "--ignore" in text
+
+
+def test_report_page_and_plots(done: Search) -> None:
+    from html.parser import HTMLParser
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    out = done.folder / "report"
+    result = done.run("report", "c", "--out", str(out), "--db", done.db, "--json")
+    assert result.exit_code == 0, result.output
+    plots = {plot["file"]: plot for plot in json.loads(result.stdout)["plots"]}
+    assert set(plots) == {"front-0.png", "history.png", "channels.png", "macs.png"}
+    # Every completed trial is drawn: feasible ones by how their figure was obtained, the rest as infeasible.
+    front = plots["front-0.png"]["points"]
+    assert sum(v for k, v in front.items() if k != "front") == 5 and front["infeasible"] >= 1
+    assert plots["history.png"]["points"]["feasible"] + plots["history.png"]["points"]["infeasible"] == 5
+    pareto = json.loads(done.run("pareto", "c", "--db", done.db, "--json").stdout)
+    assert front["front"] == len(pareto) and plots["channels.png"]["points"]["kept"] == 2 * len(pareto)
+    assert plots["macs.png"]["points"]["trials"] == 5 and "pairs of trials" in plots["macs.png"]["note"]
+
+    class Images(HTMLParser):
+        sources: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "img":
+                self.sources.append(dict(attrs)["src"] or "")
+
+    page = Images()
+    page.feed((out / "index.html").read_text())
+    assert sorted(page.sources) == sorted(plots)
+    for name in page.sources:
+        pixels = imread(out / name)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+        # Not a blank canvas: markers, lines and text in several colours.
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 20
+    again = done.run("report", "c", "--out", str(out), "--db", done.db)
+    assert again.exit_code == 2 and "is not empty" in again.stderr
