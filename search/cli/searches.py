@@ -221,7 +221,7 @@ def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
     feasibility = _feasibility_line(info)
     if feasibility:
         out.print(feasibility, highlight=False, markup=False)
-    _print_pareto(rows, prepared.record, target)
+    _print_pareto(rows, prepared.record.name, target)
     if warning:
         stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
@@ -377,16 +377,11 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 @search_app.command("status")
 def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """One search's progress: trials by state, best reward, base figures."""
+    """One search's progress: trials by state, feasibility, failures, best reward, base figures."""
     with handle_errors():
-        from search.study.read import summary
-        from search.study.runtime import find_record, load_study
+        from search.api import status
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        record = find_record(name, runtime)
-        _quiet_optuna()
-        info = summary(record, load_study(record, runtime))
+        info = status(name, settings=api_settings(db))
         if as_json:
             echo_json(info)
             return
@@ -479,7 +474,7 @@ def search_trials(name: Annotated[str, typer.Argument(help="Search name.")], db:
 # --- Pareto -----------------------------------------------------------------------------------
 
 
-def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
+def _print_pareto(rows: list[dict[str, Any]], name: str, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
                   title=f"Pareto front: error x latency on {target}")
@@ -492,7 +487,7 @@ def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
                       f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
     stdout().print(table)
     if any(not row["confirmed"][target] for row in rows):
-        stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
+        stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {name}` "
                         "measures them again", highlight=False)
 
 
@@ -507,21 +502,17 @@ def pareto_command(
 ) -> None:
     """The non-dominated feasible trials of a search on error x latency for one target."""
     with handle_errors():
-        from search.study.read import pareto_rows, summary
-        from search.study.runtime import find_record, load_study
+        from search.api import pareto, status
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        record = find_record(name, runtime)
-        _quiet_optuna()
-        chosen = profile or target or record.config["targets"][0]
-        study = load_study(record, runtime)
-        rows = pareto_rows(record, study, chosen)
+        settings = api_settings(db)
+        info = status(name, settings=settings)
+        chosen = profile or target or info["targets"][0]
+        rows = pareto(name, target=chosen, settings=settings)
         if as_json:
             echo_json(rows)
             return
-        _print_pareto(rows, record, chosen)
-        feasibility = _feasibility_line(summary(record, study))
+        _print_pareto(rows, name, chosen)
+        feasibility = _feasibility_line(info)
         if feasibility:
             stdout().print(feasibility, highlight=False, markup=False)
 
@@ -588,7 +579,7 @@ def report_command(
 @app.command("demo")
 def demo(
     db: DbOpt = None,
-    trials: Annotated[int, typer.Option(help="Completed trials.", min=2)] = 24,
+    trials: Annotated[int, typer.Option(help="Completed trials, trial 0 (the base model) included.", min=2)] = 24,
     name: Annotated[str, typer.Option(help="Search name.")] = "demo-digits",
 ) -> None:
     """A real search on the built-in digits example, on cpu-ort-fp32, then its Pareto table."""
