@@ -97,14 +97,18 @@ def db_upgrade(db: DbOpt = None) -> None:
 
 
 @db_app.command("current")
-def db_current(db: DbOpt = None) -> None:
+def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Show the database's schema revision and the one this hwprune expects."""
     with handle_errors():
         from search.storage import current_revision, head_revision, make_engine
 
         engine = make_engine(db_url(db or state.db))
-        typer.echo(f"database {current_revision(engine) or 'empty'}, expected {head_revision()}")
+        current = current_revision(engine)
         engine.dispose()
+        if as_json:
+            echo_json({"database": current, "expected": head_revision(), "current": current == head_revision()})
+            return
+        typer.echo(f"database {current or 'empty'}, expected {head_revision()}")
 
 
 # --- running ----------------------------------------------------------------------------------
