@@ -23,7 +23,9 @@ from torch import nn
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.examples import load_bundle
+from search.pipeline import inputs as model_inputs
 from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.inputs import ModelInput
 from search.pipeline.onnx_export import OnnxArtifact, export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import PrunedModel, apply_pruning, discover
@@ -39,7 +41,7 @@ MANIFEST_FILE = "manifest.json"
 MAX_BATCH = 4096
 
 
-def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> str | None:
+def export_program(model: nn.Module, example: ModelInput, path: Path) -> str | None:
     """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension.
 
     Returns None on success, else why it could not be exported (a model ``torch.export`` cannot
@@ -47,11 +49,21 @@ def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> str |
     """
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     # Traced at batch 2: at batch 1 torch.export would specialise the dimension to the constant 1.
-    inputs = example[:1].expand(2, *example.shape[1:]).contiguous()
+    inputs = model_inputs.batched(example, 2)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = {}
+    shapes: Any
+    if isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+        shapes = {name: {0: batch} for name in inputs}
+    elif isinstance(inputs, tuple):
+        args, shapes = inputs, tuple({0: batch} for _ in inputs)
+    else:
+        args, shapes = (inputs,), ({0: batch},)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model.eval(), (inputs,), dynamic_shapes=({0: batch},))
+            program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=shapes)
             torch.export.save(program, str(path))
     except Exception as exc:  # torch.export's failures are many and all mean "no program"
         logger.warning("no self-contained %s: torch.export failed: %s", path.name, exc)
