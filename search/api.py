@@ -320,6 +320,9 @@ def run_search(
     run_prepared(prepared, runtime, on_trial=on_trial)
     if confirm:
         confirm_prepared(prepared, runtime)
+    from search.study.retention import prune_artifacts
+
+    prune_artifacts(runtime)  # as the CLI does: the store keeps what jobs and fronts need
     return status(prepared.config.name, settings=settings)
 
 
@@ -332,7 +335,7 @@ def resume_search(name: str, *, trials: int | None = None, timeout_s: float | No
 
     runtime = settings.runtime()
     require_database(runtime.db_url)
-    stored = SearchConfig.model_validate(find_record(name, runtime).config)
+    stored = SearchConfig.from_stored(find_record(name, runtime).config)
     return run_search(replace_budget(stored, trials=trials, timeout_s=timeout_s), on_trial=on_trial,
                       settings=settings)
 
