@@ -122,7 +122,12 @@ class SearchConfig(_Section):
     model: Annotated[str, Field(pattern=r"^[\w.]+:\w+$")] | None = None
     targets: Annotated[list[str], Field(min_length=1)] = ["cpu-ort-fp32"]
     objective: Literal["reward", "pareto"] = "reward"
-    sampler: Literal["tpe", "nsga2", "random", "amc"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "amc", "netadapt"] = "tpe"
+    # Scan each group's sensitivity first and enqueue the uniform ladder and greedy plans from it
+    # (search.study.sensitivity); netadapt always scans (the scan is its latency table).
+    sensitivity_start: bool = False
+    # Fine-tuning steps of the final recovery of the Pareto set when a search ends (0: none).
+    final_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     trials: Annotated[int, Field(ge=1, le=1_000_000)] | None = 20
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     constraints: ConstraintsConfig = ConstraintsConfig()
@@ -164,7 +169,7 @@ def resolve_error_floor(config: SearchConfig, base_error: float) -> float:
     return min(0.99, base_error + DEFAULT_ERROR_TOLERANCE)
 
 
-RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures"})
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures", "final_steps"})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:

@@ -136,6 +136,21 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
         else:
             _run_processes(prepared, runtime, workers, update)
     _confirm(prepared, runtime, as_json=as_json)
+    _final_recovery(prepared, runtime, as_json=as_json)
+
+
+def _final_recovery(prepared: Any, runtime: Any, *, as_json: bool) -> None:
+    """Recover the front for the configured ``final_steps`` and score it again."""
+    from search.study.final_recovery import recover_front
+
+    steps = prepared.config.final_steps
+    if steps <= 0:
+        return
+    console = stderr()
+    quiet = as_json or not console.is_terminal
+    with console.status(f"final recovery of the Pareto front ({steps} steps)", spinner="dots") \
+            if not quiet else nullcontext():
+        recover_front(prepared, runtime, steps=steps)
 
 
 def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> None:
@@ -225,7 +240,12 @@ def search_start(
         list[str] | None, typer.Option("--target", "-p", help="Target profile (repeatable; first is primary).")
     ] = None,
     objective: Annotated[str | None, typer.Option(help="reward or pareto.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2, random or netadapt.")] = None,
+    sensitivity_start: Annotated[bool | None, typer.Option(
+        "--sensitivity-start", help="Scan each group's sensitivity first; enqueue the uniform ladder "
+                                    "and greedy plans from it.")] = None,
+    final_steps: Annotated[int | None, typer.Option(
+        "--final-steps", min=0, help="Fine-tuning steps of the final recovery of the Pareto set.")] = None,
     trials: Annotated[int | None, typer.Option(help="Completed trials to reach.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
     latency_budget_us: Annotated[float | None, typer.Option(help="Constraint: latency on the primary target.")] = None,
@@ -263,6 +283,7 @@ def search_start(
             "recovery": {"steps": recovery_steps}, "importance": importance,
             "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
+            "sensitivity_start": sensitivity_start, "final_steps": final_steps,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
@@ -406,13 +427,19 @@ def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
                   title=f"Pareto front: error x latency on {target}")
+    final = any(row.get("final_error") is not None for row in rows)
+    if final:
+        steps = max(row["final_steps"] or 0 for row in rows)
+        table.add_column(f"final acc ({steps} steps)")
     for row in rows:
         low, high = row["speedup_interval"][target]
         table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
                       f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
                       f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
                       "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
-                      f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
+                      f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}",
+                      *([] if not final else ["-" if row["final_accuracy"] is None
+                                              else f"{100 * row['final_accuracy']:.2f}%"]))
     stdout().print(table)
     if any(not row["confirmed"][target] for row in rows):
         stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
@@ -470,8 +497,12 @@ def export_from_search(
     else:
         _confirm(prepared, runtime, as_json=False)  # the front is exported with confirmed figures only
         numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
+    from search.pipeline.bundle import seeded_error
+
     base_latency = base_latency_us(record, study)
     points = {p.trial: p for p in trial_points(study, record)}
+    # Export recovers as long as the search's final recovery did, unless told otherwise.
+    finetune_steps = finetune_steps or config.final_steps
     with tempfile.TemporaryDirectory() as tmp:
         for number in numbers:
             attrs = by_number[number].user_attrs
@@ -481,6 +512,12 @@ def export_from_search(
                 base_signature=record.base["signature"], artifact_dir=Path(tmp),
                 batch_size=profiles[0].batch_size, finetune_steps=finetune_steps,
             )
+            final = {}
+            if finetune_steps > 0:
+                final_error = (record.base["error"] if attrs.get("signature") == record.base["signature"]
+                               else seeded_error(bundle, pruned.model, config.seed))
+                final = {"final_error": final_error, "final_accuracy": 1.0 - final_error,
+                         "final_steps": finetune_steps}
             folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
             with output_errors(out):
                 write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
@@ -492,6 +529,7 @@ def export_from_search(
                                     "latency_confirmed": dict(point.confirmed),
                                     "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
                                     "measured_onnx_sha256": attrs["artifact_sha256"],
+                                    "search_error": attrs["error"], **final,
                                 })
             stdout().print(f"trial {number}: wrote {folder}", highlight=False)
 
