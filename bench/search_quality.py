@@ -34,6 +34,7 @@ Run by hand: ``.venv/bin/python bench/search_quality.py --example digits-distort
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import statistics
 import sys
@@ -143,19 +144,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--recovery-steps", type=int, default=None, help="Default: the search default.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--deadline-s", type=float, default=None,
-                        help="Start no new seed after this many seconds (whole seeds only).")
+    parser.add_argument("--until", default=None,
+                        help="HH:MM UTC: start no new seed after this time (whole seeds only).")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
     summary: dict[str, list[tuple[float, float, float]]] = {}
     walls: dict[str, list[float]] = {}
     done_seeds = []
-    started_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runtime = Runtime(db_url=f"sqlite:///{tmp}/quality.db", cache_dir=cache_dir())
         for seed in args.seeds:
-            if args.deadline_s is not None and time.perf_counter() - started_all > args.deadline_s:
+            if args.until is not None and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= args.until:
                 print(f"deadline: seed {seed} and later not run", flush=True)
                 break
             started = time.perf_counter()
@@ -205,7 +205,7 @@ def main() -> None:
     command = (f".venv/bin/python bench/search_quality.py --example {args.example} --trials {args.trials} "
                f"--seeds {' '.join(map(str, args.seeds))}"
                + (f" --recovery-steps {args.recovery_steps}" if args.recovery_steps is not None else "")
-               + (f" --deadline-s {args.deadline_s:g}" if args.deadline_s is not None else ""))
+               + (f" --until {args.until}" if args.until is not None else ""))
     write_section(f"search-quality-{args.example}",
                   f"Search quality on {args.example} (bench/search_quality.py)", command, body)
 
