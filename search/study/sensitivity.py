@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from latency_models import MeasurementKey, Meter
 from search.pipeline.bundle import ModelBundle, seeded_error
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
-from search.study.latency import Meter
 
 if TYPE_CHECKING:
     from search.study.objective import SearchContext
@@ -127,7 +127,6 @@ def scan(
     started = time.perf_counter()
     cuts: list[Cut] = []
     sources: set[str] = set()
-    fingerprint = meter.profile.fingerprint() if meter is not None else ""
     for group in space.groups:
         for index, (ratio, kept) in enumerate(zip(group.ratios, group.kept, strict=True)):
             if index == len(group.kept) - 1:
@@ -136,14 +135,20 @@ def scan(
                            importance=importance, calibration=bundle.train_loader)
             error = seeded_error(bundle, pruned.model, seed)
             latency: float | None = None
-            if meter is not None and repo is not None:
-                hit = repo.find_measurement(pruned.signature, fingerprint, meter.base_sha256)
+            if meter is not None:
+                key = MeasurementKey(pruned.signature, meter.profile.fingerprint(), meter.base.sha256)
+                hit = meter.store.find_measurement(key)
                 if hit is not None and hit.ratio is not None:
                     latency = hit.ratio
                     sources.add("cache")
                 elif measure and artifact_dir is not None:
                     artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
-                    latency = meter.start(artifact.path, artifact.sha256, pruned.signature).result().ratio
+                    try:
+                        if repo is not None:  # a remote agent fetches it from the artifact store
+                            repo.put_artifact_file(artifact.path, artifact.sha256)
+                        latency = meter.start(artifact.path, artifact.sha256, pruned.signature).result().ratio
+                    finally:
+                        artifact.path.unlink(missing_ok=True)
                     sources.add("measured")
             cut = Cut(group.name, index, ratio, kept, error, latency)
             cuts.append(cut)
