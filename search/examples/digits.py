@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import search.progress as progress
 from search.pipeline.bundle import ModelBundle, classification_error
 
 logger = logging.getLogger(__name__)
@@ -103,19 +104,21 @@ def _cache_key(recipe: str, images: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int, lr: float) -> None:
+def _train(name: str, model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int, lr: float) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * len(loader)
     )
     model.train()
-    for epoch in range(epochs):
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-        logger.info("epoch %d/%d", epoch + 1, epochs)
+    with progress.task(f"training the {name} example (once; then cached)", total=epochs) as advance:
+        for epoch in range(epochs):
+            for inputs, targets in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                schedule.step()
+            logger.info("%s: epoch %d/%d", name, epoch + 1, epochs)
+            advance(1)
     model.eval()
 
 
@@ -135,7 +138,7 @@ def cached_training(name: str, model: nn.Module, loader: DataLoader[tuple[torch.
             path.unlink(missing_ok=True)
     if not path.is_file():
         logger.warning("training the %s example once; cached at %s", name, path)
-        _train(model, loader, epochs, lr)
+        _train(name, model, loader, epochs, lr)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
         torch.save(model.state_dict(), partial)

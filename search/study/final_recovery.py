@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.pipeline.bundle import seeded_error
 from search.study.materialize import rebuild_trial
 from search.study.read import FINAL_PREFIX, pareto_rows
 from search.study.runtime import Runtime, load_study, optuna_storage
@@ -73,13 +72,10 @@ def recover_front(prepared: Prepared, runtime: Runtime, *, steps: int,
             if number in done and done[number].steps == steps:
                 continue
             started = time.perf_counter()
-            if attrs.get("signature") == record.base["signature"]:
-                error = float(record.base["error"])  # the dense model is not recovered
-            else:
-                _, pruned, _ = rebuild_trial(bundle=bundle, space=prepared.space, config=config, attrs=attrs,
-                                             base_signature=record.base["signature"], artifact_dir=Path(tmp),
-                                             batch_size=prepared.profiles[0].batch_size, finetune_steps=steps)
-                error = seeded_error(bundle, pruned.model, config.seed)
+            rebuilt = rebuild_trial(bundle=bundle, space=prepared.space, config=config, attrs=attrs,
+                                    base_signature=record.base["signature"], artifact_dir=Path(tmp),
+                                    batch_size=prepared.profiles[0].batch_size, finetune_steps=steps)
+            error = rebuilt.error if rebuilt.error is not None else float(attrs["error"])
             score = FinalScore(trial=number, steps=steps, error=error, search_error=float(attrs["error"]),
                                elapsed_s=time.perf_counter() - started)
             study.set_user_attr(key(number), score.to_dict())
