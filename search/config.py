@@ -133,7 +133,6 @@ class RecoverySettings(_Section):
     before version 2 existed keep it, so that they resume and re-materialise as they were scored
     (see ``SearchConfig.from_stored``); the fields version 1 has no use for are ignored."""
 
-    version: Literal[1, 2] = 2
     steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
     lr: Annotated[float, Field(gt=0, le=10)] = 3e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -142,6 +141,7 @@ class RecoverySettings(_Section):
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     threads: Annotated[int, Field(ge=1, le=256)] = 1
+    version: Literal[1, 2] = 2
 
 
 class SearchConfig(_Section):

@@ -227,7 +227,7 @@ plan_app = typer.Typer(help="Plan files: one point of a pruning space.", no_args
 app.add_typer(plan_app, name="plan")
 
 
-@plan_app.command("template")
+@plan_app.command("template", short_help="A plan file with every group, layer and option, to edit.")
 def plan_template(
     example: ExampleOpt = None,
     model: ModelOpt = None,
@@ -252,7 +252,7 @@ def plan_template(
         stdout().print(f"wrote {out}: {len(space.groups)} groups, {len(space.sparsity)} N:M layers", highlight=False)
 
 
-@app.command("export")
+@app.command("export", short_help="Write a pruned model (ONNX, weights, model.pt2, plan, manifest) to a folder.")
 def export_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
     search_name: Annotated[

@@ -103,7 +103,7 @@ def db_upgrade(db: DbOpt = None) -> None:
         typer.echo(f"schema {before or 'empty'} -> {after} (head {head_revision()})")
 
 
-@db_app.command("prune-artifacts")
+@db_app.command("prune-artifacts", short_help="Remove ONNX artifacts no job or front needs.")
 def db_prune_artifacts(
     db: DbOpt = None,
     min_age: Annotated[float, typer.Option("--min-age", min=0, help="Spare artifacts younger than this "
@@ -611,7 +611,7 @@ def export_from_search(
         echo_json(manifests)
 
 
-@app.command("report")
+@app.command("report", short_help="An HTML page with PNG plots of a search.")
 def report_command(
     name: Annotated[str, typer.Argument(help="Search name.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
