@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean postgres
+.PHONY: demo test lint bench clean postgres browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/hwprune demo
 
-test: $(STAMP) postgres
+test: $(STAMP) postgres browser
 	$(PY) -m pytest
 
 # The PostgreSQL tests start a throwaway server from Debian's postgresql package.
@@ -28,6 +28,12 @@ postgres:
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	    else echo "PostgreSQL server missing: sudo apt-get install postgresql (its tests skip without it)"; fi; }
+
+# The report test opens the page in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    else echo "Chromium missing: sudo apt-get install chromium (the report page test skips without it)"; fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check search latency_models hardware_profiles tests bench

@@ -204,3 +204,44 @@ def test_report_page_and_plots(done: Search) -> None:
         assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 20
     again = done.run("report", "c", "--out", str(out), "--db", done.db)
     assert again.exit_code == 2 and "is not empty" in again.stderr
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_page_renders_in_headless_chromium(done: Search, tmp_path: Path) -> None:
+    """The page as a browser shows it: every plot loads and is drawn (coloured pixels on screen)."""
+    import os
+    import subprocess
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("REQUIRE_BROWSER is set but no chromium is on PATH (make test installs Debian's chromium)")
+        pytest.skip("no headless chromium on PATH (Debian: apt-get install chromium)")
+    out = done.folder / "report-browser"
+    assert done.run("report", "c", "--out", str(out), "--db", done.db).exit_code == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--virtual-time-budget=5000"]
+    page = (out / "index.html").resolve().as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<img") == 4
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, *flags, "--window-size=1400,6000", f"--screenshot={shot}", page],
+                   capture_output=True, text=True, timeout=120, check=True)
+    pixels = imread(shot)[..., :3]
+    # Text is black or grey; only the drawn plots put saturated colour on the screen. A page whose
+    # images failed to load shows a broken-image icon at most.
+    saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
+    coloured_rows = np.flatnonzero((saturation > 0.3).sum(axis=1) > 3)
+    assert (saturation > 0.3).sum() > 1000  # about 2,600 with the plots, 120 without them
+    # Colour in the upper and the lower part of the page: more than one plot was drawn.
+    assert coloured_rows.size and coloured_rows.max() - coloured_rows.min() > 1000
