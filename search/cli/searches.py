@@ -244,6 +244,9 @@ def search_start(
         str | None, typer.Option("--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
+    latency: Annotated[str | None, typer.Option(
+        "--latency", help="measured (default: every new architecture timed), hybrid (predicted where the "
+                          "predictor is trusted and the trial cannot reach a front) or predicted.")] = None,
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
@@ -256,7 +259,7 @@ def search_start(
 
         config = load_search_config(config_file, {
             "name": name, "example": example, "model": model, "targets": target,
-            "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout,
+            "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout, "latency": latency,
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},

@@ -156,6 +156,26 @@ class SearchSpace:
         """Every group at the same keep-ratio (clipped to each group's lowest offer), no N:M."""
         return Plan(channels={g.name: max(ratio, min(g.ratios)) for g in self.groups})
 
+    def layer_widths(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per Conv/Linear layer whose width a plan can change: the input widths and the output
+        widths it can run at (the other side at its base width is left out: callers fill it in).
+        Channel groups only (attention heads are left out). For latency lookup tables."""
+        searchable = {g.name: g for g in self.groups}
+        inputs: dict[str, set[int]] = {}
+        outputs: dict[str, set[int]] = {}
+        for info in self._infos:
+            choice = searchable.get(info.name)
+            if choice is None or info.kind != "channels":
+                continue
+            widths = {k * info.unit_width for k in choice.kept}
+            for member in info.members:
+                if member not in info.consumers:
+                    outputs.setdefault(member, set()).update(widths)
+            for consumer in info.consumers:
+                inputs.setdefault(consumer, set()).update(widths)
+        return {name: (tuple(sorted(inputs.get(name, ()))), tuple(sorted(outputs.get(name, ()))))
+                for name in sorted(set(inputs) | set(outputs))}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "channel_multiple": self.channel_multiple,

@@ -23,11 +23,13 @@ from latency_models import LatencyError
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.features import architecture_features
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
-from search.study.latency import LocalMeter, Meter
+from search.study.latency import LocalMeter, Meter, Pending, TargetLatency
+from search.study.screening import MEASURED, PREDICTED, Screening
 from search.study.reward import reward
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class SearchContext:
     base_error: float
     base_signature: str
     error_floor: float = 0.0
+    screening: Screening | None = None  # None: every latency measured
 
     @property
     def recovery(self) -> RecoveryConfig:
@@ -111,12 +114,26 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
         ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
+    with _stage(trial, "features", times):
+        features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
     latencies = {}
+    sources: dict[str, str] = {}
+    screened: dict[str, str] = {}
     # Remote jobs are queued first so that every device works at once.
     pending = []
     for meter in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter)):
-        with _stage(trial, f"measure:{meter.profile.name}", times):
-            pending.append((meter.profile.name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+        name = meter.profile.name
+        with _stage(trial, f"measure:{name}", times):
+            if ctx.screening is not None:
+                decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
+                screened[name] = decision.reason
+                if not decision.measure and decision.prediction is not None:
+                    pending.append((name, _predicted(meter, decision.prediction.ratio,
+                                                     (decision.prediction.low, decision.prediction.high))))
+                    sources[name] = PREDICTED
+                    continue
+            pending.append((name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+            sources[name] = MEASURED
     for name, waiting in pending:
         with _stage(trial, f"measure:{name}", times):
             latencies[name] = waiting.result()
@@ -129,7 +146,9 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "accuracy": 1.0 - error,
         "reward": score,
         "latency_us": {name: t.latency_us for name, t in latencies.items()},
-        "latency": {name: t.to_dict() for name, t in latencies.items()},
+        "latency": {name: t.to_dict() | {"source": sources[name]} for name, t in latencies.items()},
+        "latency_source": sources,
+        "features": features.to_dict(),
         "macs": pruned.macs,
         "params": pruned.params,
         "kept": dict(pruned.kept),
@@ -137,12 +156,20 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "artifact_sha256": artifact.sha256,
         "stage_s": times,
     }
+    if screened:
+        attrs["screening"] = screened
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     _set_constraints(trial, ctx, error, primary.latency_us)
     if ctx.config.objective == "pareto":
         return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
     return score
+
+
+def _predicted(meter: Meter, ratio: float, interval: tuple[float, float]) -> Pending:
+    latency = TargetLatency(meter.profile.name, ratio * meter.base_median_us, ratio, interval,
+                            ratio * meter.base_median_us, cached=False)
+    return Pending(lambda: latency)
 
 
 def _set_constraints(trial: optuna.Trial, ctx: SearchContext, error: float, latency_us: float) -> None:

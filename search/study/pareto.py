@@ -32,6 +32,8 @@ class TrialPoint:
     confirmed: Mapping[str, bool] = field(default_factory=dict)
     first_session: Mapping[str, Session] = field(default_factory=dict)
     stage_s: Mapping[str, float] = field(default_factory=dict)
+    # Targets whose first figure is a prediction (hybrid/predicted latency), not a session.
+    predicted: Mapping[str, bool] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:

@@ -80,6 +80,7 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 confirmed=confirmed,
                 first_session=first,
                 stage_s=dict(attrs.get("stage_s", {})),
+                predicted={t: s == "predicted" for t, s in attrs.get("latency_source", {}).items()},
             )
         )
     return points
