@@ -165,7 +165,8 @@ class LatencyModel(abc.ABC):
         _check_samples(samples)
         data = (self.samples + list(samples))[-MAX_SAMPLES:]
         anchor: Sample = (self.base, 1.0)
-        self.held_out = _cross_validate(self._fresh, data, anchor, folds) if len(data) >= MIN_SAMPLES_FOR_ERROR else None
+        enough = len(data) >= MIN_SAMPLES_FOR_ERROR
+        self.held_out = _cross_validate(self._fresh, data, anchor, folds) if enough else None
         self._fit_core([anchor, *data])
         self.samples = data
         return self.held_out

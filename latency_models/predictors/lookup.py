@@ -59,15 +59,17 @@ def layer_graph(layer: LayerFeatures) -> Any:
         node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=layer.groups, kernel_shape=[kh, kw],
                                 strides=list(layer.stride), pads=[*layer.padding, *layer.padding])
         nodes = [node]
+        out_shape: list[int | str] = ["batch", layer.out_channels, *layer.out_hw]
     else:
         weight = rng.standard_normal((layer.in_channels, layer.out_channels)).astype("float32")
         rows = layer.in_hw[0]
         shape = ["batch", layer.in_channels] if rows <= 1 else ["batch", rows, layer.in_channels]
         nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+        out_shape = [*shape[:-1], layer.out_channels]
     bias = rng.standard_normal((layer.out_channels,)).astype("float32")
     graph = helper.make_graph(
         nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
         initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -75,7 +77,8 @@ def layer_graph(layer: LayerFeatures) -> Any:
     return model
 
 
-def variants(base: ArchitectureFeatures, options: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> list[LayerFeatures]:
+def variants(base: ArchitectureFeatures,
+             options: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> list[LayerFeatures]:
     """Every (input width, output width) combination of each layer named in ``options``; layers
     not named appear at their base widths only."""
     found: dict[str, LayerFeatures] = {}

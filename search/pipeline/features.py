@@ -36,10 +36,11 @@ def architecture_features(model: nn.Module, example: Any, patterns: Mapping[str,
 
         def hook(mod: nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
             x = inputs[0]
-            weights = int(mod.weight.numel()) + (int(mod.bias.numel()) if mod.bias is not None else 0)
+            weights = sum(int(p.numel()) for p in mod.parameters(recurse=False))
             if isinstance(mod, nn.Conv2d):
                 in_hw, out_hw = _pair(tuple(x.shape[-2:])), _pair(tuple(output.shape[-2:]))
-                macs = int(output[0].numel()) * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+                per_output = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+                macs = int(output[0].numel()) * per_output
                 layer = LayerFeatures(
                     name=name, kind="conv", in_channels=mod.in_channels, out_channels=mod.out_channels,
                     groups=mod.groups, kernel=_pair(mod.kernel_size), stride=_pair(mod.stride),

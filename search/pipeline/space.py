@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -155,6 +156,12 @@ class SearchSpace:
     def uniform_plan(self, ratio: float) -> Plan:
         """Every group at the same keep-ratio (clipped to each group's lowest offer), no N:M."""
         return Plan(channels={g.name: max(ratio, min(g.ratios)) for g in self.groups})
+
+    def random_plan(self, rng: random.Random) -> Plan:
+        """A plan drawn uniformly: each group's kept count and each layer's N:M choice."""
+        channels = {g.name: g.ratios[rng.randrange(len(g.ratios))] for g in self.groups}
+        sparsity = {s.layer: rng.choice((DENSE, *s.patterns)) for s in self.sparsity}
+        return Plan(channels=channels, sparsity={k: v for k, v in sparsity.items() if v != DENSE})
 
     def layer_widths(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """Per Conv/Linear layer whose width a plan can change: the input widths and the output

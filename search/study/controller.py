@@ -38,7 +38,6 @@ from search.study.latency import LocalMeter, Meter, RemoteMeter, measure_base
 from search.study.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.study.pareto import TrialPoint, pareto_front
 from search.study.read import error_floor_of, trial_points
-from search.study.screening import Screening
 from search.study.runtime import (
     Runtime,
     completed,
@@ -49,6 +48,7 @@ from search.study.runtime import (
     package_versions,
     study_name,
 )
+from search.study.screening import Screening
 from search.study.trial_loop import LoopLimits, TrialCallback, run_trials
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from search.pipeline.recovery import RecoveryConfig, recover_with_report, recove
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
 from search.study.latency import LocalMeter, Meter, Pending, TargetLatency
-from search.study.screening import MEASURED, PREDICTED, Screening
 from search.study.reward import reward
+from search.study.screening import MEASURED, PREDICTED, Screening
 
 logger = logging.getLogger(__name__)
 
