@@ -152,7 +152,8 @@ def main() -> None:
     body = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
     command = (f"flock /work/heavy.lock .venv/bin/python bench/predictor.py --models {' '.join(args.models)} "
                f"--train {args.train} --test {args.test} --lut {' '.join(args.lut)}")
-    write_section("predictor", "Latency predictors on held-out random plans (cpu-ort-fp32)", command, body)
+    write_section("predictor-" + "-".join(args.models), "Latency predictors on held-out random plans (cpu-ort-fp32): "
+                  + ", ".join(LABELS.get(m, m) for m in args.models), command, body)
     print(body)
 
 
