@@ -114,8 +114,10 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
         ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
-    with _stage(trial, "features", times):
-        features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
+    features = None
+    if ctx.screening is not None:
+        with _stage(trial, "features", times):
+            features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
     latencies = {}
     sources: dict[str, str] = {}
     screened: dict[str, str] = {}
@@ -124,7 +126,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     for meter in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter)):
         name = meter.profile.name
         with _stage(trial, f"measure:{name}", times):
-            if ctx.screening is not None:
+            if ctx.screening is not None and features is not None:
                 decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
                 screened[name] = decision.reason
                 if not decision.measure and decision.prediction is not None:
@@ -148,7 +150,6 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "latency_us": {name: t.latency_us for name, t in latencies.items()},
         "latency": {name: t.to_dict() | {"source": sources[name]} for name, t in latencies.items()},
         "latency_source": sources,
-        "features": features.to_dict(),
         "macs": pruned.macs,
         "params": pruned.params,
         "kept": dict(pruned.kept),
@@ -156,7 +157,9 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "artifact_sha256": artifact.sha256,
         "stage_s": times,
     }
-    if screened:
+    if features is not None:
+        # The predictor's training data: shared by every worker through the study.
+        attrs["features"] = features.to_dict()
         attrs["screening"] = screened
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
