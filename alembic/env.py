@@ -2,27 +2,33 @@
 
 Optuna keeps its own migrations in the default ``alembic_version`` table of the same database, so
 hwprune uses ``hwprune_alembic_version`` and only ever looks at tables named ``hwprune_*``.
-The URL comes from the caller (``hwprune db upgrade``), ``-x db=URL`` or ``HWPRUNE_DB``.
+The URL comes from the caller (``hwprune db upgrade``), ``-x db=URL`` or ``HWPRUNE_DB``; the
+artifact store (where 0004 moves the ONNX bytes) from the caller, ``-x artifacts=URL`` or
+``HWPRUNE_ARTIFACTS``, else its default for the database.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from sqlalchemy import create_engine, pool
 
 from alembic import context
+from search.config import artifacts_url, db_url
+from search.storage.migrate import VERSION_TABLE
 from search.storage.models import TABLE_PREFIX, Base
-
-VERSION_TABLE = "hwprune_alembic_version"
 
 config = context.config
 
 
 def _url() -> str:
     url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("db")
-    return str(url or os.environ.get("HWPRUNE_DB") or "sqlite:///hwprune.db")
+    return db_url(str(url) if url else None)
+
+
+# Migrations that move data out of the database (0004) find the artifact store here.
+config.attributes.setdefault(
+    "artifacts_url", context.get_x_argument(as_dictionary=True).get("artifacts") or artifacts_url(_url()))
 
 
 def _include_name(name: str | None, type_: str, _parent: Any) -> bool:

@@ -5,15 +5,19 @@ the hub and its queue, not a backend. The hub runs as its own ``hwprune serve`` 
 127.0.0.1; each client is a thread with its own token and HTTP connection, looping
 lease -> post result until the queue is empty. Reported: round trips (lease + result) per
 second, and lost (never done) and duplicated (accepted twice) results, checked against the
-database afterwards.
+database afterwards; and the CPU time the hub process and the client threads spent per round
+trip, which on a shared machine says more than the rate (the rate also depends on what else runs).
 
-Run by hand: ``.venv/bin/python bench/hub.py [--jobs 2000] [--clients 20] [--db URL]``.
+Run by hand: ``.venv/bin/python bench/hub.py [--jobs 2000] [--clients 20] [--db URL]``. The hub
+runs the code on ``PYTHONPATH`` (``--label`` names it: another tree's code can be timed with this
+script, its section written beside this tree's).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import socket
 import subprocess
@@ -44,6 +48,12 @@ def fixed_result() -> ResultBody:
         ci_high_us=100.0, converged=True, elapsed_s=0.0, artifact_sha256=SHA, settings_fingerprint="-"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,6 +66,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--db", default=None, help="default: a new SQLite file")
     parser.add_argument("--hub-workers", type=int, default=1)
+    parser.add_argument("--label", default="", help="names the code under test in the section written")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db or f"sqlite:///{tmp}/hub.db"
@@ -97,12 +108,17 @@ def main() -> None:
                 hub_client.close()
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        load = os.getloadavg()[0]
+        hub_cpu, client_cpu = cpu_seconds(hub.pid), time.process_time()
         started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_cpu
+        # With several hub workers the CPU is in uvicorn's children: counted only for one.
+        hub_cpu = cpu_seconds(hub.pid) - hub_cpu if args.hub_workers == 1 else math.nan
         hub.terminate()
         hub.wait(timeout=30)
         jobs = queue.jobs()
@@ -112,22 +128,28 @@ def main() -> None:
         repo.close()
     backend = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
     rate = sum(trips) / elapsed
+    per_trip_ms = 1000 / max(1, sum(trips))
     line = (f"| {backend} | {args.hub_workers} | {args.clients} | {args.jobs} | {sum(trips)} | "
-            f"{elapsed:.2f} | {rate:.0f} | {lost} | {duplicated} | {cached} |")
+            f"{elapsed:.2f} | {rate:.0f} | {lost} | {duplicated} | {cached} | {hub_cpu * per_trip_ms:.2f} | "
+            f"{client_cpu * per_trip_ms:.2f} | {load:.1f} |")
     print(line)
     body_md = (
         "The measurement is replaced by an immediate fixed result (no model runs): this times the hub "
         "(`hwprune serve`, uvicorn, on the same 2 cores as the clients) and its queue only. Each client "
         "is a thread with its own token looping lease -> post result; a round trip is one lease plus one "
-        "result.\n\n"
+        "result. CPU columns: milliseconds of CPU per round trip in the hub process and in the client "
+        "threads; load: the machine's 1-minute load average when the clients started.\n\n"
         "| database | hub workers | clients | jobs | round trips | seconds | round trips/s | lost | duplicated "
-        "| cache rows |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + line + "\n\nAim: >= 200 round trips/s, 0 lost, 0 duplicated.\n"
+        "| cache rows | hub CPU ms/trip | client CPU ms/trip | load |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + line
+        + "\n\nAim: >= 200 round trips/s, 0 lost, 0 duplicated.\n"
     )
-    write_section(f"hub-{backend.lower()}-w{args.hub_workers}",
-                  f"Hub throughput on {backend}, {args.hub_workers} hub worker(s) (bench/hub.py)",
+    suffix = f"-{args.label}" if args.label else ""
+    write_section(f"hub-{backend.lower()}-w{args.hub_workers}{suffix}",
+                  f"Hub throughput on {backend}, {args.hub_workers} hub worker(s)"
+                  + (f", {args.label}" if args.label else "") + " (bench/hub.py)",
                   f".venv/bin/python bench/hub.py --jobs {args.jobs} --clients {args.clients} "
-                  f"--hub-workers {args.hub_workers}"
+                  f"--hub-workers {args.hub_workers}" + (f" --label {args.label}" if args.label else "")
                   + (" --db postgresql+psycopg://..." if args.db else ""), body_md)
 
 

@@ -12,6 +12,7 @@ from latency_models import trtexec as _trtexec  # noqa: F401  (registers "trtexe
 from latency_models.base import (
     LatencyBackend,
     Measurement,
+    MeasurementResult,
     PairedMeasurement,
     cpu_name,
     file_sha256,
@@ -25,27 +26,41 @@ from latency_models.errors import (
     RegistryError,
     UnknownBackendError,
 )
+from latency_models.meter import BaseArtifact, LocalMeter, Meter, Pending, RemoteMeter, TargetLatency, make_meter
 from latency_models.registry import get, names, register
 from latency_models.stats import Summary, coefficient_of_variation, summarize
+from latency_models.store import JobState, JobStatus, MeasurementKey, MeasurementStore
 from latency_models.timing import Runner
 
 __all__ = [
     "ArtifactError",
     "BackendUnavailable",
+    "BaseArtifact",
+    "JobState",
+    "JobStatus",
     "LatencyBackend",
     "LatencyError",
+    "LocalMeter",
     "Measurement",
     "MeasurementError",
+    "MeasurementKey",
+    "MeasurementResult",
+    "MeasurementStore",
     "MeasurementTimeout",
+    "Meter",
     "PairedMeasurement",
+    "Pending",
     "RegistryError",
+    "RemoteMeter",
     "Runner",
     "Summary",
+    "TargetLatency",
     "UnknownBackendError",
     "coefficient_of_variation",
     "cpu_name",
     "file_sha256",
     "get",
+    "make_meter",
     "names",
     "register",
     "summarize",

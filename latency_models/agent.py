@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from hardware_profiles import HardwareProfile
 from latency_models import registry
-from latency_models.base import LatencyBackend
+from latency_models.base import LatencyBackend, MeasurementResult
 from latency_models.errors import ArtifactError, LatencyError
 from latency_models.remote import HubClient, HubRefused, HubUnavailable
 from latency_models.wire import JobSpec, ResultBody
@@ -216,10 +216,8 @@ class Agent:
         artifact = self._fetch(job.artifact_sha256)
         if job.reference_sha256:
             reference = self._fetch(job.reference_sha256)
-            paired = self._backend.measure_paired(artifact, reference)
-            return ResultBody(measurement=paired.candidate, ratio=paired.ratio,
-                              ratio_ci=(paired.ratio_ci_low, paired.ratio_ci_high))
-        return ResultBody(measurement=self._backend.measure(artifact))
+            return ResultBody.of(self._backend.measure_paired(artifact, reference).result())
+        return ResultBody.of(MeasurementResult(self._backend.measure(artifact)))
 
 
 def _sha256(content: bytes) -> str:

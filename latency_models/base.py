@@ -49,6 +49,17 @@ class Measurement:
 
 
 @dataclass(frozen=True, slots=True)
+class MeasurementResult:
+    """One measurement as it travels: from the backend (or an agent, over the wire) to the
+    measurement store and back to the meter. ``ratio`` and ``ratio_ci`` (its 95% interval) are
+    the candidate's latency over the reference's, for a paired measurement; None otherwise."""
+
+    measurement: Measurement
+    ratio: float | None = None
+    ratio_ci: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PairedMeasurement:
     """A candidate timed interleaved with a reference: the latency ratio and its 95% interval."""
 
@@ -59,6 +70,10 @@ class PairedMeasurement:
     ratio_ci_high: float
     n_pairs: int
     converged: bool
+
+    def result(self) -> MeasurementResult:
+        """The candidate's figures with the ratio: what a meter stores and an agent posts."""
+        return MeasurementResult(self.candidate, self.ratio, (self.ratio_ci_low, self.ratio_ci_high))
 
     def to_dict(self) -> dict[str, Any]:
         data = self.candidate.to_dict()

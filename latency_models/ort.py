@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from latency_models.registry import register
 from latency_models.timing import Runner
 
 INPUT_SEED = 0
+EXAMPLE_SHAPES_KEY = "hwprune.example_shapes"  # written by hwprune's exporter
 
 ONNX_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -36,16 +38,33 @@ _OPT_LEVELS = {
 }
 
 
+def example_shapes(metadata: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """The example input shapes an exporter recorded in the model's metadata, by input name.
+
+    hwprune's exporter marks batch and sequence axes dynamic and records the shapes it traced at,
+    so a profile without ``dim_values`` still measures at the model's own sequence length.
+    Missing or malformed metadata gives no shapes.
+    """
+    try:
+        recorded = json.loads(metadata.get(EXAMPLE_SHAPES_KEY, "{}"))
+        return {str(name): tuple(int(d) for d in dims) for name, dims in recorded.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 def resolve_shape(
-    input_name: str, shape: Sequence[int | str | None], profile: HardwareProfile
+    input_name: str,
+    shape: Sequence[int | str | None],
+    profile: HardwareProfile,
+    example: Sequence[int] | None = None,
 ) -> tuple[int, ...]:
     """Concrete dimensions for one model input.
 
-    A symbolic first dimension is the profile's batch size; any other symbolic dimension must be
-    named in the profile's ``dim_values``.
+    A symbolic first dimension is the profile's batch size; any other symbolic dimension is the
+    profile's ``dim_values`` entry of its name, else the ``example`` shape's (the exporter's).
 
     Raises:
-        ArtifactError: a dynamic dimension the profile does not resolve.
+        ArtifactError: a dynamic dimension neither the profile nor the example resolves.
     """
     dims: list[int] = []
     for axis, dim in enumerate(shape):
@@ -55,6 +74,8 @@ def resolve_shape(
             dims.append(profile.dim_values[dim])
         elif axis == 0:
             dims.append(profile.batch_size)
+        elif example is not None and axis < len(example) and example[axis] > 0:
+            dims.append(int(example[axis]))
         else:
             label = repr(dim) if dim else "unnamed"
             raise ArtifactError(
@@ -142,8 +163,11 @@ class OnnxRuntimeBackend(LatencyBackend):
                 f"ONNX Runtime cannot load {artifact.name}: {first_line}"
             ) from exc
         rng = np.random.default_rng(INPUT_SEED)
+        recorded = example_shapes(session.get_modelmeta().custom_metadata_map)
         feeds = {
-            node.name: random_input(resolve_shape(node.name, node.shape, self.profile), node.type, rng)
+            node.name: random_input(
+                resolve_shape(node.name, node.shape, self.profile, recorded.get(node.name)), node.type, rng
+            )
             for node in session.get_inputs()
         }
         outputs = [node.name for node in session.get_outputs()]

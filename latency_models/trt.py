@@ -28,7 +28,7 @@ import numpy as np
 from hardware_profiles import HardwareProfile
 from latency_models.base import LatencyBackend
 from latency_models.errors import ArtifactError, BackendUnavailable, MeasurementError
-from latency_models.ort import ONNX_DTYPES, random_input, resolve_shape
+from latency_models.ort import ONNX_DTYPES, example_shapes, random_input, resolve_shape
 from latency_models.registry import register
 from latency_models.timing import Runner
 
@@ -110,6 +110,17 @@ class BuiltEngine:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+def _recorded_shapes(onnx_bytes: bytes) -> dict[str, tuple[int, ...]]:
+    """The exporter's example shapes from the ONNX metadata (none if the bytes do not parse)."""
+    try:
+        import onnx
+
+        model = onnx.load_from_string(onnx_bytes)
+    except Exception:  # a stand-in engine in tests may get bytes that are not ONNX
+        return {}
+    return example_shapes({entry.key: entry.value for entry in model.metadata_props})
+
+
 def build_engine(trt: Any, onnx_bytes: bytes, profile: HardwareProfile, *,
                  timing_cache: bytes = b"") -> BuiltEngine:
     """Parse ONNX and build a serialized engine with the profile's settings.
@@ -139,11 +150,13 @@ def build_engine(trt: Any, onnx_bytes: bytes, profile: HardwareProfile, *,
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)
     shapes: dict[str, tuple[int, ...]] = {}
+    recorded = _recorded_shapes(onnx_bytes)
     optimization_profile = None
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         dims = tuple(int(d) for d in tensor.shape)
-        resolved = resolve_shape(tensor.name, [d if d > 0 else None for d in dims], profile)
+        resolved = resolve_shape(tensor.name, [d if d > 0 else None for d in dims], profile,
+                                 recorded.get(tensor.name))
         shapes[tensor.name] = resolved
         if any(d < 0 for d in dims):
             if optimization_profile is None:

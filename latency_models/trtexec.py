@@ -61,13 +61,14 @@ def _input_shapes(onnx: Path, profile: HardwareProfile) -> list[tuple[str, tuple
     """Concrete shapes for inputs with dynamic dimensions (static inputs need none)."""
     import onnx as onnx_lib
 
-    from latency_models.ort import resolve_shape
+    from latency_models.ort import example_shapes, resolve_shape
 
     try:
         model = onnx_lib.load(str(onnx), load_external_data=False)
     except Exception as exc:
         raise ArtifactError(f"{onnx.name} is not a valid ONNX model: {exc}") from exc
     initializers = {init.name for init in model.graph.initializer}
+    recorded = example_shapes({entry.key: entry.value for entry in model.metadata_props})
     shapes = []
     for tensor in model.graph.input:
         if tensor.name in initializers:
@@ -75,7 +76,7 @@ def _input_shapes(onnx: Path, profile: HardwareProfile) -> list[tuple[str, tuple
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                 for d in tensor.type.tensor_type.shape.dim]
         if any(not isinstance(d, int) or d <= 0 for d in dims):
-            shapes.append((tensor.name, resolve_shape(tensor.name, dims, profile)))
+            shapes.append((tensor.name, resolve_shape(tensor.name, dims, profile, recorded.get(tensor.name))))
     return shapes
 
 

@@ -11,9 +11,9 @@ import re
 import unicodedata
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from latency_models.base import Measurement
+from latency_models.base import Measurement, MeasurementResult
 
 API_PREFIX = "/v1"
 MAX_RESULT_BYTES = 64 * 1024
@@ -89,6 +89,13 @@ class ResultBody(_Body):
             raise ValueError(f"ratio_ci must be two finite positive numbers, low <= high; got {list(value)}")
         return value
 
+    @classmethod
+    def of(cls, result: MeasurementResult) -> ResultBody:
+        return cls(measurement=result.measurement, ratio=result.ratio, ratio_ci=result.ratio_ci)
+
+    def to_result(self) -> MeasurementResult:
+        return MeasurementResult(self.measurement, self.ratio, self.ratio_ci)
+
     def problems_for(self, *, profile: str, artifact_sha256: str, paired: bool) -> list[str]:
         """What makes this result unusable for a job measuring ``artifact_sha256`` on ``profile``
         (a well-formed body can still be another job's, or miss the ratio a paired job needs)."""
@@ -133,6 +140,21 @@ def measurement_problems(m: Measurement) -> list[str]:
         if len(value) > limit or clean_text(value, limit) != value:
             found.append(f"{name} must be at most {limit} printable characters")
     return found
+
+
+# A result at rest (a job's row) has the JSON shape of a ResultBody; it was validated on arrival,
+# so reading it back only rebuilds the dataclasses.
+_RESULT_JSON: TypeAdapter[MeasurementResult] = TypeAdapter(MeasurementResult)
+
+
+def result_to_json(result: MeasurementResult) -> str:
+    """``result`` as JSON, in the shape of a ``ResultBody``."""
+    return _RESULT_JSON.dump_json(result).decode()
+
+
+def result_from_json(text: str | bytes) -> MeasurementResult:
+    """The ``MeasurementResult`` that ``result_to_json`` wrote."""
+    return _RESULT_JSON.validate_json(text)
 
 
 class FailureBody(_Body):

@@ -78,6 +78,31 @@ def db_url(flag: str | None, environ: Mapping[str, str] = os.environ) -> str:
     return flag or environ.get(DB_ENV) or DEFAULT_DB
 
 
+ARTIFACTS_ENV = "HWPRUNE_ARTIFACTS"
+
+
+def artifacts_url(database: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Where the ONNX artifacts of ``database`` live: ``HWPRUNE_ARTIFACTS`` (a folder or an fsspec
+    URL such as ``s3://bucket/prefix``), else a folder beside a SQLite file (``hwprune.db`` ->
+    ``hwprune.artifacts``), else a folder per database under the cache (named by a hash of its URL
+    without the password): workers on several machines need a shared ``HWPRUNE_ARTIFACTS``."""
+    import hashlib
+
+    from sqlalchemy.engine import make_url
+
+    if environ.get(ARTIFACTS_ENV):
+        return environ[ARTIFACTS_ENV]
+    try:
+        parsed = make_url(database)
+    except Exception:  # a malformed URL is refused where the database is opened
+        return str(cache_dir(environ) / "artifacts" / hashlib.sha256(database.encode()).hexdigest()[:16])
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(str(parsed.database))
+        return str(path.resolve().parent / f"{path.stem}.artifacts")
+    safe = parsed.render_as_string(hide_password=True)
+    return str(cache_dir(environ) / "artifacts" / hashlib.sha256(safe.encode()).hexdigest()[:16])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,11 +120,20 @@ class ConstraintsConfig(_Section):
         return self.latency_budget_us is not None or self.latency_budget_ratio is not None
 
 
+LEGACY_RECOVERY_LR = 0.01  # recovery version 1's default learning rate (SGD)
+
+
 class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
-    and after, judged on ``holdout_batches`` held-out training batches."""
+    and after, judged on ``holdout_batches`` held-out training batches.
 
+    ``version`` 2 is that recovery. Version 1 is hwprune's first (SGD with momentum at a constant
+    ``lr``, the loader's own batch order, no adaptive batch-norm, nothing held out): searches stored
+    before version 2 existed keep it, so that they resume and re-materialise as they were scored
+    (see ``SearchConfig.from_stored``); the fields version 1 has no use for are ignored."""
+
+    version: Literal[1, 2] = 2
     steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
     lr: Annotated[float, Field(gt=0, le=10)] = 3e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -143,6 +177,8 @@ class SearchConfig(_Section):
     keep_ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = list(
         DEFAULT_KEEP_RATIOS)
     ignored_layers: list[str] = []
+    # A transformer's hidden size (embeddings, LayerNorms, the residual stream) as one more group.
+    prune_hidden_size: bool = False
     # None: the base model's error plus DEFAULT_ERROR_TOLERANCE (see ``resolve_error_floor``).
     error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None
     seed: int = 0
@@ -166,6 +202,22 @@ class SearchConfig(_Section):
     @property
     def model_spec(self) -> str:
         return self.example or self.model or ""
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> SearchConfig:
+        """A configuration as a search stored it, from any hwprune version.
+
+        A stored recovery section without ``version`` predates version 2 (it has no
+        ``optimizer``): its trials were recovered by version 1, whose learning rate defaulted to
+        0.01. Filling in today's defaults instead would resume such a search, or re-materialise its
+        trials, with another recovery than the one that scored them.
+        """
+        stored = dict(data)
+        recovery = dict(stored.get("recovery") or {})
+        if "version" not in recovery and "optimizer" not in recovery:
+            recovery = {"version": 1, "lr": LEGACY_RECOVERY_LR, **recovery}
+        stored["recovery"] = recovery
+        return cls.model_validate(stored)
 
 
 # Errors within one point (0.01) of the base model's count as equal in the reward, so that a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from hardware_profiles import HardwareProfile, load_profile_file
+from search.cli._app import EXTRA_OF_MODULE
 
 
 def export_model(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -210,8 +212,9 @@ class HubThread:
     def __init__(self, db_url: str, *, lease_s: float = 2.0, max_result_bytes: int | None = None) -> None:
         from search.hub.app import HubSettings
 
-        extra = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
-        self.settings = HubSettings(db_url=db_url, lease_s=lease_s, **extra)
+        self.settings = HubSettings(db_url=db_url, lease_s=lease_s)
+        if max_result_bytes is not None:
+            self.settings = dataclasses.replace(self.settings, max_result_bytes=max_result_bytes)
         self.port = 0
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -257,7 +260,11 @@ class HubThread:
 
 
 @pytest.fixture
-def start_hub() -> Iterator[Callable[..., HubThread]]:
+def start_hub(monkeypatch: pytest.MonkeyPatch, hwprune_cache: Path) -> Iterator[Callable[..., HubThread]]:
+    # A hub and the searches that tests run beside it (CliRunner with HWPRUNE_CACHE set to this
+    # session's cache) must find one artifact store; for a PostgreSQL database its default is
+    # under HWPRUNE_CACHE, so this process (the hub's) uses the same cache.
+    monkeypatch.setenv("HWPRUNE_CACHE", str(hwprune_cache))
     hubs: list[HubThread] = []
 
     def start(db_url: str, **kwargs: Any) -> HubThread:
@@ -270,20 +277,22 @@ def start_hub() -> Iterator[Callable[..., HubThread]]:
         hub.stop()
 
 
-# Runs ``hwprune`` with torch, optuna and torch-pruning made unimportable: the agent's whole code
-# path (CLI, HTTP client, ONNX checks, ONNX Runtime) must work on a device that has none of them.
+# Runs ``hwprune`` with every module of the ``search`` extra made unimportable (torch, optuna,
+# torch-pruning, SQLAlchemy, FastAPI...): the agent's whole code path (CLI, HTTP client, ONNX checks,
+# ONNX Runtime) must work on a device with only ``pip install 'hwprune[agent]'``.
 AGENT_LAUNCHER = """
 import sys
+BLOCKED = {!r}
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'optuna', 'torch_pruning'}:
-            raise ImportError(f'{name} is blocked: the agent must not import it')
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(f'{{name}} is blocked: the agent must not import it')
         return None
 sys.meta_path.insert(0, _Block())
 from search.cli.main import main
 sys.argv = ['hwprune'] + sys.argv[1:]
 main()
-"""
+""".format(sorted(m for m, extra in EXTRA_OF_MODULE.items() if extra == "search"))
 
 
 @pytest.fixture

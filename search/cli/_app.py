@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from hardware_profiles import ProfileError
 from latency_models import LatencyError
-from search.config import cache_dir, profile_dirs, resolve_profile
+from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
 app = typer.Typer(
@@ -35,6 +35,12 @@ app = typer.Typer(
 )
 
 _KNOWN_ERRORS = (ProfileError, LatencyError, SearchError)
+# Modules that only an extra installs, by the extra: a command that needs one says how to get it.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "torch_pruning", "optuna", "onnxscript", "sqlalchemy", "alembic", "sklearn",
+                     "fastapi", "uvicorn", "starlette"), "search"),
+    **dict.fromkeys(("onnx", "onnxruntime", "httpx"), "agent"),
+}
 
 
 @dataclass
@@ -86,6 +92,12 @@ def handle_errors() -> Iterator[None]:
     except Exception as exc:
         if state.debug:
             raise
+        missing = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else ""
+        if missing in EXTRA_OF_MODULE:
+            hint = escape(f"pip install 'hwprune[{EXTRA_OF_MODULE[missing]}]'")
+            stderr().print(f"[red]error:[/red] this command needs {missing}, which this installation lacks: {hint}",
+                           highlight=False)
+            raise typer.Exit(2) from None
         stderr().print(
             f"[red]internal error:[/red] {type(exc).__name__}: {escape(one_line(str(exc)))} (run with --debug for the "
             "traceback, and please report it)",
@@ -119,7 +131,7 @@ def _main(
 
 # --- options and helpers shared by the command groups -----------------------------------------
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL; default $HWPRUNE_DB or sqlite:///hwprune.db.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help=f"SQLAlchemy URL; default ${DB_ENV} or {DEFAULT_DB}.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
 
 ExampleOpt = Annotated[

@@ -166,6 +166,8 @@ def space_command(
             out.print("N:M: no target runs N:M faster, so none is offered", highlight=False)
         for name, why in space.fixed.items():
             out.print(f"fixed: {name}: {why}", highlight=False, style="dim")
+        for name, note in space.notes.items():
+            out.print(f"note: {name}: {note}", highlight=False, style="dim")
 
 
 @app.command("export")

@@ -5,6 +5,7 @@ Registered on the app of ``search.cli._app`` when that module is imported.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -37,7 +38,6 @@ from search.config import (
     load_search_config,
 )
 from search.errors import ConfigError, SearchError
-from search.storage.repository import require_database
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -50,6 +50,13 @@ WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=64, help="Worke
 MaxFailuresOpt = Annotated[int | None, typer.Option(
     "--max-failures", min=1, help="Stop after this many trials fail in a row (default 5).")]
 WaitOpt = Annotated[bool, typer.Option("--wait-for-agents", help="Start even if no agent serves a remote target yet.")]
+
+
+def require_database(url: str) -> None:
+    # Imported on use: SQLAlchemy is in hwprune[search], and `hwprune agent` runs without it.
+    from search.storage.repository import require_database as check
+
+    check(url)
 
 
 def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = False) -> Any:
@@ -83,6 +90,23 @@ def db_upgrade(db: DbOpt = None) -> None:
         after = current_revision(engine)
         engine.dispose()
         typer.echo(f"schema {before or 'empty'} -> {after} (head {head_revision()})")
+
+
+@db_app.command("prune-artifacts")
+def db_prune_artifacts(
+    db: DbOpt = None,
+    min_age: Annotated[float, typer.Option("--min-age", min=0, help="Spare artifacts younger than this "
+                                           "many seconds (a worker may be about to queue its job).")] = 600.0,
+) -> None:
+    """Remove ONNX artifacts that no queued job, base model or Pareto front needs (a trial's
+    artifact is re-made from its plan, and checked against its sha256, when needed again)."""
+    with handle_errors():
+        from search.study.retention import prune_artifacts
+
+        runtime = _runtime(db)
+        require_database(runtime.db_url)
+        report = prune_artifacts(runtime, min_age_s=min_age)
+        typer.echo(f"removed {report.removed} artifacts ({report.freed_bytes / 1e6:.1f} MB), kept {report.kept}")
 
 
 @db_app.command("current")
@@ -193,8 +217,13 @@ def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[b
 
 def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
     from search.study.read import best_is_base_warning, pareto_rows, summary
+    from search.study.retention import prune_artifacts
     from search.study.runtime import load_study
 
+    # The store keeps only what jobs and fronts need: the rest is re-made from plans on demand.
+    pruned = prune_artifacts(runtime)
+    logging.getLogger(__name__).info("artifact store: %d removed (%d bytes), %d kept",
+                                     pruned.removed, pruned.freed_bytes, pruned.kept)
     study = load_study(prepared.record, runtime)
     info = summary(prepared.record, study)
     target = prepared.config.targets[0]
@@ -293,7 +322,7 @@ def search_resume(
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         require_database(runtime.db_url)
         record = find_record(name, runtime)
-        config = replace_budget(SearchConfig.model_validate(record.config), trials=trials, timeout_s=timeout,
+        config = replace_budget(SearchConfig.from_stored(record.config), trials=trials, timeout_s=timeout,
                                 max_consecutive_failures=max_failures)
         _quiet_optuna()
         prepared = prepare(config, runtime)
@@ -320,13 +349,12 @@ def search_worker(
 def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the searches in the database."""
     with handle_errors():
-        from search.storage import Repository
         from search.study.read import summary
         from search.study.runtime import load_study, optuna_storage
 
         runtime = _runtime(db)
         require_database(runtime.db_url)
-        repo = Repository(runtime.db_url)
+        repo = runtime.repository()
         try:
             records = repo.list_searches()
         finally:

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -61,11 +62,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class HubSettings:
-    """Hub behaviour: how long a lease lasts without a heartbeat, the request body cap."""
+    """Hub behaviour: how long a lease lasts without a heartbeat, the request body cap, the
+    worker threads that serve requests."""
 
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
+    # The artifact store agents download from; None: search.config.artifacts_url(db_url).
+    artifacts_url: str | None = None
+    threads: int = 8
 
 
 class BodyCap:
@@ -181,9 +186,12 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        repo = Repository(settings.db_url)
+        # Requests run their database work in worker threads. Python runs one at a time, so
+        # more threads than the database can use only add hand-offs between them.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        repo = Repository(settings.db_url, artifacts=settings.artifacts_url)
         state["repo"] = repo
-        state["queue"] = JobQueue(repo.engine)
+        state["queue"] = repo.jobs
         try:
             yield
         finally:
@@ -262,7 +270,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     def artifact(sha256: Sha256Path, me: CurrentAgent) -> Response:
         if not queue().holds_artifact(me, sha256):
             raise HTTPException(403, "no job leased by this agent needs that artifact")
-        content = repo().get_artifact(sha256)
+        content = repo().get_artifact(sha256)  # from the artifact store, checked against its name
         if content is None:
             raise HTTPException(404, f"no artifact {sha256}")
         return Response(content, media_type="application/octet-stream")
@@ -282,35 +290,27 @@ def create_app(settings: HubSettings) -> FastAPI:
         return _answer(_accept(job_id, me, body), job_id)
 
     def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
-        job = queue().get(job_id)
-        if job is None:
-            return Outcome.UNKNOWN
-        if job.lease_agent_id != me.id and job.done_by_agent_id != me.id:
-            return Outcome.NOT_HOLDER
-        problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
-                                     paired=bool(job.reference_sha256))
-        if problems:
-            raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
-        doubt = _implausible(job, body)
-        if doubt is not None:
-            logger.warning("job %d: flagged a result from %s: %s", job_id, me.name, doubt)
-            return queue().flag(me, job_id, body.model_dump(mode="json"), doubt)
-        outcome, done = queue().complete(me, job_id, body.model_dump(mode="json"))
-        if outcome == Outcome.ACCEPTED and done is not None:
-            repo().put_measurement(
-                signature=done.signature, profile_fingerprint=done.profile_fingerprint,
-                measurement=body.measurement, reference_sha256=done.reference_sha256,
-                ratio=body.ratio, ratio_ci=body.ratio_ci,
-            )
+        def judge(job: JobRecord, base_median_us: Callable[[], float | None]) -> str | None:
+            problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
+                                         paired=bool(job.reference_sha256))
+            if problems:
+                raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
+            doubt = _implausible(body, base_median_us)
+            if doubt is not None:
+                logger.warning("job %d: flagged a result from %s: %s", job_id, me.name, doubt)
+            return doubt
+
+        # One store call: the job done and its result cached in one transaction (or flagged).
+        outcome, _ = queue().complete(me, job_id, body.to_result(), judge=judge)
         return outcome
 
-    def _implausible(job: JobRecord, body: ResultBody) -> str | None:
+    def _implausible(body: ResultBody, base_median_us: Callable[[], float | None]) -> str | None:
         if body.ratio is None:
             return None
         low, high = PLAUSIBLE_RATIO
         if not low <= body.ratio <= high:
             return f"ratio {body.ratio:.4g} to the base model is outside [{low}, {high}]"
-        base_us = repo().reference_median_us(job.reference_sha256, job.profile_fingerprint)
+        base_us = base_median_us()
         if base_us is None:
             return None
         expected = body.ratio * base_us

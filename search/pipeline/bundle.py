@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from search.errors import ModelLoadError
+from search.pipeline.inputs import ModelInput, primary, run, shapes
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# Inputs may be a tensor, a tuple of tensors or a mapping of named tensors (``input_ids``,
+# ``attention_mask``, ...); the targets are one tensor.
+Batch = tuple[ModelInput, torch.Tensor]
 ErrorFn = Callable[[nn.Module, Iterable[Batch]], float]
 
 
@@ -37,17 +40,23 @@ class ModelBundle:
     Attributes:
         name: a short label for reports.
         model: the trained ``nn.Module`` (never modified by hwprune: plans apply to copies).
-        example_input: one input batch (batch size 1) with the deployed shape.
+        example_input: one input batch (batch size 1) with the deployed shape: a tensor, a tuple
+            of tensors (passed positionally) or a mapping of named tensors (passed by keyword,
+            exported as ONNX inputs of those names). Exports make the batch axis dynamic (and
+            the sequence axis of integer ``[batch, sequence]`` inputs) and are measured at the
+            profile's ``batch_size`` and ``dim_values`` (else the example's own sizes).
         train_loader: batches ``(inputs, targets)`` for recovery fine-tuning and calibration.
         val_loader: batches for the error function.
         error_fn: ``error_fn(model, val_loader) -> error`` in [0, 1] (lower is better).
-        loss_fn: training loss on ``(outputs, targets)``; cross-entropy by default.
+        loss_fn: training loss on ``(outputs, targets)``; cross-entropy by default. ``outputs``
+            is the model's tensor, or its ``logits`` (else first tensor) when it returns a
+            ``ModelOutput``, tuple or dict.
         ignored_layers: qualified module names never pruned, beyond the output layer.
     """
 
     name: str
     model: nn.Module
-    example_input: torch.Tensor
+    example_input: ModelInput
     train_loader: Iterable[Batch]
     val_loader: Iterable[Batch]
     error_fn: ErrorFn
@@ -63,11 +72,16 @@ class ModelBundle:
         """
         digest = hashlib.sha256()
         digest.update(repr(self.model).encode())
-        digest.update(repr(tuple(self.example_input.shape)).encode())
+        digest.update(repr(_shape_key(self.example_input)).encode())
         for name, tensor in self.model.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+
+def _shape_key(example: ModelInput) -> object:
+    # A single tensor keeps its old key, so fingerprints of stored searches stay valid.
+    return tuple(example.shape) if isinstance(example, torch.Tensor) else shapes(example)
 
 
 def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
@@ -76,7 +90,7 @@ def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
     wrong = total = 0
     with torch.no_grad():
         for inputs, targets in batches:
-            predictions = model(inputs).argmax(dim=1)
+            predictions = primary(run(model, inputs)).argmax(dim=1)
             wrong += int((predictions != targets).sum())
             total += int(targets.numel())
     if total == 0:
@@ -115,8 +129,8 @@ def fidelity_error(reference: nn.Module) -> ErrorFn:
         total = similarity = 0.0
         with torch.no_grad():
             for inputs, _targets in batches:
-                ours = model(inputs).flatten(1).double()
-                theirs = reference(inputs).flatten(1).double()
+                ours = primary(run(model, inputs)).flatten(1).double()
+                theirs = primary(run(reference, inputs)).flatten(1).double()
                 similarity += float(nn.functional.cosine_similarity(ours, theirs, dim=1).sum())
                 total += ours.shape[0]
         if total == 0:

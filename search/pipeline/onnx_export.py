@@ -1,15 +1,24 @@
-"""PyTorch model -> content-addressed ONNX artifact, checked by onnx.checker and against torch."""
+"""PyTorch model -> content-addressed ONNX artifact, checked by onnx.checker and against torch.
+
+Every export has a dynamic batch axis (and a dynamic sequence axis on token inputs), so the file
+runs at any batch; it is traced and checked at the profile's batch size, and the example's other
+dimensions are recorded in its metadata (``hwprune.example_shapes``) for backends to measure at
+when a profile's ``dim_values`` does not name them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,11 +26,14 @@ import torch
 from torch import nn
 
 from search.errors import ExportError
+from search.pipeline import inputs as model_inputs
+from search.pipeline.inputs import ModelInput
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 _TWO_GB = 2 * 1024**3
+EXAMPLE_SHAPES_KEY = "hwprune.example_shapes"  # read by latency_models.ort.example_shapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +47,39 @@ class OnnxArtifact:
     max_abs_diff: float
 
 
-def batched(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batched(example: ModelInput, batch_size: int) -> ModelInput:
     """The example input repeated to ``batch_size`` along the first dimension."""
-    return example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+    return model_inputs.batched(example, batch_size)
 
 
-def _export_bytes(model: nn.Module, example: torch.Tensor, *, dynamo: bool, opset: int | None) -> bytes:
+class _ByName(nn.Module):
+    """Takes the named inputs positionally, in ``names`` order, and calls the model by name."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+
+def _export_bytes(
+    model: nn.Module,
+    example: ModelInput,
+    *,
+    names: Sequence[str],
+    output_names: Sequence[str],
+    axes: dict[str, dict[int, str]],
+    dynamo: bool,
+    opset: int | None,
+) -> bytes:
+    args = tuple(model_inputs.tensors(example))
+    if isinstance(example, dict):
+        # The TorchScript exporter binds keyword inputs to the wrong parameters when a forward
+        # has more of them (Hugging Face's use_cache, ...): export a positional front instead.
+        # In eval mode: the exporter restores the wrapper's mode, recursively, after tracing.
+        model = _ByName(model, list(example)).eval()
     if dynamo:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "model.onnx"
@@ -48,9 +87,11 @@ def _export_bytes(model: nn.Module, example: torch.Tensor, *, dynamo: bool, opse
                 # torch's own exporter trips torch's own deprecations (LeafSpec in 2.13).
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", UserWarning)
                 program = torch.onnx.export(
-                    model, (example,), dynamo=True, opset_version=opset, external_data=False,
-                    verbose=False,
+                    model, args, dynamo=True, opset_version=opset,
+                    external_data=False, verbose=False, input_names=list(names),
+                    output_names=list(output_names), dynamic_axes=axes,
                 )
             if program is None:
                 raise ExportError("the dynamo exporter returned no program")
@@ -59,24 +100,36 @@ def _export_bytes(model: nn.Module, example: torch.Tensor, *, dynamo: bool, opse
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter warns that it is legacy on every call; it is chosen on
-        # purpose (0.1-0.7 s per model against 1.6-9 s for dynamo).
+        # purpose (0.1-0.7 s per model against 1.6-9 s for dynamo). Tracing Hugging Face code
+        # warns about Python booleans taken from tensors; the batch check below catches any
+        # shape that got baked in.
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         torch.onnx.export(
             model,
-            (example,),
+            args,
             buffer,  # type: ignore[arg-type]  # file-like objects are accepted by the TorchScript exporter
             dynamo=False,
             opset_version=opset or 17,
-            input_names=["input"],
-            output_names=["output"],
+            input_names=list(names),
+            output_names=list(output_names),
+            dynamic_axes=axes,
             do_constant_folding=True,
         )
     return buffer.getvalue()
 
 
+def _with_example_shapes(blob: bytes, example: ModelInput, names: Sequence[str]) -> bytes:
+    proto = onnx.load_from_string(blob)
+    shapes = {name: list(shape) for name, shape in zip(names, model_inputs.shapes(example), strict=True)}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = EXAMPLE_SHAPES_KEY, json.dumps(shapes, sort_keys=True)
+    return bytes(proto.SerializeToString())
+
+
 def export_onnx(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     out_dir: Path,
     *,
     batch_size: int = 1,
@@ -84,20 +137,35 @@ def export_onnx(
     opset: int | None = None,
     check: bool = True,
 ) -> OnnxArtifact:
-    """Export ``model`` at ``batch_size`` into ``out_dir/<sha256>.onnx``.
+    """Export ``model`` into ``out_dir/<sha256>.onnx`` with a dynamic batch axis.
 
-    Weights are embedded (models over 2 GB are refused: they need external data). With
-    ``check``, ``onnx.checker`` validates the graph and ONNX Runtime's output is compared to
-    torch's within 1e-4.
+    ``example`` is a tensor, a tuple of tensors or a mapping of named tensors (exported as inputs
+    of those names). The model is traced at ``batch_size`` (the profile's). Weights are embedded
+    (models over 2 GB are refused: they need external data). With ``check``, ``onnx.checker``
+    validates the graph, ONNX Runtime's outputs are compared to torch's within 1e-4, and the
+    file is run once more at another batch size to prove the batch axis really is dynamic.
 
     Raises:
         ExportError: the exporter failed, the model is too large, or the outputs disagree.
     """
     model = model.eval()
-    inputs = batched(example, batch_size)
+    names, ordered = model_inputs.ordered(model, batched(example, batch_size))
+    with torch.no_grad():
+        expected = [t.detach() for t in model_inputs.flat_outputs(model_inputs.run(model, ordered))]
+    if not expected:
+        raise ExportError("the model returned no tensor to export")
+    output_names = ["output", *(f"output_{i}" for i in range(1, len(expected)))]
+    axes: dict[str, dict[int, str]] = model_inputs.dynamic_axes(names, ordered)
+    for name, tensor in zip(output_names, expected, strict=True):
+        if tensor.dim() and tensor.shape[0] == batch_size:
+            axes[name] = {0: model_inputs.BATCH_AXIS}
     try:
-        with torch.no_grad():
-            blob = _export_bytes(model, inputs, dynamo=dynamo, opset=opset)
+        # Traced with gradients on: without them nn.MultiheadAttention takes its fused fast path
+        # (aten::_native_multi_head_attention), which has no ONNX form.
+        with torch.enable_grad():
+            blob = _export_bytes(model, ordered, names=names, output_names=output_names, axes=axes,
+                                 dynamo=dynamo, opset=opset)
+        blob = _with_example_shapes(blob, ordered, names)
     except ExportError:
         raise
     except Exception as exc:
@@ -118,26 +186,53 @@ def export_onnx(
             onnx.checker.check_model(onnx.load_from_string(blob), full_check=True)
         except Exception as exc:
             raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
-        diff = _compare_with_torch(model, inputs, path)
+        diff = _compare_with_torch(ordered, names, expected, path, batch_size)
     return OnnxArtifact(path=path, sha256=sha, size_bytes=len(blob), batch_size=batch_size,
                         max_abs_diff=diff)
 
 
-def _compare_with_torch(model: nn.Module, inputs: torch.Tensor, path: Path) -> float:
+def _compare_with_torch(
+    inputs: ModelInput, names: Sequence[str], expected: Sequence[torch.Tensor], path: Path, batch_size: int
+) -> float:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: inputs.numpy()}
-    got = session.run(None, feed)[0]
-    with torch.no_grad():
-        expected = model(inputs).numpy()
-    if got.shape != expected.shape:
-        raise ExportError(f"ONNX output shape {got.shape} differs from torch's {expected.shape}")
-    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    if diff > TOLERANCE * scale:
-        raise ExportError(f"ONNX output differs from torch by {diff:.3g} (tolerance {TOLERANCE:g})")
+    given = dict(zip(names, (t.numpy() for t in model_inputs.tensors(inputs)), strict=True))
+    # The exporter drops inputs the graph never reads; feed every one it kept.
+    feed = {node.name: given[node.name] for node in session.get_inputs()}
+    got = session.run(None, feed)
+    if len(got) != len(expected):
+        raise ExportError(f"ONNX model has {len(got)} outputs, torch's {len(expected)}")
+    diff = 0.0
+    for index, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
+        reference = theirs.numpy()
+        if ours.shape != reference.shape:
+            raise ExportError(f"ONNX output {index} shape {ours.shape} differs from torch's {reference.shape}")
+        if not ours.size:
+            continue
+        gap = float(np.max(np.abs(ours.astype(np.float64) - reference.astype(np.float64))))
+        scale = max(1.0, float(np.max(np.abs(reference))))
+        if gap > TOLERANCE * scale:
+            raise ExportError(f"ONNX output {index} differs from torch by {gap:.3g} (tolerance {TOLERANCE:g})")
+        diff = max(diff, gap)
+    # Every sample is the example repeated, so at another batch size each row must still match
+    # row 0: a batch baked into the graph (``Got: 8 Expected: 1``) fails here, not on a device.
+    other = batch_size + 1
+    wider = {name: np.repeat(value[:1], other, axis=0) for name, value in feed.items()}
+    try:
+        again = session.run(None, wider)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"the export does not run at batch {other}: {first}") from exc
+    for index, (ours, theirs) in enumerate(zip(again, expected, strict=True)):
+        if theirs.dim() == 0 or theirs.shape[0] != batch_size:
+            continue
+        reference = theirs.numpy()[:1]
+        tolerance = TOLERANCE * max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+        if ours.shape[0] != other or not np.allclose(ours, reference, atol=tolerance):
+            raise ExportError(f"ONNX output {index} at batch {other} does not repeat the batch-{batch_size} result: "
+                              "a batch size is baked into the graph")
     return diff

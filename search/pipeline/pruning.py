@@ -29,6 +29,8 @@ import torch_pruning as tp
 from torch import nn
 
 from search.errors import PlanError, PruningError
+from search.pipeline.attention import HeadPrunedAttention
+from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -57,8 +59,9 @@ class LayerInfo:
 class GroupInfo:
     """One torch-pruning dependency group, named by its root module.
 
-    ``kind`` is ``channels`` for ordinary groups and ``heads`` for the output of an attention
-    ``qkv`` projection, where whole heads (``unit_width`` channels each, in q, k and v) go at once.
+    ``kind`` is ``channels`` for ordinary groups and ``heads`` for an attention's q, k and v
+    projections (a fused ``qkv``, ``parts`` 3, or separate ``query``/``key``/``value``, ``parts``
+    1), where whole heads (``unit_width`` channels each, in q, k and v) go at once.
     ``kv-heads`` is a Llama-style attention's key/value head with the query heads sharing it; its
     name is the ``k_proj`` layer and ``unit_width`` the ``o_proj`` inputs one unit holds.
     ``consumers`` are the layers whose input channels are this group's.
@@ -72,6 +75,7 @@ class GroupInfo:
     consumers: tuple[str, ...]
     mac_share: float
     attention: str | None = None
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,7 @@ class PrunedModel:
     warnings: tuple[str, ...] = ()
 
 
-def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], list[str]]:
+def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str]]:
     """MACs of every Conv2d/Linear for one example, and the order in which they ran."""
     macs: dict[str, int] = {}
     order: list[str] = []
@@ -130,7 +134,7 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            run(model, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -146,20 +150,53 @@ def _macs_per_output(layer: nn.Module) -> int:
     return 0
 
 
-def _attention_modules(model: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """``qkv`` layer name -> (attention module name, heads, head width) for timm-style attention.
+@dataclass(frozen=True, slots=True)
+class _HeadLayout:
+    """Where an attention's heads sit in a projection's output channels."""
 
-    The convention (as in timm's ViT): a module with an integer ``num_heads`` and a Linear child
-    ``qkv`` whose output is q, k and v side by side, each ``num_heads * head_dim`` wide.
+    holder: str
+    heads: int
+    head_dim: int
+    parts: int  # 3 for a fused qkv (q, k and v side by side), 1 for a separate q, k or v
+
+
+def _attention_modules(model: nn.Module) -> dict[str, _HeadLayout]:
+    """Projection layer name -> its attention's head layout, for the layouts torch-pruning groups.
+
+    timm-style: a module with an integer ``num_heads`` and a fused Linear ``qkv`` (q, k and v
+    side by side, each ``num_heads * head_dim`` wide). Hugging Face BERT-style (BERT, RoBERTa,
+    ELECTRA, DeiT before transformers 5): a module with ``num_attention_heads``,
+    ``attention_head_size`` and Linear ``query``, ``key``, ``value``; torch-pruning's graph
+    couples the three with the attention output's input channels, so one group holds the heads.
     """
     found = {}
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         heads = getattr(module, "num_heads", None)
         qkv = getattr(module, "qkv", None)
         if isinstance(heads, int) and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
-            prefix = f"{name}." if name else ""
-            found[f"{prefix}qkv"] = (name, heads, qkv.out_features // (3 * heads))
+            found[f"{prefix}qkv"] = _HeadLayout(name, heads, qkv.out_features // (3 * heads), 3)
+        heads = getattr(module, "num_attention_heads", None)
+        head_dim = getattr(module, "attention_head_size", None)
+        projections = [getattr(module, part, None) for part in ("query", "key", "value")]
+        if (isinstance(heads, int) and isinstance(head_dim, int)
+                and all(isinstance(p, nn.Linear) and p.out_features == heads * head_dim for p in projections)):
+            for part in ("query", "key", "value"):
+                found[f"{prefix}{part}"] = _HeadLayout(name, heads, head_dim, 1)
     return found
+
+
+def _set_head_count(holder: nn.Module, heads: int, head_dim: int) -> None:
+    """Give an attention module its new head count, so its own forward reshapes right.
+
+    A Hugging Face config is shared by every layer and cannot hold per-layer head counts, so it
+    is left as it was: the pruned model runs in its own code; it is rebuilt by replaying the plan.
+    """
+    for attribute in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(holder, attribute, None), int):
+            setattr(holder, attribute, heads)
+    if isinstance(getattr(holder, "all_head_size", None), int):
+        setattr(holder, "all_head_size", heads * head_dim)  # noqa: B010
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,23 +237,85 @@ def _gqa_attentions(model: nn.Module) -> dict[str, _GqaAttention]:
     return found
 
 
+def _mha_modules(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` modules whose heads ``HeadPrunedAttention`` can remove."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+        and module.bias_k is None and not module.add_zero_attn and module.num_heads > 1
+    }
+
+
+def _mha_macs(model: nn.Module, example: ModelInput) -> dict[str, int]:
+    macs: dict[str, int] = {}
+    handles = []
+    for name, module in _mha_modules(model).items():
+
+        def hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
+            tokens = int(out[0].numel()) // int(mod.embed_dim)
+            macs[name] = macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
+def _prune_mha_heads(model: nn.Module, info: GroupInfo, target: int, importance: str) -> None:
+    """Replace an ``nn.MultiheadAttention`` by a ``HeadPrunedAttention`` of its best ``target`` heads.
+
+    A head's score sums its q, k and v rows of ``in_proj_weight`` and its ``out_proj`` columns
+    (magnitude, or the gradient criteria as for the other head groups).
+    """
+    parent_name, _, child = info.name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    mha = getattr(parent, child)
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise PruningError(f"group {info.name!r}: expected nn.MultiheadAttention, found {type(mha).__name__}")
+    if importance == "bn-scale":
+        raise PruningError(f"importance {importance!r} has no score for group {info.name!r} (no BatchNorm)")
+    score_kind = "magnitude" if importance == "lamp" else importance
+    heads, dim, embed = mha.num_heads, info.unit_width, mha.embed_dim
+    scores = torch.zeros(heads, dtype=torch.float64)
+    in_grad = mha.in_proj_weight.grad
+    for part in range(3):
+        rows = slice(part * embed, (part + 1) * embed)
+        grad = None if in_grad is None else in_grad[rows]
+        scores += _unit_score(score_kind, mha.in_proj_weight[rows], grad).view(heads, dim).sum(1)
+    out_grad = mha.out_proj.weight.grad
+    scores += _unit_score(score_kind, mha.out_proj.weight.transpose(0, 1),
+                          None if out_grad is None else out_grad.transpose(0, 1)).view(heads, dim).sum(1)
+    kept = sorted(int(i) for i in torch.argsort(scores, stable=True)[heads - target:])
+    setattr(parent, child, HeadPrunedAttention(mha, kept))
+
+
 _KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                   nn.Embedding, nn.PReLU, nn.MultiheadAttention)
 
 
 def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    # Per-channel scales of modules torch-pruning has no pruner for (RMSNorm): their one dimension
-    # is the channel one. Declared, torch-pruning prunes them without warning that it guessed.
-    return [
-        (parameter, 0)
-        for module in model.modules()
-        if not isinstance(module, _KNOWN_MODULES)
-        for parameter in module.parameters(recurse=False)
-        if parameter.dim() == 1
-    ]
+    # Parameters of modules torch-pruning has no pruner for: per-channel scales (RMSNorm), whose
+    # one dimension is the channel one, and tokens or position tables added to the activations
+    # (a ViT's cls_token [1, 1, D] and position_embeddings [1, N, D]), whose last one is.
+    # Declared, torch-pruning prunes them without warning that it guessed.
+    found = []
+    for module in model.modules():
+        if isinstance(module, _KNOWN_MODULES):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.dim() == 1:
+                found.append((parameter, 0))
+            elif parameter.dim() > 1 and parameter.shape[0] == 1:
+                found.append((parameter, parameter.dim() - 1))
+    return found
 
 
-def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
     try:
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example, unwrapped_parameters=_unwrapped_vectors(model)
@@ -225,11 +324,67 @@ def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
 
 
-def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] = ()) -> Discovery:
+def _output_layers(model: nn.Module, example: ModelInput) -> tuple[list[str], set[str]]:
+    """The Conv2d/Linear layers whose outputs reach what the model returns with no other
+    Conv2d/Linear in between: their output channels are the model's output channels.
+
+    Found by walking the autograd graph back from every returned tensor, so a layer that runs
+    but feeds nothing returned (an unused pooler) is not one, and every layer writing into a
+    returned residual stream (a transformer's hidden states) is. Also returns the layers that
+    reach the outputs at all (the live ones).
+    """
+    producers: dict[Any, str] = {}
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)  # a frozen layer must leave a trace too (``model`` is a copy)
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _PRUNABLE):
+
+            def hook(_mod: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
+                if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                    producers[out.grad_fn] = name
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            returned = flat_outputs(run(model, example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    roots = [t.grad_fn for t in returned if t.grad_fn is not None]
+
+    def walk(stop_at_layers: bool) -> set[str]:
+        found: set[str] = set()
+        pending: list[Any] = list(roots)
+        seen: set[Any] = set()
+        while pending:
+            node = pending.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in producers:
+                found.add(producers[node])
+                if stop_at_layers:
+                    continue
+            pending.extend(child for child, _ in node.next_functions)
+        return found
+
+    return sorted(walk(stop_at_layers=True)), walk(stop_at_layers=False)
+
+
+def discover(
+    model: nn.Module, example: ModelInput, *, ignored: Sequence[str] = (), hidden_size: bool = False
+) -> Discovery:
     """Find the prunable groups of ``model``.
 
-    The output layer (the Conv2d/Linear that runs last) and the ``ignored`` layers keep their
-    output channels.
+    The output layers (those whose outputs reach what the model returns, see
+    ``_output_layers``) and the ``ignored`` layers keep their output channels, and so does every
+    group holding one of them: a transformer's hidden size stays whole when its hidden states
+    are returned. ``output_layer`` names the last of them to run.
+
+    A transformer's hidden size (a group holding an ``Embedding`` or ``LayerNorm``: the residual
+    stream) is a group only with ``hidden_size``; torch-pruning then prunes the embeddings,
+    every LayerNorm and every consumer with it.
 
     Raises:
         PlanError: an ignored layer name that is not a module of the model.
@@ -243,8 +398,11 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
     macs, order = _layer_macs(model, example)
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
-    output_layer = order[-1]
-    ignored_names = tuple(dict.fromkeys([output_layer, *ignored]))
+    outputs, live = _output_layers(model, example)
+    outputs = outputs or [order[-1]]
+    last_run = {name: index for index, name in enumerate(order)}
+    output_layer = max(outputs, key=lambda name: last_run.get(name, -1))
+    ignored_names = tuple(dict.fromkeys([output_layer, *sorted(outputs), *ignored]))
     layers = {
         name: LayerInfo(
             name=name,
@@ -257,7 +415,8 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
         for name, module in modules.items()
         if isinstance(module, _PRUNABLE)
     }
-    total_macs = sum(macs.values()) or 1
+    mha_macs = _mha_macs(model, example)
+    total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
     gqa = _gqa_attentions(model)
@@ -271,28 +430,40 @@ def discover(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[str] 
     ):
         root_module = group[0].dep.target.module
         root = names.get(root_module)
-        if root is None:
-            continue
+        if root is None or (live and root not in live):
+            continue  # a layer whose output nothing returned reads is no decision
         members: set[str] = set()
         consumers: set[str] = set()
+        residual_stream = False
         for dep, _ in group:
             target = dep.target.module
+            residual_stream = residual_stream or isinstance(target, (nn.Embedding, nn.LayerNorm))
             if isinstance(target, _PRUNABLE) and target in names:
                 members.add(names[target])
                 if graph.is_in_channel_pruning_fn(dep.handler):
                     consumers.add(names[target])
-        if consumers & projections:
-            continue  # the residual stream of a decoder LLM: kept whole
+        if residual_stream and not hidden_size:
+            continue  # opt-in: the hidden size touches every layer, and accuracy with it
+        if consumers & projections and not residual_stream:
+            continue  # the residual stream of a decoder LLM: kept whole (opt-in above)
         share = sum(macs.get(m, 0) for m in members) / total_macs
-        if root in attention:
-            holder, heads, head_dim = attention[root]
-            info = GroupInfo(root, "heads", heads, head_dim, tuple(sorted(members)),
-                             tuple(sorted(consumers)), share, holder)
+        layout = attention.get(root)
+        if layout is not None and graph.get_out_channels(root_module) == layout.parts * layout.heads * layout.head_dim:
+            info = GroupInfo(root, "heads", layout.heads, layout.head_dim, tuple(sorted(members)),
+                             tuple(sorted(consumers)), share, layout.holder, layout.parts)
         else:
             size = graph.get_out_channels(root_module)
             info = GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)),
                              tuple(sorted(consumers)), share)
         groups.append(info)
+    for name, mha in _mha_modules(model).items():
+        if name in ignored_names:
+            continue
+        head_dim = mha.embed_dim // mha.num_heads
+        # in_proj is no Linear module (no hook saw it): q, k, v and out projections are 4 E x E.
+        share = mha_macs.get(name, 0) / total_macs
+        groups.append(GroupInfo(name, "heads", mha.num_heads, head_dim, (name, f"{name}.out_proj"),
+                                (f"{name}.out_proj",), share, name, 3))
     for name, gqa_attention in gqa.items():
         if name in ignored_names:
             continue
@@ -332,16 +503,16 @@ def _unit_score(kind: str, weight: torch.Tensor, grad: torch.Tensor | None) -> t
         if grad is None:
             raise PruningError(f"importance {kind!r}: no gradient reached a pruned layer")
         g = grad.detach().flatten(1).double()
-        # movement pruning's score -W*dL/dW: weights moving away from zero matter.
-        return -(w * g).sum(1) if kind == "movement" else (w * g).abs().sum(1)
+        # For movement, ``grad`` holds the accumulated score itself (see _accumulate_movement).
+        return g.sum(1) if kind == "movement" else (w * g).abs().sum(1)
     return w.square().sum(1)
 
 
 class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
-    """Movement pruning's first-order score ``-W * dL/dW`` (Sanh et al., 2020), summed over the group.
+    """Movement pruning's score ``S = -sum_t W_t * dL/dW_t`` (Sanh et al., 2020), summed over the group.
 
-    The weights are not updated while scores accumulate: the score is taken over the calibration
-    batches at the base weights, since hwprune's recovery runs after the plan is applied.
+    ``S`` accumulates while a scratch copy of the model fine-tunes on the calibration batches
+    (``_accumulate_movement``), and arrives in each weight's ``.grad``.
     """
 
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
@@ -368,8 +539,8 @@ class _MovementImportance(tp.importance.Importance):  # type: ignore[misc]
 
 
 def calibration_batches(
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int = CALIBRATION_BATCHES
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader: Iterable[tuple[ModelInput, torch.Tensor]], count: int = CALIBRATION_BATCHES
+) -> list[tuple[ModelInput, torch.Tensor]]:
     """The first ``count`` batches of ``loader``, the same on every call.
 
     A loader that shuffles with a ``torch.Generator`` is reseeded for the draw and its state
@@ -394,16 +565,47 @@ def calibration_batches(
 
 
 def _accumulate_gradients(
-    model: nn.Module, calibration: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: Any
+    model: nn.Module, calibration: Iterable[tuple[ModelInput, torch.Tensor]], loss_fn: Any
 ) -> None:
     model.zero_grad(set_to_none=True)
     model.eval()  # keep BatchNorm statistics fixed: calibration must not change the weights
     seen = False
     for inputs, targets in calibration:
-        loss_fn(model(inputs), targets).backward()
+        loss_fn(primary(run(model, inputs)), targets).backward()
         seen = True
     if not seen:
         raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
+
+
+MOVEMENT_LR = 3e-4  # AdamW, as recovery fine-tunes by default (search.config.RecoverySettings)
+
+
+def _accumulate_movement(
+    model: nn.Module, calibration: Sequence[tuple[ModelInput, torch.Tensor]], loss_fn: Any
+) -> None:
+    """Leave movement pruning's score ``-sum_t W_t * dL/dW_t`` in each weight's ``.grad``.
+
+    The weights move: a scratch copy of ``model`` takes one AdamW step per calibration batch (in
+    eval mode, so BatchNorm statistics stay put) while the score accumulates, as movement pruning
+    does during fine-tuning; ``model`` itself is left as it was. Weights that move away from zero
+    score high. Deterministic for the fixed thread count ``apply_pruning`` sets.
+    """
+    if not calibration:
+        raise PlanError("a gradient importance needs calibration batches; the loader yielded none")
+    scratch = copy.deepcopy(model).eval()
+    parameters = dict(scratch.named_parameters())
+    scores = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    optimizer = torch.optim.AdamW(list(parameters.values()), lr=MOVEMENT_LR, weight_decay=0.0)
+    for inputs, targets in calibration:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(primary(run(scratch, inputs)), targets).backward()
+        with torch.no_grad():
+            for name, p in parameters.items():
+                if p.grad is not None:
+                    scores[name] -= p * p.grad
+        optimizer.step()
+    for name, p in model.named_parameters():
+        p.grad = scores[name]
 
 
 def _out_channel_fn(graph: tp.DependencyGraph, module: nn.Module) -> Any:
@@ -440,18 +642,22 @@ def _prune_kv_heads(model: nn.Module, info: GroupInfo, target: int, importance: 
         tp.prune_linear_in_channels(o, q_rows)
     except Exception as exc:
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
+    holder = modules[attention.holder]
+    _set_head_count(holder, target * share, dim)
+    if isinstance(getattr(holder, "num_key_value_heads", None), int):
+        setattr(holder, "num_key_value_heads", target)  # noqa: B010
 
 
 def apply_pruning(
     base: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     *,
     kept: Mapping[str, int],
     groups: Sequence[GroupInfo],
     patterns: Mapping[str, tuple[int, int]],
     importance: str = "magnitude",
     nm_criterion: str = "magnitude",
-    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None = None,
     loss_fn: Any = nn.functional.cross_entropy,
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.
@@ -480,17 +686,26 @@ def apply_pruning(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             graph = _build_graph(model, example)
-            for info in groups:
+            # nn.MultiheadAttention heads last: their module is replaced, which the graph
+            # (built on the original) would not know about for the groups after them.
+            mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
+            for info in [*(g for g in groups if g not in mha), *mha]:
                 target = kept.get(info.name, info.size)
                 if target >= info.size:
                     continue
                 if importance == "taylor":
                     _accumulate_gradients(model, calibration or [], loss_fn)
+                elif importance == "movement":
+                    _accumulate_movement(model, few, loss_fn)
                 elif importance in _GRADIENT_IMPORTANCES:
                     _accumulate_gradients(model, few, loss_fn)
                 if info.kind == "kv-heads":
                     with torch.no_grad():
                         _prune_kv_heads(model, info, target, importance)
+                    continue
+                if isinstance(modules.get(info.name), nn.MultiheadAttention):
+                    with torch.no_grad():
+                        _prune_mha_heads(model, info, target, importance)
                     continue
                 _prune_group(graph, modules, info, target, importance, estimator)
             model.zero_grad(set_to_none=True)
@@ -532,18 +747,20 @@ def _prune_group(
 ) -> None:
     root = modules[info.name]
     prune_fn = _out_channel_fn(graph, root)
-    channels = info.size * info.unit_width * (3 if info.kind == "heads" else 1)
+    channels = info.size * info.unit_width * info.parts
     scores = estimator(graph.get_pruning_group(root, prune_fn, list(range(channels))))
     if scores is None:
         raise PruningError(f"importance {importance!r} has no score for group {info.name!r}")
     scores = scores.detach().float().cpu()
     if info.kind == "heads":
-        head_scores = scores.view(3, info.size, info.unit_width).mean(dim=(0, 2))
+        # A head's score is the mean over its channels in every coupled layer (torch-pruning has
+        # already reduced the group's layers onto the root's channels).
+        head_scores = scores.view(info.parts, info.size, info.unit_width).mean(dim=(0, 2))
         drop = torch.sort(torch.argsort(head_scores, stable=True)[: info.size - target]).values
         width = info.size * info.unit_width
         indices = [
             part * width + int(head) * info.unit_width + offset
-            for part in range(3)
+            for part in range(info.parts)
             for head in drop
             for offset in range(info.unit_width)
         ]
@@ -555,7 +772,7 @@ def _prune_group(
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
     if info.attention is not None:
         # torch-pruning resizes the tensors; the module's head count is ours to update.
-        setattr(modules[info.attention], "num_heads", target)  # noqa: B010
+        _set_head_count(modules[info.attention], target, info.unit_width)
 
 
 def architecture_signature(model: nn.Module, patterns: Mapping[str, str]) -> str:

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from search.config import SearchConfig
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
+from search.pipeline.inputs import primary, run
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class RecoveryConfig:
             after recovery; 0 always keeps the last one.
         seed: seeds the held-out slice, the batch order and torch's generator.
         threads: torch threads while recovering (fixed so that replays are bit-identical).
+        version: 2 is the recovery above; 1 is hwprune's first, kept for searches stored with it
+            (``steps`` of SGD with momentum at a constant ``lr``, optionally distilled, on the
+            loader's own batch order; no adaptive BN, nothing held out).
     """
 
     steps: int = 0
@@ -83,6 +87,7 @@ class RecoveryConfig:
     holdout_batches: int = 0
     seed: int = 0
     threads: int = 1
+    version: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,7 @@ def recovery_for(config: SearchConfig) -> RecoveryConfig:
     return RecoveryConfig(steps=settings.steps, lr=settings.lr, optimizer=settings.optimizer,
                           warmup=settings.warmup, distill=settings.distill,
                           bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
-                          seed=config.seed, threads=settings.threads)
+                          seed=config.seed, threads=settings.threads, version=settings.version)
 
 
 # --- training data: a held-out slice and a seeded order ------------------------------------------
@@ -247,7 +252,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int) -
     try:
         with torch.no_grad():
             for inputs, _ in batches:
-                model(inputs)
+                run(model, inputs)
                 used += 1
                 if used >= count:
                     break
@@ -302,11 +307,11 @@ def fine_tune(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _schedule(step, config)
         optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
+        outputs = primary(run(model, inputs))
         teacher_outputs = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_outputs = teacher(inputs)
+                teacher_outputs = primary(run(teacher, inputs))
         _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         if masks:
@@ -324,7 +329,7 @@ def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, targets in holdout:
-            total += float(bundle.loss_fn(model(inputs), targets)) * len(targets)
+            total += float(bundle.loss_fn(primary(run(model, inputs)), targets)) * len(targets)
             count += len(targets)
     return error, total / max(count, 1)
 
@@ -370,6 +375,8 @@ def _recover(
     masks: Mapping[str, torch.Tensor] | None,
 ) -> RecoveryReport:
     model.eval()
+    if config.version == 1:
+        return _recover_version_1(model, bundle, config, masks)
     adapt = config.bn_batches > 0 and has_batchnorm(model)
     if not adapt and config.steps <= 0:
         return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
@@ -424,6 +431,53 @@ def _recover(
     logger.info("recovery kept %s (held-out error %s); adaptive BN %.2f s, fine-tuning %.2f s, "
                 "held-out scoring %.2f s", kept, report.holdout_error, bn_s, finetune_s, holdout_s)
     return report
+
+
+def _recover_version_1(
+    model: nn.Module,
+    bundle: ModelBundle,
+    config: RecoveryConfig,
+    masks: Mapping[str, torch.Tensor] | None,
+) -> RecoveryReport:
+    """hwprune's first recovery, step for step, so that searches stored with it replay."""
+    if config.steps <= 0:
+        return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = getattr(bundle.train_loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(config.seed)
+    teacher = bundle.model.eval() if config.distill > 0 else None
+    modules = dict(model.named_modules())
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    batches = _loader_order(bundle.train_loader)
+    for _ in range(config.steps):
+        inputs, targets = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        teacher_outputs = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = teacher(inputs)
+        _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        if masks:
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    modules[name].weight.mul_(mask)  # type: ignore[operator]
+    return RecoveryReport(model.eval(), "finetuned", 0.0, time.perf_counter() - started, 0.0, {})
+
+
+def _loader_order(loader: Iterable[Batch]) -> Iterator[Batch]:
+    # Re-iterating (not itertools.cycle) reshuffles each epoch as the loader itself does.
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ModelLoadError("the training loader yielded no batches; recovery needs training data")
 
 
 def with_steps(config: RecoveryConfig, steps: int, *, seed: int | None = None) -> RecoveryConfig:

@@ -13,16 +13,16 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
-import torch
 from torch import nn
 
 from hardware_profiles import HardwareProfile, parse_pattern
 from search.config import DEFAULT_KEEP_RATIOS
 from search.errors import PlanError
+from search.pipeline.inputs import ModelInput
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import GroupInfo, PrunedModel, apply_pruning, discover
 
@@ -81,6 +81,7 @@ class SearchSpace:
     base_macs: int
     base_params: int
     _infos: tuple[GroupInfo, ...]
+    notes: Mapping[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> GroupChoice:
         for choice in self.groups:
@@ -194,6 +195,7 @@ class SearchSpace:
             "groups": [asdict(g) for g in self.groups],
             "sparsity": [asdict(s) for s in self.sparsity],
             "fixed": dict(self.fixed),
+            "notes": dict(self.notes),
         }
 
     def fingerprint(self) -> str:
@@ -215,13 +217,17 @@ def channel_multiple(profiles: Sequence[HardwareProfile]) -> int:
 
 def build_space(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     profiles: Sequence[HardwareProfile],
     *,
     keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
     ignored: Sequence[str] = (),
+    hidden_size: bool = False,
 ) -> SearchSpace:
     """Discover the groups of ``model`` and turn them into decisions for ``profiles``.
+
+    ``hidden_size`` offers a transformer's hidden size (embeddings, LayerNorms and every layer
+    reading the residual stream) as one more group; off by default.
 
     Raises:
         PlanError: a keep-ratio outside (0, 1], or an unknown ignored layer name.
@@ -230,10 +236,11 @@ def build_space(
     bad = [r for r in ratios if not 0 < r <= 1]
     if bad:
         raise PlanError(f"keep-ratios must be in (0, 1], got {bad}")
-    discovery = discover(model, example, ignored=ignored)
+    discovery = discover(model, example, ignored=ignored, hidden_size=hidden_size)
     multiple = channel_multiple(profiles)
     groups: list[GroupChoice] = []
     fixed: dict[str, str] = {}
+    notes: dict[str, str] = {}
     kept_options: dict[str, tuple[int, ...]] = {}
     for info in discovery.groups:
         unit_multiple = 1 if info.kind in ("heads", "kv-heads") else multiple
@@ -241,6 +248,13 @@ def build_space(
         for ratio in ratios:
             offered.setdefault(kept_units(info.size, ratio, unit_multiple), ratio)
         kept_options[info.name] = tuple(sorted(offered))
+        off = [k * info.unit_width for k in sorted(offered) if (k * info.unit_width) % multiple]
+        if info.kind in ("heads", "kv-heads") and off:
+            # Heads are whole units: the targets' channel multiple cannot be met by rounding them.
+            notes[info.name] = (
+                f"heads of {info.unit_width} channels: {', '.join(map(str, off))} channels "
+                f"are not multiples of {multiple}, the targets' channel multiple"
+            )
         if len(offered) < 2:
             fixed[info.name] = (
                 f"{info.size} {info.kind} cannot be rounded to a multiple of {unit_multiple} "
@@ -288,12 +302,13 @@ def build_space(
         base_macs=discovery.macs,
         base_params=discovery.params,
         _infos=discovery.groups,
+        notes=notes,
     )
 
 
 def apply(
     base: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     space: SearchSpace,
     plan: Plan,
     *,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from search.storage.migrate import current_revision, ensure_schema, head_revision, upgrade
-from search.storage.repository import CachedMeasurement, Repository, SearchRecord, make_engine
+from search.storage.repository import Repository, SearchRecord, make_engine
 
 __all__ = [
-    "CachedMeasurement",
     "Repository",
     "SearchRecord",
     "current_revision",

@@ -9,21 +9,35 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from search.errors import SchemaError, StorageError
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 VERSION_TABLE = "hwprune_alembic_version"
 
 
-def _config(url: str) -> object:
+def _migrations_dir() -> Path:
+    """The Alembic scripts: inside the package in a wheel (the build copies the top-level
+    ``alembic/`` to ``search/storage/migrations``), else the source tree's (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parents[1] / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    return here / "migrations"
+
+
+ALEMBIC_DIR = _migrations_dir()
+
+
+def _config(url: str, artifacts: str | None = None) -> object:
     from alembic.config import Config
 
     if not (ALEMBIC_DIR / "env.py").is_file():
         raise StorageError(
-            f"hwprune's migrations are missing from {ALEMBIC_DIR}: install hwprune from its "
-            "source tree (pip install -e .)"
+            f"hwprune's migrations are missing from {ALEMBIC_DIR}: reinstall hwprune "
+            "(pip install --force-reinstall 'hwprune[search]')"
         )
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.attributes["url"] = url
+    if artifacts is not None:
+        config.attributes["artifacts_url"] = artifacts
     return config
 
 
@@ -48,14 +62,16 @@ def current_revision(engine: Engine) -> str | None:
         raise StorageError(f"cannot read the schema version of {engine.url!r}: {exc}") from exc
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched."""
+def upgrade(url: str, revision: str = "head", *, artifacts: str | None = None) -> None:
+    """Apply hwprune's migrations up to ``revision``; Optuna's tables are not touched.
+    ``artifacts`` is the artifact store 0004 moves stored ONNX bytes into (default: the
+    database's, ``search.config.artifacts_url``)."""
     from alembic.util import CommandError
 
     from alembic import command
 
     try:
-        command.upgrade(_config(url), revision)  # type: ignore[arg-type]
+        command.upgrade(_config(url, artifacts), revision)  # type: ignore[arg-type]
     except CommandError as exc:
         # e.g. a database at a revision this hwprune does not know (written by a newer one)
         raise SchemaError(f"cannot migrate {_safe(url)}: {exc}; upgrade hwprune, or use a new database") from None

@@ -1,5 +1,6 @@
 """hwprune's own tables. Optuna's tables hold studies, trials, plans and objective values;
-these hold what Optuna does not: search configurations, artifacts and the measurement cache.
+these hold what Optuna does not: search configurations, artifact names (their bytes are in the
+artifact store) and the measurement cache.
 
 Every table name starts with ``hwprune_`` so that the Alembic environment can leave Optuna's
 tables alone.
@@ -14,7 +15,6 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
-    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -24,7 +24,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 TABLE_PREFIX = "hwprune_"
 
 
-def _utcnow() -> dt.datetime:
+def utcnow() -> dt.datetime:
+    """Now in naive UTC, the one clock of hwprune's rows (and its search records)."""
     # Naive UTC, as Optuna stores it: SQLite has no time zones and PostgreSQL would convert.
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -45,18 +46,18 @@ class SearchRow(Base):
     space_json: Mapped[str] = mapped_column(Text, nullable=False)
     base_json: Mapped[str] = mapped_column(Text, nullable=False)
     versions_json: Mapped[str] = mapped_column(Text, nullable=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class ArtifactRow(Base):
-    """ONNX bytes by sha256: workers and remote agents fetch them from here."""
+    """An ONNX artifact made by a search, by sha256 and size; its bytes are in the artifact store
+    (``search.storage.artifacts``), never in the database."""
 
     __tablename__ = "hwprune_artifacts"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
-    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class MeasurementRow(Base):
@@ -90,7 +91,7 @@ class MeasurementRow(Base):
     backend: Mapped[str] = mapped_column(String(50), nullable=False)
     backend_version: Mapped[str] = mapped_column(String(50), nullable=False)
     device: Mapped[str] = mapped_column(String(200), nullable=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class AgentRow(Base):
@@ -108,7 +109,7 @@ class AgentRow(Base):
     jobs_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     environment_json: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class JobRow(Base):
@@ -136,8 +137,8 @@ class JobRow(Base):
     # The last well-formed but implausible result, with why it was not trusted (never cached).
     flagged_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_by_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class LatencyModelRow(Base):
@@ -157,4 +158,4 @@ class LatencyModelRow(Base):
     n_samples: Mapped[int] = mapped_column(Integer, nullable=False)
     held_out_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     state_json: Mapped[str] = mapped_column(Text, nullable=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=_utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)

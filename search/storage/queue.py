@@ -1,11 +1,15 @@
 """Remote agents and their job queue, on hwprune's tables.
 
 A job moves ``queued -> leased -> done``; a lease that expires puts it back (its attempt is
-spent), and past ``max_attempts`` it is ``failed`` with its last error. Leasing is a
-compare-and-set ``UPDATE ... WHERE status allows it``, atomic on SQLite (one writer at a time)
-and on PostgreSQL, where ``FOR UPDATE SKIP LOCKED`` also keeps concurrent agents off each
-other's rows. A result is accepted once, from the agent that holds the lease; the same agent
-posting it again is told it was already accepted.
+spent), and past ``max_attempts`` it is ``failed`` with its last error. Leasing is one
+``UPDATE ... WHERE id = (the oldest queued job of the profile) AND status = 'queued'``, atomic on
+SQLite (one writer at a time) and on PostgreSQL, where ``FOR UPDATE SKIP LOCKED`` in the
+sub-select also keeps concurrent agents off each other's rows. A result is accepted once, from
+the agent that holds the lease, and in the same transaction filed in the measurement cache; the
+same agent posting it again is told it was already accepted.
+
+Everything here is SQLAlchemy Core: the hub runs these statements for every request, and the
+ORM's unit of work cost more than the statements themselves.
 """
 
 from __future__ import annotations
@@ -14,27 +18,78 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import threading
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Row,
+    Table,
+    Text,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
-from latency_models.wire import AGENT_NAME, clean_text
+from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResult
+from latency_models.wire import AGENT_NAME, clean_text, result_from_json, result_to_json
 from search.errors import ConfigError, StorageError
-from search.storage.models import AgentRow, JobRow
-from search.storage.session import transaction
+from search.storage import cache
+from search.storage.models import AgentRow, JobRow, utcnow
+from search.storage.session import core_transaction
 
-QUEUED, LEASED, DONE, FAILED = "queued", "leased", "done", "failed"
+QUEUED, LEASED, DONE, FAILED = (s.value for s in (JobStatus.QUEUED, JobStatus.LEASED, JobStatus.DONE,
+                                                  JobStatus.FAILED))
 AGENT, READER = "agent", "reader"
 MAX_ERROR_CHARS = 2000
+# An agent's ``last_seen`` is written at most this often by leases: liveness is judged over tens
+# of seconds, and on SQLite every write waits for the one writer.
+SEEN_EVERY_S = 1.0
+
+JOBS: Table = JobRow.__table__  # type: ignore[assignment]
+AGENTS: Table = AgentRow.__table__  # type: ignore[assignment]
+
+# The statements of every request, built once with named parameters: building and hashing a
+# statement per call cost about as much as running it.
+_AGENT_BY_TOKEN = select(AGENTS).where(AGENTS.c.token_hash == bindparam("p_token"))
+_JOB_BY_ID = select(JOBS).where(JOBS.c.id == bindparam("p_job"))
+_HELD = (JOBS.c.id == bindparam("p_job"), JOBS.c.status == LEASED, JOBS.c.lease_agent_id == bindparam("p_agent"))
+_MARK_DONE = update(JOBS).where(*_HELD).values(
+    status=DONE, result_json=bindparam("p_result", type_=Text), done_by_agent_id=bindparam("p_done_by", type_=Integer),
+    lease_expires_at=None, updated_at=bindparam("p_now", type_=DateTime))
+_COUNT_DONE = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(
+    jobs_done=AGENTS.c.jobs_done + 1, last_seen=bindparam("p_now", type_=DateTime))
+_SEEN = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(last_seen=bindparam("p_now", type_=DateTime))
+_ANY_QUEUED = select(JOBS.c.id).where(JOBS.c.status == QUEUED, JOBS.c.profile == bindparam("p_profile")).limit(1)
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+def _take_oldest(*, postgres: bool) -> Any:
+    """Lease the oldest queued job of a profile in one statement (the sub-select skips rows
+    that concurrent leases hold locked, on PostgreSQL); returns the job's row."""
+    c = JOBS.c
+    oldest = select(c.id).where(c.status == QUEUED, c.profile == bindparam("p_profile")).order_by(c.id).limit(1)
+    if postgres:
+        oldest = oldest.with_for_update(skip_locked=True)
+    return (update(JOBS).where(c.id == oldest.scalar_subquery(), c.status == QUEUED)
+            .values(status=LEASED, lease_agent_id=bindparam("p_holder", type_=Integer), attempts=c.attempts + 1,
+                    lease_expires_at=bindparam("p_expires", type_=DateTime),
+                    updated_at=bindparam("p_now", type_=DateTime))
+            .returning(*JOBS.c))
+
+
+_now = utcnow
 
 
 def hash_token(token: str) -> str:
@@ -60,7 +115,7 @@ class AgentRecord:
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     id: int
-    status: str
+    status: JobStatus
     profile: str
     profile_fingerprint: str
     signature: str
@@ -71,9 +126,14 @@ class JobRecord:
     attempts: int
     max_attempts: int
     last_error: str | None
-    result: dict[str, Any] | None
+    result: MeasurementResult | None
     done_by_agent_id: int | None
     flagged: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> MeasurementKey:
+        """The cache key this job's result is filed under."""
+        return MeasurementKey(self.signature, self.profile_fingerprint, self.reference_sha256)
 
 
 class Outcome:
@@ -86,20 +146,37 @@ class Outcome:
     UNKNOWN = "unknown"
 
 
+# Asked by ``complete`` about a result before it is accepted: it gets the job and a lookup of the
+# base model's cached median; it raises to refuse the result (nothing is written) or returns why
+# the result is implausible (it is flagged), or None to accept it.
+Judge = Callable[[JobRecord, Callable[[], float | None]], str | None]
+
+
 class JobQueue:
     """Agents and jobs in one database (the engine of a ``Repository``)."""
 
     def __init__(self, engine: Engine, *, expire_every_s: float = 0.5) -> None:
         self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._postgres = engine.dialect.name == "postgresql"
         # Looking for expired leases on every lease call costs two UPDATEs; twice a second is
         # plenty next to leases that last seconds to minutes.
         self._expire_every_s = expire_every_s
         self._expired_at = 0.0
+        self._take = _take_oldest(postgres=self._postgres)
+        # SQLite has one writer at a time, and a connection that finds the database locked
+        # sleeps for milliseconds before it retries: the hub's threads take turns here instead,
+        # which costs microseconds. PostgreSQL locks rows, so its writers go in parallel.
+        self._writers: AbstractContextManager[Any] = (threading.Lock() if engine.dialect.name == "sqlite"
+                                                      else nullcontext())
 
-    def _session(self) -> AbstractContextManager[Session]:
-        return transaction(self._sessions, "the job queue")
+    def _begin(self) -> AbstractContextManager[Connection]:
+        return core_transaction(self.engine, "the job queue")
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A transaction that writes (see ``_writers``)."""
+        with self._writers, core_transaction(self.engine, "the job queue") as connection:
+            yield connection
 
     # --- agents -----------------------------------------------------------------------------
 
@@ -118,55 +195,54 @@ class JobQueue:
             raise ConfigError(f"role must be {AGENT!r} or {READER!r}, got {clean_text(role, 20)!r}")
         token = secrets.token_urlsafe(32)
         try:
-            with self._session() as session:
-                session.add(AgentRow(name=name, profile=profile if role == AGENT else "", role=role,
-                                     token_hash=hash_token(token)))
+            with self._write() as connection:
+                connection.execute(insert(AGENTS).values(name=name, profile=profile if role == AGENT else "",
+                                                         role=role, token_hash=hash_token(token)))
         except IntegrityError:
             raise ConfigError(f"an agent named {name!r} exists: revoke it or choose another name") from None
         return token
 
     def revoke_agent(self, name: str) -> None:
-        with self._session() as session:
-            row = session.scalars(select(AgentRow).where(AgentRow.name == name)).one_or_none()
-            if row is None:
+        with self._write() as connection:
+            agent_id = connection.execute(select(AGENTS.c.id).where(AGENTS.c.name == name)).scalar()
+            if agent_id is None:
                 raise ConfigError(f"no agent named {name!r}; see hwprune agents list")
-            row.revoked = True
+            connection.execute(update(AGENTS).where(AGENTS.c.id == agent_id).values(revoked=True))
             # Its leases go back to the queue at once, without spending an attempt.
-            session.execute(
-                update(JobRow).where(JobRow.lease_agent_id == row.id, JobRow.status == LEASED)
+            connection.execute(
+                update(JOBS).where(JOBS.c.lease_agent_id == agent_id, JOBS.c.status == LEASED)
                 .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None,
-                        attempts=JobRow.attempts - 1, updated_at=_now())
+                        attempts=JOBS.c.attempts - 1, updated_at=_now())
             )
 
     def list_agents(self) -> list[AgentRecord]:
-        with self._session() as session:
-            return [_agent(r) for r in session.scalars(select(AgentRow).order_by(AgentRow.id))]
+        with self._begin() as connection:
+            return [_agent(r) for r in connection.execute(select(AGENTS).order_by(AGENTS.c.id))]
 
     def authenticate(self, token: str) -> AgentRecord | None:
         """The agent a token belongs to, unless unknown or revoked."""
-        with self._session() as session:
-            row = session.scalars(select(AgentRow).where(AgentRow.token_hash == hash_token(token))).one_or_none()
-            return None if row is None or row.revoked else _agent(row)
+        with self._begin() as connection:
+            row = connection.execute(_AGENT_BY_TOKEN, {"p_token": hash_token(token)}).first()
+        return None if row is None or row.revoked else _agent(row)
 
     def touch(self, agent_id: int, *, environment: dict[str, Any] | None = None,
               job_id: int | None = None, lease_s: float | None = None) -> bool:
         """Record that an agent is alive; extend its lease on ``job_id``. False: lease lost."""
         now = _now()
-        with self._session() as session:
-            values: dict[str, Any] = {"last_seen": now}
-            if environment is not None:
-                # Shown in `hwprune agents list`: no terminal escapes, nothing long, a few keys.
-                cleaned = {clean_text(str(k), 64): clean_text(str(v), 500) for k, v in list(environment.items())[:32]}
-                values["environment_json"] = json.dumps(cleaned, sort_keys=True)
-            session.execute(update(AgentRow).where(AgentRow.id == agent_id).values(**values))
+        values: dict[str, Any] = {"last_seen": now}
+        if environment is not None:
+            # Shown in `hwprune agents list`: no terminal escapes, nothing long, a few keys.
+            cleaned = {clean_text(str(k), 64): clean_text(str(v), 500) for k, v in list(environment.items())[:32]}
+            values["environment_json"] = json.dumps(cleaned, sort_keys=True)
+        with self._write() as connection:
+            connection.execute(update(AGENTS).where(AGENTS.c.id == agent_id).values(**values))
             if job_id is None or lease_s is None:
                 return True
-            result = session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.status == LEASED,
-                                     JobRow.lease_agent_id == agent_id)
+            result = connection.execute(
+                update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status == LEASED, JOBS.c.lease_agent_id == agent_id)
                 .values(lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(result.rowcount)
 
     def live_agents(self, profile: str, within_s: float) -> list[AgentRecord]:
         return [a for a in self.list_agents() if a.profile == profile and a.is_live(within_s)]
@@ -179,42 +255,48 @@ class JobQueue:
 
         A failed job of that key is queued again with fresh attempts (a new trial asked).
         """
-        key = (JobRow.signature == signature, JobRow.profile_fingerprint == profile_fingerprint,
-               JobRow.reference_sha256 == reference_sha256)
+        c = JOBS.c
+        key = (c.signature == signature, c.profile_fingerprint == profile_fingerprint,
+               c.reference_sha256 == reference_sha256)
         for _ in range(3):
-            with self._session() as session:
-                row = session.scalars(select(JobRow).where(*key)).one_or_none()
-                if row is not None:
-                    if row.status == FAILED:
-                        row.status, row.attempts, row.last_error = QUEUED, 0, None
-                        row.updated_at = _now()
-                    return row.id
+            with self._write() as connection:
+                found = connection.execute(select(c.id, c.status).where(*key)).first()
+                if found is not None:
+                    if found.status == FAILED:
+                        connection.execute(update(JOBS).where(c.id == found.id, c.status == FAILED)
+                                           .values(status=QUEUED, attempts=0, last_error=None, updated_at=_now()))
+                    return int(found.id)
             try:
-                with self._session() as session:
-                    row = JobRow(status=QUEUED, profile=profile, profile_fingerprint=profile_fingerprint,
-                                 signature=signature, artifact_sha256=artifact_sha256,
-                                 reference_sha256=reference_sha256, max_attempts=max_attempts)
-                    session.add(row)
-                    session.flush()
-                    return row.id
+                with self._write() as connection:
+                    added = connection.execute(
+                        insert(JOBS).values(status=QUEUED, profile=profile, profile_fingerprint=profile_fingerprint,
+                                            signature=signature, artifact_sha256=artifact_sha256,
+                                            reference_sha256=reference_sha256, max_attempts=max_attempts)
+                    )
+                    return int(added.inserted_primary_key[0])  # type: ignore[index]
             except IntegrityError:
                 continue  # another worker queued the same key: join it
         raise StorageError("could not queue a measurement job (conflicting writers)")
 
     def get(self, job_id: int) -> JobRecord | None:
-        with self._session() as session:
-            row = session.get(JobRow, job_id)
-            return None if row is None else _job(row)
+        with self._begin() as connection:
+            row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
+        return None if row is None else _job(row)
 
-    def _expire(self, session: Session, now: dt.datetime) -> None:
-        expired = (JobRow.status == LEASED, JobRow.lease_expires_at < now)
-        session.execute(
-            update(JobRow).where(*expired, JobRow.attempts >= JobRow.max_attempts)
+    def state(self, job_id: int) -> JobState | None:
+        """Where a job stands, for the meter waiting on it."""
+        job = self.get(job_id)
+        return None if job is None else JobState(job.id, job.status, job.result, job.last_error)
+
+    def _expire(self, connection: Connection, now: dt.datetime) -> None:
+        expired = (JOBS.c.status == LEASED, JOBS.c.lease_expires_at < now)
+        connection.execute(
+            update(JOBS).where(*expired, JOBS.c.attempts >= JOBS.c.max_attempts)
             .values(status=FAILED, lease_agent_id=None, updated_at=now,
                     last_error="lease expired on every attempt (agents died or timed out)")
         )
-        session.execute(
-            update(JobRow).where(*expired)
+        connection.execute(
+            update(JOBS).where(*expired)
             .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None, updated_at=now,
                     last_error="lease expired")
         )
@@ -223,137 +305,133 @@ class JobQueue:
         """Give ``agent`` the oldest queued job of its profile, or None; marks the agent seen."""
         for _ in range(5):
             now = _now()
-            with self._session() as session:
-                session.execute(update(AgentRow).where(AgentRow.id == agent.id).values(last_seen=now))
+            with self._write() as connection:
+                if agent.last_seen is None or (now - agent.last_seen).total_seconds() >= SEEN_EVERY_S:
+                    connection.execute(_SEEN, {"p_agent": agent.id, "p_now": now})
                 if time.monotonic() - self._expired_at >= self._expire_every_s:
-                    self._expire(session, now)
+                    self._expire(connection, now)
                     self._expired_at = time.monotonic()
-                query = (select(JobRow.id).where(JobRow.status == QUEUED, JobRow.profile == agent.profile)
-                         .order_by(JobRow.id).limit(1))
-                if self._postgres:
-                    query = query.with_for_update(skip_locked=True)
-                job_id = session.scalars(query).first()
-                if job_id is None:
+                taken = connection.execute(self._take, {
+                    "p_profile": agent.profile, "p_holder": agent.id, "p_now": now,
+                    "p_expires": now + dt.timedelta(seconds=lease_s)}).first()
+                if taken is not None:
+                    return _job(taken)
+                # Nothing taken: the queue is empty, or (PostgreSQL) every queued row was locked
+                # by another lease at that instant, or (SQLite) taken between select and update.
+                if connection.execute(_ANY_QUEUED, {"p_profile": agent.profile}).first() is None:
                     return None
-                taken = session.execute(
-                    update(JobRow).where(JobRow.id == job_id, JobRow.status == QUEUED)
-                    .values(status=LEASED, lease_agent_id=agent.id, attempts=JobRow.attempts + 1,
-                            lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
-                )
-                if taken.rowcount == 1:  # type: ignore[attr-defined]
-                    row = session.get(JobRow, job_id)
-                    session.refresh(row)  # type: ignore[arg-type]
-                    return _job(row)  # type: ignore[arg-type]
         return None  # lost every race: the caller polls again
 
-    def complete(self, agent: AgentRecord, job_id: int, result: dict[str, Any]) -> tuple[str, JobRecord | None]:
-        """Accept a result once, from the lease holder; returns the outcome and the job."""
+    def complete(self, agent: AgentRecord, job_id: int, result: MeasurementResult, *,
+                 judge: Judge | None = None) -> tuple[str, JobRecord | None]:
+        """Accept a result once, from the lease holder: in one transaction the job is marked
+        done with its result, the agent's count goes up and the result is filed in the cache
+        under the job's key (a failure anywhere leaves none of these).
+
+        ``judge`` (see ``Judge``) is asked first, inside the transaction: it may refuse the
+        result by raising (nothing is written) or flag it as implausible, in which case the
+        result is kept on the job for inspection, never cached, and the job queued again (or
+        failed past the attempt cap), like a failure. Returns the outcome and the job as found.
+        """
         now = _now()
-        with self._session() as session:
-            row = session.get(JobRow, job_id)
+        with self._write() as connection:
+            row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
             if row is None:
                 return Outcome.UNKNOWN, None
             job = _job(row)
-            if row.status == DONE:
-                return (Outcome.DUPLICATE if row.done_by_agent_id == agent.id else Outcome.NOT_HOLDER), job
-            if row.status != LEASED or row.lease_agent_id != agent.id:
+            if job.status == DONE:
+                return (Outcome.DUPLICATE if job.done_by_agent_id == agent.id else Outcome.NOT_HOLDER), job
+            if job.status != LEASED or job.lease_agent_id != agent.id:
                 return Outcome.NOT_HOLDER, job
-            done = session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.status == LEASED,
-                                     JobRow.lease_agent_id == agent.id)
-                .values(status=DONE, result_json=json.dumps(result, sort_keys=True, allow_nan=False),
-                        done_by_agent_id=agent.id, lease_expires_at=None, updated_at=now)
-            )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
+            doubt = None if judge is None else judge(
+                job, lambda: cache.reference_median_us(connection, job.reference_sha256, job.profile_fingerprint))
+            if doubt is not None:
+                return self._flag(connection, agent, job, result, doubt, now), job
+            done = connection.execute(_MARK_DONE, {"p_job": job_id, "p_agent": agent.id, "p_done_by": agent.id,
+                                                   "p_result": result_to_json(result), "p_now": now})
+            if done.rowcount != 1:
                 return Outcome.NOT_HOLDER, job
-            session.execute(update(AgentRow).where(AgentRow.id == agent.id)
-                            .values(jobs_done=AgentRow.jobs_done + 1, last_seen=now))
+            connection.execute(_COUNT_DONE, {"p_agent": agent.id, "p_now": now})
+            cache.insert_result(connection, job.key, result)
             return Outcome.ACCEPTED, job
 
-    def flag(self, agent: AgentRecord, job_id: int, result: dict[str, Any], reason: str) -> str:
-        """The holder posted a result too implausible to trust: keep it on the job with the
-        reason, and queue the job again (or fail it past the attempt cap), like a failure."""
-        now = _now()
-        with self._session() as session:
-            row = session.get(JobRow, job_id)
-            if row is None:
-                return Outcome.UNKNOWN
-            if row.status != LEASED or row.lease_agent_id != agent.id:
-                return Outcome.NOT_HOLDER
-            row.flagged_json = json.dumps({"reason": reason, "agent": agent.name, "result": result},
-                                          sort_keys=True, allow_nan=False)
-            row.status = FAILED if row.attempts >= row.max_attempts else QUEUED
-            row.last_error = clean_text(f"implausible result from agent {agent.name}: {reason}", MAX_ERROR_CHARS)
-            row.lease_agent_id = None
-            row.lease_expires_at = None
-            row.updated_at = now
-            return Outcome.FLAGGED
+    def _flag(self, connection: Connection, agent: AgentRecord, job: JobRecord, result: MeasurementResult,
+              reason: str, now: dt.datetime) -> str:
+        flagged = json.dumps({"reason": reason, "agent": agent.name, "result": json.loads(result_to_json(result))},
+                             sort_keys=True, allow_nan=False)
+        changed = connection.execute(
+            update(JOBS).where(JOBS.c.id == job.id, JOBS.c.status == LEASED, JOBS.c.lease_agent_id == agent.id)
+            .values(flagged_json=flagged, status=FAILED if job.attempts >= job.max_attempts else QUEUED,
+                    last_error=clean_text(f"implausible result from agent {agent.name}: {reason}", MAX_ERROR_CHARS),
+                    lease_agent_id=None, lease_expires_at=None, updated_at=now)
+        )
+        return Outcome.FLAGGED if changed.rowcount == 1 else Outcome.NOT_HOLDER
 
     def fail(self, agent: AgentRecord, job_id: int, error: str) -> str:
         """The holder could not measure: queue again, or fail past the attempt cap."""
-        now = _now()
-        with self._session() as session:
-            row = session.get(JobRow, job_id)
-            if row is None:
-                return Outcome.UNKNOWN
-            if row.status != LEASED or row.lease_agent_id != agent.id:
-                return Outcome.NOT_HOLDER
-            final = row.attempts >= row.max_attempts
-            row.status = FAILED if final else QUEUED
-            row.last_error = clean_text(error, MAX_ERROR_CHARS)
-            row.lease_agent_id = None
-            row.lease_expires_at = None
-            row.updated_at = now
-            return Outcome.ACCEPTED
+        c = JOBS.c
+        with self._write() as connection:
+            changed = connection.execute(
+                update(JOBS).where(c.id == job_id, c.status == LEASED, c.lease_agent_id == agent.id)
+                .values(status=case((c.attempts >= c.max_attempts, FAILED), else_=QUEUED),
+                        last_error=clean_text(error, MAX_ERROR_CHARS), lease_agent_id=None,
+                        lease_expires_at=None, updated_at=_now())
+            )
+            if changed.rowcount == 1:
+                return Outcome.ACCEPTED
+            exists = connection.execute(select(c.id).where(c.id == job_id)).first() is not None
+            return Outcome.NOT_HOLDER if exists else Outcome.UNKNOWN
 
     def release(self, agent: AgentRecord, job_id: int) -> str:
         """Give a leased job back unmeasured (agent shutting down); the attempt is not spent."""
-        with self._session() as session:
-            result = session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.status == LEASED,
-                                     JobRow.lease_agent_id == agent.id)
+        c = JOBS.c
+        with self._write() as connection:
+            result = connection.execute(
+                update(JOBS).where(c.id == job_id, c.status == LEASED, c.lease_agent_id == agent.id)
                 .values(status=QUEUED, lease_agent_id=None, lease_expires_at=None,
-                        attempts=JobRow.attempts - 1, updated_at=_now())
+                        attempts=c.attempts - 1, updated_at=_now())
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            if result.rowcount == 1:
                 return Outcome.ACCEPTED
-            return Outcome.NOT_HOLDER if session.get(JobRow, job_id) is not None else Outcome.UNKNOWN
+            exists = connection.execute(select(c.id).where(c.id == job_id)).first() is not None
+            return Outcome.NOT_HOLDER if exists else Outcome.UNKNOWN
 
     def holds_artifact(self, agent: AgentRecord, sha256: str) -> bool:
         """True when ``agent`` holds a lease on a job that needs ``sha256``."""
-        with self._session() as session:
-            found = session.scalars(
-                select(JobRow.id).where(
-                    JobRow.status == LEASED, JobRow.lease_agent_id == agent.id,
-                    or_(JobRow.artifact_sha256 == sha256, JobRow.reference_sha256 == sha256),
-                ).limit(1)
+        c = JOBS.c
+        with self._begin() as connection:
+            found = connection.execute(
+                select(c.id).where(c.status == LEASED, c.lease_agent_id == agent.id,
+                                   or_(c.artifact_sha256 == sha256, c.reference_sha256 == sha256)).limit(1)
             ).first()
-            return found is not None
+        return found is not None
 
     def counts(self) -> dict[str, int]:
-        with self._session() as session:
-            rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        with self._begin() as connection:
+            rows = connection.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status)).all()
         return {str(status): int(count) for status, count in rows}
 
     def jobs(self) -> list[JobRecord]:
-        with self._session() as session:
-            return [_job(r) for r in session.scalars(select(JobRow).order_by(JobRow.id))]
+        with self._begin() as connection:
+            return [_job(r) for r in connection.execute(select(JOBS).order_by(JOBS.c.id))]
 
 
-def _agent(row: AgentRow) -> AgentRecord:
-    return AgentRecord(id=row.id, name=row.name, profile=row.profile, revoked=row.revoked,
-                       jobs_done=row.jobs_done, last_seen=row.last_seen,
-                       environment=json.loads(row.environment_json) if row.environment_json else None,
-                       role=row.role)
+def _agent(row: Row[Any]) -> AgentRecord:
+    r = row._mapping
+    return AgentRecord(id=r["id"], name=r["name"], profile=r["profile"], revoked=r["revoked"],
+                       jobs_done=r["jobs_done"], last_seen=r["last_seen"],
+                       environment=json.loads(r["environment_json"]) if r["environment_json"] else None,
+                       role=r["role"])
 
 
-def _job(row: JobRow) -> JobRecord:
+def _job(row: Row[Any]) -> JobRecord:
+    r = row._mapping
     return JobRecord(
-        id=row.id, status=row.status, profile=row.profile, profile_fingerprint=row.profile_fingerprint,
-        signature=row.signature, artifact_sha256=row.artifact_sha256,
-        reference_sha256=row.reference_sha256, lease_agent_id=row.lease_agent_id,
-        lease_expires_at=row.lease_expires_at, attempts=row.attempts, max_attempts=row.max_attempts,
-        last_error=row.last_error, result=json.loads(row.result_json) if row.result_json else None,
-        done_by_agent_id=row.done_by_agent_id,
-        flagged=json.loads(row.flagged_json) if row.flagged_json else None,
+        id=r["id"], status=JobStatus(r["status"]), profile=r["profile"], profile_fingerprint=r["profile_fingerprint"],
+        signature=r["signature"], artifact_sha256=r["artifact_sha256"], reference_sha256=r["reference_sha256"],
+        lease_agent_id=r["lease_agent_id"], lease_expires_at=r["lease_expires_at"], attempts=r["attempts"],
+        max_attempts=r["max_attempts"], last_error=r["last_error"],
+        result=result_from_json(r["result_json"]) if r["result_json"] else None,
+        done_by_agent_id=r["done_by_agent_id"],
+        flagged=json.loads(r["flagged_json"]) if r["flagged_json"] else None,
     )

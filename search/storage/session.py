@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,3 +28,16 @@ def transaction(sessions: sessionmaker[Session], where: str) -> Iterator[Session
         raise StorageError(f"database error on {where}: {exc}") from exc
     finally:
         session.close()
+
+
+@contextmanager
+def core_transaction(engine: Engine, where: str) -> Iterator[Connection]:
+    """``transaction`` for Core statements, without the ORM's unit of work (the job queue's hot
+    path runs a few statements per request, where the ORM's bookkeeping was most of the cost)."""
+    try:
+        with engine.begin() as connection:
+            yield connection
+    except IntegrityError:
+        raise
+    except SQLAlchemyError as exc:
+        raise StorageError(f"database error on {where}: {exc}") from exc

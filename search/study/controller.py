@@ -8,9 +8,9 @@ enqueues a retry with the same plan.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from hardware_profiles import HardwareProfile
-from latency_models import registry
+from latency_models import BaseArtifact, Measurement, Meter, file_sha256, make_meter, registry
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
 from search.errors import ConfigError, StorageError
 from search.examples import load_bundle
@@ -31,10 +31,10 @@ from search.pipeline.onnx_export import export_onnx
 from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
-from search.storage.queue import JobQueue
+from search.storage.models import utcnow
 from search.study import confirmation
 from search.study.confirmation import Confirmation
-from search.study.latency import LocalMeter, Meter, RemoteMeter, measure_base
+from search.study.materialize import rebuild_trial
 from search.study.objective import KNOWN_ERRORS, SearchContext, run_trial
 from search.study.pareto import TrialPoint, pareto_front
 from search.study.read import error_floor_of, trial_points
@@ -70,7 +70,8 @@ def _load_model_and_space(
     profiles = [resolve_profile(name, runtime.profile_dirs) for name in config.targets]
     bundle = load_bundle(config.model_spec, cache_dir=runtime.cache_dir)
     space = build_space(bundle.model, bundle.example_input, profiles,
-                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers)
+                        keep_ratios=config.keep_ratios, ignored=config.ignored_layers,
+                        hidden_size=config.prune_hidden_size)
     return bundle, space, profiles
 
 
@@ -84,11 +85,11 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
     Raises:
         ConfigError: the stored search differs in something other than its budget.
     """
-    repo = Repository(runtime.db_url)
+    repo = runtime.repository()
     try:
         existing = repo.find_search(config.name)
         if existing is not None:
-            stored = SearchConfig.model_validate(existing.config)
+            stored = SearchConfig.from_stored(existing.config)
             differences = incompatibilities(stored, config)
             if differences:
                 raise ConfigError(
@@ -120,9 +121,8 @@ def check_targets(profiles: Sequence[HardwareProfile], repo: Repository, runtime
                 pass
     if runtime.wait_for_agents:
         return
-    queue = JobQueue(repo.engine)
     for profile in profiles:
-        if profile.location == "remote" and not queue.live_agents(profile.name, runtime.agent_live_s):
+        if profile.location == "remote" and not repo.jobs.live_agents(profile.name, runtime.agent_live_s):
             raise ConfigError(
                 f"no live agent serves remote profile {profile.name!r}: register one with `hwprune "
                 f"agents add NAME --profile {profile.name}`, start `hwprune serve`, run `hwprune agent "
@@ -157,12 +157,9 @@ def _create(
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
                                batch_size=profiles[0].batch_size)
-        repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
-        measurements = {
-            p.name: measure_base(p, artifact.path, repo=repo, sha256=artifact.sha256,
-                                 signature=signature).to_dict()
-            for p in profiles
-        }
+        repo.put_artifact_file(artifact.path, artifact.sha256)
+        base = BaseArtifact(artifact.path, artifact.sha256, signature)
+        measurements = {p.name: _measure_base(p, repo, base).to_dict() for p in profiles}
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
@@ -180,7 +177,7 @@ def _create(
             "error_floor": resolve_error_floor(config, base_error),
         },
         versions=package_versions(),
-        created_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+        created_at=utcnow(),
     )
     directions: list[optuna.study.StudyDirection] = (
         [optuna.study.StudyDirection.MAXIMIZE] if config.objective == "reward"
@@ -196,47 +193,60 @@ def _create(
     return record
 
 
+def _measure_base(profile: HardwareProfile, repo: Repository, base: BaseArtifact) -> Measurement:
+    """The base model alone on a target: the reference every trial's ratio multiplies."""
+    with make_meter(profile, repo, base) as meter:
+        return meter.measure_base()
+
+
 def load_prepared(name: str, runtime: Runtime) -> Prepared:
     """A stored search with its model and space rebuilt and checked against what was stored."""
     record = find_record(name, runtime)
-    config = SearchConfig.model_validate(record.config)
+    config = SearchConfig.from_stored(record.config)
     bundle, space, profiles = _load_model_and_space(config, runtime)
     _check_same_base(record, bundle, space)
     return Prepared(record, config, bundle, space, profiles)
 
 
-def _base_artifact(record: SearchRecord, repo: Repository, runtime: Runtime) -> tuple[Path, Path]:
-    """The artifact folder and the base model's ONNX file in it, written from the database once."""
-    base_content = repo.get_artifact(record.base["artifact_sha256"])
-    if base_content is None:
-        raise StorageError(f"the base model artifact of search {record.name!r} is missing from the database")
+def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tuple[Path, Path]:
+    """The artifact folder and the base model's ONNX file in it: from the artifact store, else
+    exported again from the base model (checked against the stored sha256) and stored back, since
+    remote agents fetch it through the hub."""
+    record = prepared.record
+    sha256 = record.base["artifact_sha256"]
     artifact_dir = runtime.cache_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    base_path = artifact_dir / f"{record.base['artifact_sha256']}.onnx"
-    if not base_path.exists():
-        partial = base_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(base_content)
-        partial.replace(base_path)
+    base_path = artifact_dir / f"{sha256}.onnx"
+    if base_path.exists() and file_sha256(base_path) == sha256:
+        if not repo.artifacts.exists(sha256):
+            repo.put_artifact_file(base_path, sha256)
+        return artifact_dir, base_path
+    if not repo.artifacts.fetch_to(sha256, base_path):
+        with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
+            remade = export_onnx(prepared.bundle.model, prepared.bundle.example_input, Path(tmp),
+                                 batch_size=prepared.profiles[0].batch_size)
+            if remade.sha256 != sha256:
+                raise StorageError(
+                    f"the base model's ONNX of search {record.name!r} is not in the artifact store "
+                    f"{repo.artifacts.url} and exporting it again gives {remade.sha256[:12]}, not "
+                    f"{sha256[:12]}: torch or onnx versions changed since the search began"
+                )
+            repo.put_artifact_file(remade.path, sha256)
+            os.replace(remade.path, base_path)
     return artifact_dir, base_path
 
 
+def _base_of(record: SearchRecord, base_path: Path) -> BaseArtifact:
+    return BaseArtifact(base_path, record.base["artifact_sha256"], record.base["signature"])
+
+
 def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
-    """One meter per target (local or remote), entered on ``stack``."""
+    """One meter per target (local or remote, as its profile says), entered on ``stack``."""
     record = prepared.record
-    meters: list[Meter] = []
-    for profile in prepared.profiles:
-        base_median = record.base["measurements"][profile.name]["median_us"]
-        if profile.location == "remote":
-            meter: Meter = RemoteMeter(
-                profile, repo, base_sha256=record.base["artifact_sha256"],
-                base_signature=record.base["signature"], base_median_us=base_median)
-        else:
-            meter = LocalMeter(profile, repo, base_path=base_path,
-                               base_sha256=record.base["artifact_sha256"],
-                               base_signature=record.base["signature"], base_median_us=base_median)
-        stack.enter_context(meter)
-        meters.append(meter)
-    return meters
+    base = _base_of(record, base_path)
+    return [stack.enter_context(make_meter(profile, repo, base,
+                                           base_median_us=record.base["measurements"][profile.name]["median_us"]))
+            for profile in prepared.profiles]
 
 
 def run_worker(
@@ -256,14 +266,18 @@ def run_worker(
                               sampler=make_sampler(config, runtime.worker_index))
     if config.trials is not None and completed(study) >= config.trials:
         return study
-    repo = Repository(runtime.db_url)
+    repo = runtime.repository()
     with ExitStack() as stack:
         stack.callback(repo.close)
-        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        artifact_dir, base_path = _base_artifact(prepared, repo, runtime)
         meters = _open_meters(prepared, repo, base_path, stack)
+        # Each worker exports into a folder of its own, emptied as trials end: the artifact store
+        # keeps what jobs and fronts need.
+        scratch = Path(tempfile.mkdtemp(prefix="trials-", dir=artifact_dir))
+        stack.callback(shutil.rmtree, scratch, True)
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
-            artifact_dir=artifact_dir, batch_size=prepared.profiles[0].batch_size,
+            artifact_dir=scratch, batch_size=prepared.profiles[0].batch_size,
             base_error=record.base["error"], base_signature=record.base["signature"],
             error_floor=error_floor_of(record),
             screening=_screening(prepared, meters, repo),
@@ -303,19 +317,17 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
     study = load_study(record, runtime, storage=optuna_storage(runtime, worker=True))
     if not _unconfirmed_front(record, study):
         return 0
-    repo = Repository(runtime.db_url)
+    repo = runtime.repository()
     sessions = 0
     failed: set[tuple[str, str]] = set()
     with ExitStack() as stack:
         stack.callback(repo.close)
-        artifact_dir, base_path = _base_artifact(record, repo, runtime)
+        artifact_dir, base_path = _base_artifact(prepared, repo, runtime)
         base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
         for profile in prepared.profiles:
             # Remote targets keep the base figure their agent measured when the search began.
             if profile.location == "local":
-                base_now[profile.name] = measure_base(
-                    profile, base_path, repo=repo, sha256=record.base["artifact_sha256"],
-                    signature=record.base["signature"]).median_us
+                base_now[profile.name] = _measure_base(profile, repo, _base_of(record, base_path)).median_us
         study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
         meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
         for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one
@@ -324,7 +336,7 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
                 break
             for target, point in todo:
                 try:
-                    verdict = _confirm_one(meters[target], point, target, repo, artifact_dir)
+                    verdict = _confirm_one(meters[target], point, target, repo, artifact_dir, prepared)
                 except KNOWN_ERRORS as exc:
                     failed.add((target, point.signature))
                     logger.warning("trial %d stays unconfirmed on %s: %s", point.trial, target, exc)
@@ -337,15 +349,18 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
 
 
 def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
-                 artifact_dir: Path) -> Confirmation:
+                 artifact_dir: Path, prepared: Prepared) -> Confirmation:
     path = artifact_dir / f"{point.artifact_sha256}.onnx"
-    if not path.exists():
-        content = repo.get_artifact(point.artifact_sha256)
-        if content is None:
-            raise StorageError(f"trial {point.trial}'s ONNX artifact is missing from the database")
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(content)
-        partial.replace(path)
+    if not path.exists() and not repo.artifacts.fetch_to(point.artifact_sha256, path):
+        # Pruned from the store: re-made from the trial's plan; rebuild_trial checks the sha256.
+        with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
+            _, _, remade = rebuild_trial(
+                bundle=prepared.bundle, space=prepared.space, config=prepared.config,
+                attrs={"plan": point.plan, "artifact_sha256": point.artifact_sha256},
+                base_signature=prepared.record.base["signature"], artifact_dir=Path(tmp),
+                batch_size=prepared.profiles[0].batch_size)
+            repo.put_artifact_file(remade.path, point.artifact_sha256)  # a remote job needs it
+            os.replace(remade.path, path)
     # A predicted latency is not a session: a predicted trial gets two (or three) measured ones.
     predicted = bool(point.predicted.get(target))
     found = [] if predicted else [point.first_session[target]]

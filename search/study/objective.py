@@ -19,7 +19,8 @@ from typing import Any
 
 import optuna
 
-from latency_models import LatencyError
+from latency_models import LatencyError, Meter
+from latency_models.meter import Pending, TargetLatency
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
@@ -28,7 +29,6 @@ from search.pipeline.onnx_export import export_onnx
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
-from search.study.latency import LocalMeter, Meter, Pending, TargetLatency
 from search.study.reward import reward
 from search.study.screening import MEASURED, PREDICTED, Screening
 
@@ -113,7 +113,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     with _stage(trial, "export", times):
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
-        ctx.repo.put_artifact(artifact.sha256, artifact.path.read_bytes())
+        # Into the artifact store (the hub serves remote jobs from it); the database gets its name.
+        ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
     features = None
     if ctx.screening is not None:
         with _stage(trial, "features", times):
@@ -121,24 +122,27 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     latencies = {}
     sources: dict[str, str] = {}
     screened: dict[str, str] = {}
-    # Remote jobs are queued first so that every device works at once.
-    pending = []
-    for meter in sorted(ctx.meters, key=lambda m: isinstance(m, LocalMeter)):
-        name = meter.profile.name
-        with _stage(trial, f"measure:{name}", times):
-            if ctx.screening is not None and features is not None:
-                decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
-                screened[name] = decision.reason
-                if not decision.measure and decision.prediction is not None:
-                    pending.append((name, _predicted(meter, decision.prediction.ratio,
-                                                     (decision.prediction.low, decision.prediction.high))))
-                    sources[name] = PREDICTED
-                    continue
-            pending.append((name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
-            sources[name] = MEASURED
-    for name, waiting in pending:
-        with _stage(trial, f"measure:{name}", times):
-            latencies[name] = waiting.result()
+    try:
+        # Meters that measure in the background (remote jobs) start first, so every device works at once.
+        pending = []
+        for meter in sorted(ctx.meters, key=lambda m: not m.background):
+            name = meter.profile.name
+            with _stage(trial, f"measure:{name}", times):
+                if ctx.screening is not None and features is not None:
+                    decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
+                    screened[name] = decision.reason
+                    if not decision.measure and decision.prediction is not None:
+                        pending.append((name, _predicted(meter, decision.prediction.ratio,
+                                                         (decision.prediction.low, decision.prediction.high))))
+                        sources[name] = PREDICTED
+                        continue
+                pending.append((name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+                sources[name] = MEASURED
+        for name, waiting in pending:
+            with _stage(trial, f"measure:{name}", times):
+                latencies[name] = waiting.result()
+    finally:
+        artifact.path.unlink(missing_ok=True)  # the worker's copy; the store keeps its own
     primary = latencies[ctx.config.targets[0]]
     with _stage(trial, "reward", times):
         score = reward(error, primary.latency_us, error_floor=ctx.error_floor,

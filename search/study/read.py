@@ -21,7 +21,7 @@ def error_floor_of(record: SearchRecord) -> float:
     """The reward's error floor as resolved when the search was created."""
     if "error_floor" in record.base:
         return float(record.base["error_floor"])
-    return resolve_error_floor(SearchConfig.model_validate(record.config), record.base["error"])
+    return resolve_error_floor(SearchConfig.from_stored(record.config), record.base["error"])
 
 
 def base_latency_us(record: SearchRecord, study: optuna.Study) -> dict[str, float]:
@@ -148,7 +148,7 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
 
 def shown_reward(point: TrialPoint, record: SearchRecord) -> float:
     """The reward of ``point`` on the primary target's figure as shown (confirmed where confirmed)."""
-    config = SearchConfig.model_validate(record.config)
+    config = SearchConfig.from_stored(record.config)
     latency = point.latency_us[config.targets[0]]
     return reward(point.error, latency, error_floor=error_floor_of(record),
                   resource_constrained=config.constraints.has_latency_budget)

@@ -30,6 +30,12 @@ class Runtime:
     worker_index: int = 0
     wait_for_agents: bool = False
     agent_live_s: float = 60.0
+    # The artifact store's folder or fsspec URL; None: search.config.artifacts_url(db_url).
+    artifacts_url: str | None = None
+
+    def repository(self) -> Repository:
+        """hwprune's tables and artifact store for this runtime (close it after use)."""
+        return Repository(self.db_url, artifacts=self.artifacts_url)
 
 
 def study_name(search: str) -> str:
@@ -77,7 +83,7 @@ def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers
 
 def find_record(name: str, runtime: Runtime) -> SearchRecord:
     """The stored search called ``name`` (``SearchNotFoundError`` lists the others)."""
-    repo = Repository(runtime.db_url)
+    repo = runtime.repository()
     try:
         return repo.get_search(name)
     finally:

@@ -35,16 +35,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from latency_models import Meter
 from latency_models.predictors import (
     ArchitectureFeatures,
     LatencyModel,
     LearnedModel,
     Prediction,
 )
+from latency_models.store import MeasurementKey
 from search.config import ScreeningSettings, SearchConfig
 from search.storage import Repository
 from search.storage.predictor_store import LatencyModelStore
-from search.study.latency import Meter
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +136,9 @@ class TargetScreen:
     def decide(self, trial: optuna.Trial, features: ArchitectureFeatures, signature: str, error: float,
                constraints: Mapping[str, Any]) -> Decision:
         meter = self.meter
-        if signature == meter.base_signature:
+        if signature == meter.base.signature:
             return Decision(True, "base model")
-        if meter.repo.find_measurement(signature, meter.profile.fingerprint(), meter.base_sha256) is not None:
+        if meter.store.find_measurement(MeasurementKey(signature, meter.profile.fingerprint(), meter.base.sha256)):
             return Decision(True, "cached")
         trials = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         measured = self._measured(trials)

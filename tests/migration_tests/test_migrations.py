@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -13,6 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from search.errors import SchemaError
 from search.storage import Repository, current_revision, ensure_schema, head_revision, upgrade
+from search.storage.artifacts import ArtifactStore
 from search.storage.migrate import _config
 
 OUR_TABLES = {"hwprune_searches", "hwprune_artifacts", "hwprune_measurements", "hwprune_agents", "hwprune_jobs"}
@@ -66,8 +68,8 @@ def test_unknown_revision_is_refused_and_data_kept(db_url: str) -> None:
     upgrade(db_url)
     engine = create_engine(db_url)
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, content, created_at) "
-                                "VALUES ('abc', 1, :b, CURRENT_TIMESTAMP)"), {"b": b"x"})
+        connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, created_at) "
+                                "VALUES ('abc', 1, CURRENT_TIMESTAMP)"))
         connection.execute(text("UPDATE hwprune_alembic_version SET version_num = 'ffff'"))
     with pytest.raises(SchemaError, match="schema at ffff, which this hwprune does not know.*upgrade hwprune"):
         ensure_schema(engine, db_url)
@@ -106,6 +108,11 @@ def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) 
     upgraded = runner.invoke(app, ["db", "upgrade", "--db", url])
     assert upgraded.exit_code == 0, upgraded.output
     assert f"schema 0001 -> {head_revision()}" in upgraded.stdout
+    # 0004 moved its ONNX blobs (base model and trials) into the store beside the database file.
+    moved = ArtifactStore(str(tmp_path / "old.artifacts")).names()
+    with create_engine(url).connect() as connection:
+        named = set(connection.execute(text("SELECT sha256 FROM hwprune_artifacts")).scalars())
+    assert moved and moved == named
     status = runner.invoke(app, ["search", "status", "t1", "--db", url, "--json"])
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["completed"] == 6
@@ -113,19 +120,34 @@ def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) 
     assert pareto.exit_code == 0 and json.loads(pareto.stdout)
 
 
-def test_upgrade_from_0001_keeps_rows(db_url: str) -> None:
+def test_upgrade_from_0001_moves_artifacts_into_the_store(db_url: str, tmp_path: Path) -> None:
+    """0004 moves each stored blob into the artifact store (checked by its sha256), drops a blob
+    whose bytes do not match its name, and removes the column; the downgrade brings them back."""
     upgrade(db_url, "0001")
     engine = create_engine(db_url)
+    good = b"onnx bytes of some trial"
+    good_sha = hashlib.sha256(good).hexdigest()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, content, created_at) "
-                                "VALUES ('abc', 1, :b, CURRENT_TIMESTAMP)"), {"b": b"x"})
+        for sha, content in ((good_sha, good), ("f" * 64, b"torn")):
+            connection.execute(text("INSERT INTO hwprune_artifacts (sha256, size_bytes, content, created_at) "
+                                    "VALUES (:s, :n, :b, CURRENT_TIMESTAMP)"),
+                               {"s": sha, "n": len(content), "b": content})
     with pytest.raises(SchemaError, match="schema at 0001"):
         ensure_schema(engine, db_url)
-    upgrade(db_url)
+    store = ArtifactStore(str(tmp_path / "store"))
+    upgrade(db_url, artifacts=store.url)
     assert current_revision(engine) == head_revision()
+    assert "content" not in {c["name"] for c in inspect(engine).get_columns("hwprune_artifacts")}
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT count(*) FROM hwprune_artifacts")).scalar_one() == 1
+        rows = connection.execute(text("SELECT sha256, size_bytes FROM hwprune_artifacts")).all()
+        assert [tuple(r) for r in rows] == [(good_sha, len(good))]
         assert connection.execute(text("SELECT count(*) FROM hwprune_jobs")).scalar_one() == 0
+    assert store.read_bytes(good_sha) == good and store.names() == {good_sha}
+    from alembic import command
+
+    command.downgrade(_config(db_url, store.url), "0003")  # type: ignore[arg-type]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT content FROM hwprune_artifacts")).scalar_one() == good
     engine.dispose()
 
 

@@ -15,6 +15,7 @@ from search.config import load_search_config
 from search.errors import ConfigError, PlanError, SearchError
 from search.examples.zoo import make_architecture
 from search.pipeline.bundle import ModelBundle, classification_error
+from search.pipeline.inputs import tensors
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import calibration_batches
@@ -117,7 +118,7 @@ def test_calibration_is_the_same_draw_and_leaves_the_loader_alone() -> None:
     before = generator.get_state()
     first = calibration_batches(bundle.train_loader, 3)
     second = calibration_batches(bundle.train_loader, 3)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(tensors(a[0])[0], tensors(b[0])[0]) for a, b in zip(first, second, strict=True))
     assert torch.equal(generator.get_state(), before)
 
 
@@ -189,3 +190,61 @@ def test_search_start_refuses_an_unknown_nm_criterion(tmp_path: Path) -> None:
                                       "--nm-criterion", "obs", "--db", f"sqlite:///{tmp_path}/h.db"])
     assert result.exit_code == 2
     assert "nm_criterion" in result.output and "sparsegpt" in result.output
+
+
+def test_wanda_on_a_batchnorm_model_reads_the_dense_models_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    calibration = [torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    layers = {"0": (2, 4), "3": (2, 4), "6": (2, 4)}
+    together = sparsify(copy.deepcopy(model), layers, criterion="wanda", calibration=calibration)
+    for name, pattern in layers.items():
+        alone = sparsify(copy.deepcopy(model), {name: pattern}, criterion="wanda", calibration=calibration)
+        assert torch.equal(together[name], alone[name]), name
+    # Without BatchNorm the criterion stays sequential, as in Wanda's paper: later layers see the
+    # earlier layers' sparse outputs, so some mask differs from the one taken on dense inputs.
+    plain = nn.Sequential(*(m for m in model if not isinstance(m, nn.BatchNorm2d))).eval()
+    plain_layers = {"0": (2, 4), "2": (2, 4), "4": (2, 4)}
+    sequential = sparsify(copy.deepcopy(plain), plain_layers, criterion="wanda", calibration=calibration)
+    alone_last = sparsify(copy.deepcopy(plain), {"4": (2, 4)}, criterion="wanda", calibration=calibration)
+    assert not torch.equal(sequential["4"], alone_last["4"])
+
+
+def test_movement_scores_accumulate_while_the_weights_move() -> None:
+    from search.pipeline.pruning import _accumulate_movement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    layer = model[0]
+    assert isinstance(layer, nn.Linear)
+    weight = layer.weight
+
+    def score() -> torch.Tensor:
+        assert weight.grad is not None
+        return weight.grad.clone()
+
+    before = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 3] * 8))
+               for i in range(3)]
+    loss_fn = nn.functional.cross_entropy
+    _accumulate_movement(model, batches[:1], loss_fn)
+    first = score()
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(batches[0][0]), batches[0][1]).backward()  # type: ignore[no-untyped-call]
+    # One batch: the score is -W * dL/dW at the base weights.
+    assert torch.allclose(first, -weight.detach() * score())
+    model.zero_grad(set_to_none=True)
+    _accumulate_movement(model, batches, loss_fn)
+    moving = score()
+    model.zero_grad(set_to_none=True)
+    fixed = torch.zeros_like(moving)
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+        fixed -= weight.detach() * score()
+    # Three batches: the weights moved between them, so the score is not the one at fixed weights.
+    assert not torch.allclose(moving, fixed)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"scoring changed {name}"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -25,11 +26,12 @@ def test_content_addressed_and_repeatable(build_architecture: Factory, tmp_path:
     assert export_onnx(other, example, tmp_path).sha256 != first.sha256
 
 
-def test_weights_embedded_and_batch_from_profile(build_architecture: Factory, tmp_path: Path) -> None:
+def test_weights_embedded_and_batch_dynamic(build_architecture: Factory, tmp_path: Path) -> None:
     model, example = build_architecture("mobilenetv2", 0)
     artifact = export_onnx(model, example, tmp_path, batch_size=4)
     graph = onnx.load(str(artifact.path)).graph
-    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == list(example.shape[1:])
     assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
     assert list(tmp_path.glob("*.data")) == []
     assert artifact.max_abs_diff <= 1e-4
@@ -48,5 +50,49 @@ class _Unexportable(nn.Module):
 
 
 def test_export_failure_is_an_export_error(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="ONNX export failed|differs from torch"):
+    with pytest.raises(ExportError, match="ONNX export failed|differs from torch|baked into the graph"):
         export_onnx(_Unexportable(), torch.randn(1, 4), tmp_path)
+
+
+def test_any_batch_runs_and_is_measured_at_the_profile_batch(
+    build_architecture: Factory, tmp_path: Path, write_profile: Callable[[str, str], Path]
+) -> None:
+    """Issue 13 item 9: an export at batch 1 runs at batch 8 (no ``Got: 8 Expected: 1``), and
+    ONNX Runtime times it at the profile's batch size."""
+    import onnxruntime
+
+    from hardware_profiles import load_profile_file
+    from latency_models.ort import OnnxRuntimeBackend
+
+    model, example = build_architecture("resnet18", 0)
+    artifact = export_onnx(model, example, tmp_path)
+    session = onnxruntime.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    eight = example[:1].expand(8, *example.shape[1:]).contiguous()
+    (got,) = session.run(None, {"input": eight.numpy()})
+    with torch.no_grad():
+        assert got.shape[0] == 8 and float(abs(got - model(eight).numpy()).max()) < 1e-4
+    profile = load_profile_file(write_profile("batch8", FAST_PROFILE_BATCH8))
+    fed: list[tuple[int, ...]] = []
+    backend = OnnxRuntimeBackend(profile)
+    original = onnxruntime.InferenceSession.run
+
+    def spy(self: Any, outputs: Any, feeds: dict[str, Any], *args: Any) -> Any:
+        fed.extend(tuple(v.shape) for v in feeds.values())
+        return original(self, outputs, feeds, *args)
+
+    onnxruntime.InferenceSession.run = spy  # type: ignore[method-assign]
+    try:
+        backend.load(artifact.path)()
+    finally:
+        onnxruntime.InferenceSession.run = original  # type: ignore[method-assign]
+    assert fed and all(shape[0] == 8 for shape in fed)
+
+
+FAST_PROFILE_BATCH8 = """\
+backend: onnxruntime
+device_class: cpu
+threads: 1
+batch_size: 8
+warmup: {runs: 1, min_seconds: 0}
+repeat: {min_runs: 5, max_runs: 10, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.05}
+"""

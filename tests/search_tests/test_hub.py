@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from latency_models import Measurement, file_sha256
+from latency_models import Measurement, MeasurementKey, file_sha256
 from latency_models.wire import ResultBody
 from search.storage import Repository
+from search.storage.artifacts import ArtifactStore
 from search.storage.queue import JobQueue
 
 PROFILE = "jetson-orin-ort-cpu"
@@ -26,10 +28,12 @@ def hub(tmp_path: Path, start_hub: Callable[..., Any], onnx_artifact: Path) -> d
               "cpu": queue.add_agent("cpu", "cpu-ort-fp32"), "reader": queue.add_agent("dash", "", role="reader")}
     sha = file_sha256(onnx_artifact)
     repo.put_artifact(sha, onnx_artifact.read_bytes())
-    repo.put_artifact("e" * 64, b"not leased by anybody")
+    other = b"not leased by anybody"
+    repo.put_artifact(hashlib.sha256(other).hexdigest(), other)
     job_id = queue.submit(signature="s1", profile=PROFILE, profile_fingerprint="f" * 16, artifact_sha256=sha)
     server = start_hub(url, max_result_bytes=4096)
-    return {"url": server.url + "/v1", "tokens": tokens, "sha": sha, "job": job_id, "repo": repo, "queue": queue}
+    return {"url": server.url + "/v1", "tokens": tokens, "sha": sha, "job": job_id, "repo": repo, "queue": queue,
+            "other": hashlib.sha256(other).hexdigest()}
 
 
 def _client(hub: dict[str, Any], who: str | None) -> httpx.Client:
@@ -80,7 +84,23 @@ def test_artifacts_only_for_leased_jobs(hub: dict[str, Any]) -> None:
         downloaded = a.get(f"/artifacts/{hub['sha']}")
         assert downloaded.status_code == 200 and downloaded.content.startswith(b"\x08")
         assert b.get(f"/artifacts/{hub['sha']}").status_code == 403  # b holds no such lease
-        assert a.get(f"/artifacts/{'e' * 64}").status_code == 403
+        assert a.get(f"/artifacts/{hub['other']}").status_code == 403
+
+
+def test_artifacts_are_served_from_the_store_beside_the_database(hub: dict[str, Any], tmp_path: Path) -> None:
+    """The bytes live in the artifact store (hub.artifacts/ beside hub.db), not in the database;
+    a file that no longer matches its sha256 is never served."""
+    store: ArtifactStore = hub["repo"].artifacts
+    assert Path(store.url) == tmp_path / "hub.artifacts" and hub["sha"] in store.names()
+    with _client(hub, "a") as a:
+        a.post("/jobs/lease", json={"profile": PROFILE})
+        path = store.local_path(hub["sha"])
+        assert path is not None
+        good = path.read_bytes()
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
+        assert a.get(f"/artifacts/{hub['sha']}").status_code == 404
+        hub["repo"].put_artifact(hub["sha"], good)  # re-materialised
+        assert a.get(f"/artifacts/{hub['sha']}").content == good
 
 
 def test_results_only_from_the_holder_once_and_bounded(hub: dict[str, Any]) -> None:
@@ -98,7 +118,7 @@ def test_results_only_from_the_holder_once_and_bounded(hub: dict[str, Any]) -> N
         again = a.post(f"/jobs/{job['id']}/result", json=body)
         assert again.status_code == 200 and again.json() == {"status": "duplicate"}
         assert a.post("/jobs/424242/result", json=body).status_code == 404
-    cached = hub["repo"].find_measurement("s1", "f" * 16, "")
+    cached = hub["repo"].find_measurement(MeasurementKey("s1", "f" * 16))
     assert cached is not None and cached.measurement.median_us == 100.0  # it landed in the cache
 
 

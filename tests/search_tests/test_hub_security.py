@@ -15,7 +15,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from latency_models import Measurement, file_sha256
+from latency_models import Measurement, MeasurementKey, MeasurementResult, file_sha256
 from search.cli.main import app
 from search.storage import Repository
 from search.storage.queue import FAILED, QUEUED, JobQueue
@@ -33,8 +33,7 @@ def hub(tmp_path: Path, start_hub: Callable[..., Any], onnx_artifact: Path) -> I
     sha = file_sha256(onnx_artifact)
     repo.put_artifact(sha, onnx_artifact.read_bytes())
     # The base model alone on this profile, cached: paired ratios are checked against it.
-    repo.put_measurement(signature="base", profile_fingerprint="f" * 16,
-                         measurement=_measurement(BASE_SHA, median_us=200.0))
+    repo.put_measurement(MeasurementKey("base", "f" * 16), MeasurementResult(_measurement(BASE_SHA, median_us=200.0)))
     job = queue.submit(signature="s1", profile=PROFILE, profile_fingerprint="f" * 16, artifact_sha256=sha,
                        reference_sha256=BASE_SHA)
     server = start_hub(url)
@@ -124,9 +123,9 @@ def test_invalid_results_are_refused_and_never_cached(hub: dict[str, Any], chang
         assert refused.status_code == 422, refused.text
         assert expected in refused.json()["detail"] and "\n" not in refused.json()["detail"]
         assert _post(agent, f"/jobs/{job['id']}/result", _body(hub["sha"])).json() == {"status": "accepted"}
-    assert hub["repo"].find_measurement("s1", "f" * 16, BASE_SHA) is not None  # only the valid one
+    assert hub["repo"].find_measurement(MeasurementKey("s1", "f" * 16, BASE_SHA)) is not None  # only the valid one
     stored = hub["queue"].get(job["id"])
-    assert stored.result["ratio"] == 0.5 and "Infinity" not in json.dumps(stored.result)
+    assert stored.result.ratio == 0.5 and stored.result.measurement.median_us == 100.0
 
 
 @pytest.mark.parametrize("ratio, median_us, why", [
@@ -141,7 +140,7 @@ def test_implausible_results_are_flagged_not_trusted(hub: dict[str, Any], ratio:
                      p10_us=median_us * 0.9, p90_us=median_us * 1.1, mean_us=median_us,
                      ci_low_us=median_us * 0.95, ci_high_us=median_us * 1.05)
         assert _post(agent, f"/jobs/{job['id']}/result", body).json() == {"status": "flagged"}
-    assert hub["repo"].find_measurement("s1", "f" * 16, BASE_SHA) is None
+    assert hub["repo"].find_measurement(MeasurementKey("s1", "f" * 16, BASE_SHA)) is None
     stored = hub["queue"].get(job["id"])
     assert stored.status == QUEUED and stored.result is None  # measured again, by whoever leases it
     assert why in stored.flagged["reason"] and stored.flagged["result"]["ratio"] == ratio

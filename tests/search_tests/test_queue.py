@@ -8,10 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from latency_models import Measurement, MeasurementResult
 from search.storage import Repository
 from search.storage.queue import DONE, FAILED, LEASED, QUEUED, AgentRecord, JobQueue, Outcome
 
 SHA = "a" * 64
+
+
+def _result(device: str) -> MeasurementResult:
+    return MeasurementResult(Measurement(
+        profile="p", backend="onnxruntime", backend_version="1", device=device, threads=1, median_us=100.0,
+        p10_us=90.0, p90_us=110.0, mean_us=100.0, stdev_us=5.0, n=10, ci_low_us=98.0, ci_high_us=102.0,
+        converged=True, elapsed_s=0.1, artifact_sha256=SHA, settings_fingerprint="f" * 16))
 
 
 @pytest.fixture
@@ -81,21 +89,21 @@ def test_expired_lease_goes_back_then_fails_past_the_cap(queue: JobQueue) -> Non
     assert job is not None and job.status == FAILED
     assert "lease expired on every attempt" in (job.last_error or "")
     # A result from the agent whose lease expired long ago is refused.
-    assert queue.complete(a, job_id, {"x": 1})[0] == Outcome.NOT_HOLDER
+    assert queue.complete(a, job_id, _result("a"))[0] == Outcome.NOT_HOLDER
 
 
 def test_result_accepted_once_from_the_holder(queue: JobQueue) -> None:
     a, b = _agent(queue, "a"), _agent(queue, "b")
     job_id = _submit(queue, 1)
     assert queue.lease(a, 60) is not None
-    assert queue.complete(b, job_id, {"by": "b"})[0] == Outcome.NOT_HOLDER
-    assert queue.complete(a, job_id, {"by": "a"})[0] == Outcome.ACCEPTED
-    assert queue.complete(a, job_id, {"by": "a"})[0] == Outcome.DUPLICATE
-    assert queue.complete(b, job_id, {"by": "b"})[0] == Outcome.NOT_HOLDER
+    assert queue.complete(b, job_id, _result("b"))[0] == Outcome.NOT_HOLDER
+    assert queue.complete(a, job_id, _result("a"))[0] == Outcome.ACCEPTED
+    assert queue.complete(a, job_id, _result("a"))[0] == Outcome.DUPLICATE
+    assert queue.complete(b, job_id, _result("b"))[0] == Outcome.NOT_HOLDER
     job = queue.get(job_id)
-    assert job is not None and job.status == DONE and job.result == {"by": "a"}
+    assert job is not None and job.status == DONE and job.result == _result("a")
     assert [x.jobs_done for x in queue.list_agents()] == [1, 0]
-    assert queue.complete(a, 9999, {})[0] == Outcome.UNKNOWN
+    assert queue.complete(a, 9999, _result("a"))[0] == Outcome.UNKNOWN
 
 
 def test_failure_requeues_until_the_cap(queue: JobQueue) -> None:

@@ -12,6 +12,7 @@ from search.config import RecoverySettings, SearchConfig
 from search.errors import ModelLoadError
 from search.examples.zoo import make_architecture
 from search.pipeline.bundle import Batch, ModelBundle, classification_error, seeded_error
+from search.pipeline.inputs import tensors
 from search.pipeline.recovery import (
     RecoveryConfig,
     adapt_batchnorm,
@@ -167,7 +168,7 @@ def test_a_plugin_stream_takes_the_seed_through_reseed() -> None:
     batches = split.batches()
     trained = [next(batches) for _ in range(5)]  # 3 per pass after the held-out one
     assert stream.calls == [(7, 0), (7, 0), (7, 1)]
-    assert len(split.holdout) == 1 and not torch.equal(trained[0][0], trained[3][0])
+    assert len(split.holdout) == 1 and not torch.equal(tensors(trained[0][0])[0], tensors(trained[3][0])[0])
 
 
 def test_scoring_is_seeded(digits_bundle: ModelBundle) -> None:
@@ -189,3 +190,44 @@ def test_scoring_is_seeded(digits_bundle: ModelBundle) -> None:
 def test_an_empty_training_loader_is_a_one_line_error() -> None:
     with pytest.raises(ModelLoadError, match="yielded no batches besides the held-out ones; .*holdout_batches: 0"):
         next(training_split([], holdout_batches=2, seed=0).batches())
+
+
+# --- searches stored before recovery version 2 ---------------------------------------------------
+
+STORED_BEFORE_VERSION_2 = {"name": "old", "example": "digits", "recovery": {"steps": 3, "distill": 0.0, "threads": 1}}
+
+
+def test_a_config_stored_before_version_2_keeps_the_first_recovery() -> None:
+    config = SearchConfig.from_stored(STORED_BEFORE_VERSION_2)
+    assert config.recovery.version == 1
+    assert config.recovery.lr == 0.01  # version 1's default, not today's 3e-4
+    assert recovery_for(config).version == 1
+    # Today's configurations, written by a user or stored now, are version 2.
+    assert SearchConfig.model_validate(STORED_BEFORE_VERSION_2).recovery.version == 2
+    stored_now = SearchConfig.model_validate(STORED_BEFORE_VERSION_2).model_dump()
+    assert SearchConfig.from_stored(stored_now).recovery.version == 2
+
+
+def test_recovery_version_1_is_plain_sgd_on_the_loaders_order() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    batches = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 4] * 8))
+               for i in range(3)]
+    bundle = ModelBundle(name="lin", model=model, example_input=batches[0][0][:1], train_loader=batches,
+                         val_loader=batches, error_fn=classification_error)
+    config = RecoveryConfig(steps=5, lr=0.05, version=1, bn_batches=2, holdout_batches=2)
+    report = recover_with_report(copy.deepcopy(model), bundle, config)
+    # The same steps written out: SGD with momentum 0.9 and weight decay 1e-4 at a constant rate,
+    # batches in the list's own order, cycling; nothing held out.
+    expected = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for step in range(5):
+        inputs, targets = batches[step % 3]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(expected(inputs), targets).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    assert report.kept == "finetuned" and report.holdout_error == {}
+    for got, want in zip(report.model.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(got, want)
+    version_2 = recover_with_report(copy.deepcopy(model), bundle, RecoveryConfig(steps=5, lr=0.05))
+    assert not torch.equal(next(version_2.model.parameters()), next(expected.parameters()))

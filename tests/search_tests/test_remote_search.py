@@ -103,7 +103,7 @@ def test_remote_search_completes(
     assert len({(j.signature, j.profile_fingerprint, j.reference_sha256) for j in jobs}) == len(jobs)
     repo = Repository(db_url)
     for job in jobs:
-        assert repo.find_measurement(job.signature, job.profile_fingerprint, job.reference_sha256) is not None
+        assert repo.find_measurement(job.key) is not None
     for row in report["pareto"]:
         assert set(row["latency_us"]) == {PROFILE, "cpu-ort-fp32"}
     devices = {(a.environment or {}).get("device") for a in queue.list_agents()}

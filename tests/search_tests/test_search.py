@@ -402,3 +402,40 @@ def test_consecutive_failures_stop_the_search(tmp_path: Path, env: dict[str, str
     # Completed: the base, and any sampled plan that is the dense model again (it is not re-scored).
     assert all(t.user_attrs["signature"] == study.trials[0].user_attrs["signature"]
                for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_artifact_store_keeps_what_fronts_need_and_the_rest_is_remade(tmp_path: Path, env: dict[str, str]) -> None:
+    """ONNX bytes live in the store beside the database, never in it; pruning keeps the base model
+    and the fronts; a pruned base model is exported again (same sha256) when the search resumes."""
+    from sqlalchemy import inspect, text
+
+    from search.storage.artifacts import ArtifactStore
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    started = _invoke(["search", "start", "--name", "a", *FAST, "--trials", "4", "--db", url, "--json"], env)
+    assert started.exit_code == 0, started.output
+    study = _study(url, "a")
+    shas = {t.user_attrs["artifact_sha256"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    base_sha = study.trials[0].user_attrs["artifact_sha256"]
+    store = ArtifactStore(str(tmp_path / "s.artifacts"))
+    assert shas <= store.names()
+    repo = Repository(url)
+    try:
+        assert "content" not in {c["name"] for c in inspect(repo.engine).get_columns("hwprune_artifacts")}
+        with repo.engine.connect() as connection:
+            rows = connection.execute(text("SELECT sha256, size_bytes FROM hwprune_artifacts")).all()
+        sizes: dict[str, int] = {str(sha): int(size) for sha, size in rows}
+        assert set(sizes) == store.names() and sizes[base_sha] > 1000
+    finally:
+        repo.close()
+    pruned = _invoke(["db", "prune-artifacts", "--min-age", "0", "--db", url], env)
+    assert pruned.exit_code == 0, pruned.output
+    front = {study.trials[row["trial"]].user_attrs["artifact_sha256"]
+             for row in json.loads(_invoke(["pareto", "a", "--db", url, "--json"], env).stdout)}
+    assert store.names() == {base_sha} | front
+    for sha in store.names():
+        store.delete(sha)
+    (Path(env["HWPRUNE_CACHE"]) / "artifacts" / f"{base_sha}.onnx").unlink(missing_ok=True)
+    resumed = _invoke(["search", "resume", "a", "--trials", "5", "--db", url, "--json"], env)
+    assert resumed.exit_code == 0, resumed.output
+    assert base_sha in store.names() and store.read_bytes(base_sha) is not None
