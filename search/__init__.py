@@ -3,10 +3,13 @@
 service), ``cli``. Each imports only the layers before it (``tests/test_architecture.py``).
 
 Heavy modules (torch, optuna) are imported by the modules that need them, never here, so that
-``hwprune agent`` and ``hwprune profiles`` start without them.
+``hwprune agent`` and ``hwprune profiles`` start without them. The Python API is ``search.api``;
+its functions are also reachable here, loaded on first use: ``search.load(folder)``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from search.errors import (
     ConfigError,
@@ -25,3 +28,14 @@ __all__ = [
     "PruningError",
     "SearchError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `search.load(...)` and the other API functions without importing torch at
+    # `import search` (the agent imports this package on devices without torch).
+    import importlib
+
+    api = importlib.import_module("search.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'search' has no attribute {name!r}")

@@ -220,6 +220,37 @@ class SearchConfig(_Section):
         return cls.model_validate(stored)
 
 
+# The commented example of a search config file (the README shows it; a test checks it validates).
+CONFIG_EXAMPLE = """\
+# hwprune search config: `hwprune search start --config search.yaml` (flags win over the file).
+# Every field and its limits: `hwprune search config --schema`.
+name: resnet-cpu              # letters, digits, . _ -; a stored search of that name resumes
+model: mypkg.models:bundle    # a plugin returning a ModelBundle; or `example: digits` instead
+targets: [cpu-ort-fp32]       # hardware profiles; the first is primary (the reward's latency)
+objective: reward             # reward (one number) or pareto (error and each target's latency)
+sampler: tpe                  # tpe, amc, nsga2 or random
+trials: 100                   # completed trials to reach, trial 0 (the dense base model) included
+timeout_s: 3600               # and/or a time budget for one run, seconds
+constraints:                  # limits, not penalties: a trial over one is infeasible
+  latency_budget_ratio: 0.5   # at most half the base model's latency on the primary target
+  # latency_budget_us: 800
+  # error_ceiling: 0.1
+recovery:                     # what each trial's error is measured after
+  steps: 30                   # fine-tuning batches (0: adaptive batch-norm only)
+  lr: 0.0003
+  optimizer: adamw            # or sgd
+  bn_batches: 2               # batches adaptive batch-norm re-estimates statistics on
+  holdout_batches: 2          # batches held out to keep the better of before/after
+importance: magnitude         # channels: magnitude, taylor, lamp, bn-scale, llm-pruner, movement
+nm_criterion: magnitude       # N:M masks: magnitude, wanda, sparsegpt
+keep_ratios: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]   # the share of a group's channels a plan may keep
+ignored_layers: []            # layers never pruned, by module name
+# error_floor: 0.02           # default: the base model's error + 0.01
+seed: 0
+max_consecutive_failures: 5
+"""
+
+
 # Errors within one point (0.01) of the base model's count as equal in the reward, so that a
 # base error of 0 (fidelity to the dense model) does not make the dense model win by definition.
 DEFAULT_ERROR_TOLERANCE = 0.01

@@ -286,7 +286,7 @@ BLOCKED = {!r}
 class _Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in BLOCKED:
-            raise ImportError(f'{{name}} is blocked: the agent must not import it')
+            raise ModuleNotFoundError(f'{{name}} is blocked: the agent must not import it', name=name)
         return None
 sys.meta_path.insert(0, _Block())
 from search.cli.main import main

@@ -119,3 +119,15 @@ def test_wheel_installs_and_migrates(tmp_path: Path) -> None:
     current = subprocess.run([str(venv / "bin" / "hwprune"), "db", "current", "--db", f"sqlite:///{database}"],
                              cwd=run, env=env, capture_output=True, text=True, timeout=60)
     assert current.stdout.strip() == f"database {head_revision()}, expected {head_revision()}"
+
+
+def test_a_command_without_its_extra_names_it(agent_launcher: str, tmp_path: Path) -> None:
+    """On an agent-only install (the ``search`` extra's modules blocked), a search command is one
+    line naming the extra to install, exit status 2, and the agent command still loads."""
+    refused = subprocess.run([sys.executable, "-c", agent_launcher, "search", "list", "--db",
+                              f"sqlite:///{tmp_path / 'x.db'}"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().startswith("error: this command needs ")
+    assert "pip install 'hwprune[search]'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert subprocess.run([sys.executable, "-c", agent_launcher, "agent", "--help"], capture_output=True,
+                          timeout=120).returncode == 0

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +26,52 @@ from latency_models import LatencyError
 from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
+# Global options a user may also put after the subcommand (`hwprune search status x --debug`);
+# each is moved in front of the subcommand before parsing. The value-taking ones take one value.
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_OPTIONS = ("--profiles-dir",)
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with the global options found after the subcommand moved to the front."""
+    front: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest.extend(args[index:])
+            break
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+        elif arg in GLOBAL_OPTIONS and index + 1 < len(args):
+            front.extend(args[index:index + 2])
+            index += 1
+        elif arg.split("=", 1)[0] in GLOBAL_OPTIONS and "=" in arg:
+            front.append(arg)
+        else:
+            rest.append(arg)
+        index += 1
+    return front + rest
+
+
+class _Group(typer.core.TyperGroup):
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(list(args)))  # type: ignore[no-any-return]
+
+
+# Plain (click) help: rich's help panels crop option names and help at 80 columns off a terminal.
+HELP = {"rich_markup_mode": None, "context_settings": {
+    "max_content_width": 120, "show_default": True, "terminal_width": None if sys.stdout.isatty() else 120}}
+
 app = typer.Typer(
     name="hwprune",
     help="Hardware-aware pruning search, scored on latency measured on real targets.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
+    **HELP,  # type: ignore[arg-type]
 )
 
 _KNOWN_ERRORS = (ProfileError, LatencyError, SearchError)
@@ -47,6 +87,7 @@ EXTRA_OF_MODULE = {
 class _State:
     debug: bool = False
     profile_dirs: list[Path] = field(default_factory=list)
+    db: str | None = None
 
 
 state = _State()
@@ -117,21 +158,58 @@ def _main(
         list[Path] | None,
         typer.Option(
             "--profiles-dir",
-            help="Folder of extra hardware profiles (repeatable); default $HWPRUNE_PROFILES.",
+            help="Folder of extra hardware profiles (repeatable); default $HWPRUNE_PROFILES. "
+                 "Accepted after the subcommand too.",
         ),
     ] = None,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="SQLAlchemy URL for every command; a command's own --db wins.")] = None,
 ) -> None:
     state.debug = debug
+    state.db = db
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     state.profile_dirs = profile_dirs(profiles_dir)
+    # Long steps below the CLI (first-use training, base measurement) show progress on a terminal.
+    from search import progress
+
+    progress.install(terminal_progress if stderr().is_terminal else None)
+
+
+def _ignore(_steps: int = 1) -> None:
+    return None
+
+
+@contextmanager
+def terminal_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr for one long step, removed when it ends."""
+    from rich.errors import LiveError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=stderr(), transient=True)
+    try:
+        bar.start()
+    except LiveError:  # another display (a search's own bar) is showing: stay quiet under it
+        yield _ignore
+        return
+    try:
+        task = bar.add_task(description, total=total)
+
+        def advance(steps: int = 1) -> None:
+            bar.advance(task, steps)
+
+        yield advance
+    finally:
+        bar.stop()
 
 
 # --- options and helpers shared by the command groups -----------------------------------------
 
-DbOpt = Annotated[str | None, typer.Option("--db", help=f"SQLAlchemy URL; default ${DB_ENV} or {DEFAULT_DB}.")]
+DbOpt = Annotated[str | None, typer.Option(
+    "--db", help=f"SQLAlchemy URL; default ${DB_ENV}, else {DEFAULT_DB} (relative to the working folder).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
 
 ExampleOpt = Annotated[
@@ -149,12 +227,23 @@ IgnoreOpt = Annotated[
 ]
 
 
+def model_spec_from_options(example: str | None, model: str | None) -> str:
+    if (example is None) == (model is None):
+        raise ConfigError("give exactly one of --example NAME or --model package.module:function")
+    return example or model or ""
+
+
 def bundle_from_options(example: str | None, model: str | None) -> Any:
     from search.examples import load_bundle
 
-    if (example is None) == (model is None):
-        raise ConfigError("give exactly one of --example NAME or --model package.module:function")
-    return load_bundle(example or model or "", cache_dir=cache_dir())
+    return load_bundle(model_spec_from_options(example, model), cache_dir=cache_dir())
+
+
+def api_settings(db: str | None = None) -> Any:
+    """The API's settings from the command line's options."""
+    from search.api import Settings
+
+    return Settings(db=db or state.db, profiles_dirs=tuple(state.profile_dirs), cache=cache_dir())
 
 
 def profiles_from_options(names: list[str] | None) -> list[Any]:

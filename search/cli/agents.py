@@ -16,11 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from latency_models.wire import clean_text
-from search.cli._app import DbOpt, app, echo_json, handle_errors, state, stderr, stdout
+from search.cli._app import HELP, DbOpt, app, echo_json, handle_errors, state, stderr, stdout
 from search.config import cache_dir, check_backend, db_url
 from search.errors import ConfigError
 
-agents_app = typer.Typer(help="Register, list and revoke remote profiler agents.", no_args_is_help=True)
+agents_app = typer.Typer(help="Register, list and revoke remote profiler agents.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 app.add_typer(agents_app, name="agents")
 
 TOKEN_ENV = "HWPRUNE_AGENT_TOKEN"
@@ -30,7 +30,7 @@ def _queue(db: str | None) -> tuple[object, object]:
     from search.storage import Repository
     from search.storage.queue import JobQueue
 
-    repo = Repository(db_url(db))
+    repo = Repository(db_url(db or state.db))
     return repo, JobQueue(repo.engine)
 
 
@@ -71,7 +71,7 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
     with handle_errors():
         from search.storage.repository import require_database
 
-        require_database(db_url(db))
+        require_database(db_url(db or state.db))
         repo, queue = _queue(db)
         try:
             agents = queue.list_agents()  # type: ignore[attr-defined]
@@ -101,7 +101,7 @@ def agents_revoke(name: Annotated[str, typer.Argument()], db: DbOpt = None) -> N
     with handle_errors():
         from search.storage.repository import require_database
 
-        require_database(db_url(db))
+        require_database(db_url(db or state.db))
         repo, queue = _queue(db)
         try:
             queue.revoke_agent(name)  # type: ignore[attr-defined]
@@ -139,7 +139,7 @@ def serve(
         _check_tls_files(ssl_certfile, ssl_keyfile)
         # Open (and migrate) the database here, so that an unusable one is one line, not a
         # traceback from uvicorn's lifespan.
-        Repository(db_url(db)).close()
+        Repository(db_url(db or state.db)).close()
         if not _is_loopback(host) and ssl_certfile is None:
             logging.getLogger("hwprune.serve").warning(
                 "binding %s without TLS: tokens and models cross the network in clear; put the hub "
@@ -150,11 +150,11 @@ def serve(
                    "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
                    "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None}
         if workers == 1:
-            uvicorn.run(create_app(HubSettings(db_url=db_url(db), lease_s=lease_seconds)), **options)  # type: ignore[arg-type]
+            uvicorn.run(create_app(HubSettings(db_url=db_url(db or state.db), lease_s=lease_seconds)), **options)  # type: ignore[arg-type]
             return
         from search.hub.app import DB_ENV, LEASE_ENV
 
-        os.environ[DB_ENV] = db_url(db)
+        os.environ[DB_ENV] = db_url(db or state.db)
         os.environ[LEASE_ENV] = str(lease_seconds)
         uvicorn.run("search.hub.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
 

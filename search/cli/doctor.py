@@ -8,7 +8,7 @@ layer, and reports which layers TensorRT ran with sparse kernels.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +18,7 @@ from rich.table import Table
 
 from hardware_profiles import HardwareProfile
 from latency_models import LatencyError, registry
-from search.cli._app import app, handle_errors, state, stdout
+from search.cli._app import JsonOpt, app, echo_json, handle_errors, state, stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,7 @@ def gpu_check(profile: HardwareProfile, *, resolution: int = 224) -> list[GpuChe
 def doctor(
     gpu: Annotated[bool, typer.Option("--gpu", help="Build and time ResNet-18 dense and 2:4 with TensorRT.")] = False,
     profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",
+    as_json: JsonOpt = False,
 ) -> None:
     """Show versions and which latency backends run here; with --gpu, verify TensorRT and 2:4."""
     with handle_errors():
@@ -97,6 +98,10 @@ def doctor(
 
         profiles = [load_profile_file(s.path) for s in discover(state.profile_dirs).values()]
         if not gpu:
+            if as_json:
+                echo_json({"versions": package_versions(),
+                           "backends": [asdict(status) for status in backend_statuses(profiles)]})
+                return
             out = stdout()
             for package, version in package_versions().items():
                 out.print(f"{package}: {version}", highlight=False)
@@ -108,6 +113,9 @@ def doctor(
         from hardware_profiles import load_profile
 
         rows = gpu_check(load_profile(profile, state.profile_dirs))
+        if as_json:
+            echo_json({"versions": package_versions(), "profile": profile, "gpu_check": [asdict(r) for r in rows]})
+            return
         table = Table("model", "median us", "ratio to dense", "layers on sparse kernels", "2:4 layers",
                       title=f"TensorRT self-check on {profile}")
         for row in rows:

@@ -3,7 +3,6 @@ or a stored search's trials."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,14 +10,19 @@ import typer
 from rich.table import Table
 
 from search.cli._app import (
+    HELP,
+    DbOpt,
     ExampleOpt,
     IgnoreOpt,
+    JsonOpt,
     ModelOpt,
     ProfilesOpt,
+    api_settings,
     app,
     bundle_from_options,
     echo_json,
     handle_errors,
+    model_spec_from_options,
     one_line,
     output_errors,
     profiles_from_options,
@@ -170,65 +174,87 @@ def space_command(
             out.print(f"note: {name}: {note}", highlight=False, style="dim")
 
 
+plan_app = typer.Typer(help="Plan files: one point of a pruning space.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("template")
+def plan_template(
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    profile: ProfilesOpt = None,
+    ignore: IgnoreOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of printing.")] = None,
+) -> None:
+    """A plan file naming every group and N:M layer of a model, dense, with the options as comments:
+    edit the values and give it to `hwprune export --plan`."""
+    with handle_errors():
+        from search.api import build_space
+
+        spec = model_spec_from_options(example, model)
+        targets = profiles_from_options(profile)
+        space = build_space(spec, targets, ignored=ignore or (), settings=api_settings())
+        text = space.template(f"hwprune plan for {spec} on {', '.join(p.name for p in targets)}")
+        if out is None:
+            typer.echo(text.rstrip())
+            return
+        with output_errors(out):
+            out.write_text(text)
+        stdout().print(f"wrote {out}: {len(space.groups)} groups, {len(space.sparsity)} N:M layers", highlight=False)
+
+
 @app.command("export")
 def export_command(
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
     search_name: Annotated[
         str | None, typer.Argument(metavar="[SEARCH]", help="A stored search to export trials of.")
     ] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="With SEARCH: the trial number.")] = None,
     pareto: Annotated[bool, typer.Option("--pareto", help="With SEARCH: every Pareto trial.")] = False,
-    db: Annotated[str | None, typer.Option("--db", help="With SEARCH: database URL.")] = None,
+    db: DbOpt = None,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="Plan YAML/JSON to materialise.")] = None,
     example: ExampleOpt = None,
     model: ModelOpt = None,
     profile: ProfilesOpt = None,
     ignore: IgnoreOpt = None,
     importance: Annotated[str, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = "magnitude",
-    finetune_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps.", min=0)] = 0,
+    finetune_steps: Annotated[int, typer.Option(
+        help="Fine-tuning steps: with --plan, the recovery's; with SEARCH, extra steps after the trial's own.",
+        min=0)] = 0,
     dynamo: Annotated[bool, typer.Option(help="Use the dynamo ONNX exporter.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Write ONNX, a reloadable PyTorch state, the plan and a manifest: for a stored search's
-    trial(s) (SEARCH --trial K | --pareto), or for a plan file on a model (--plan)."""
+    """Write ONNX, the pruned weights, a self-contained model.pt2, the plan and a manifest: for a
+    stored search's trial(s) (SEARCH --trial K | --pareto), or for a plan file on a model (--plan).
+
+    Reload in Python with ``search.load(FOLDER)``, or without hwprune with
+    ``torch.export.load(FOLDER + "/model.pt2").module()``."""
     with handle_errors():
         writable_folder(out)
+        settings = api_settings(db)
         if search_name is not None:
             from search.cli.searches import export_from_search
 
             export_from_search(search_name, trial=trial, pareto=pareto, out=out,
-                               finetune_steps=finetune_steps, db=db)
+                               finetune_steps=finetune_steps, force=force, as_json=as_json, settings=settings)
             return
         if plan_file is None:
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
-        from search.config import RecoverySettings
-        from search.pipeline.onnx_export import export_onnx
-        from search.pipeline.plan import Plan
-        from search.pipeline.recovery import RecoveryConfig, recover
-        from search.pipeline.space import apply, build_space
-        from search.study.materialize import write_model_dir
+        from search.api import check_output_folder, export_plan
 
-        plan = Plan.load(plan_file)
-        bundle = bundle_from_options(example, model)
-        profiles = profiles_from_options(profile)
-        space = build_space(bundle.model, bundle.example_input, profiles, ignored=ignore or ())
-        pruned = apply(bundle.model, bundle.example_input, space, plan, importance=importance,
-                       calibration=bundle.train_loader)
-        # The search's default recovery (adaptive BN, held-out choice) with the asked step count.
-        settings = RecoverySettings()
-        recover(pruned.model, bundle, RecoveryConfig(
-            steps=finetune_steps, lr=settings.lr, optimizer=settings.optimizer, warmup=settings.warmup,
-            distill=settings.distill, bn_batches=settings.bn_batches,
-            holdout_batches=settings.holdout_batches, threads=settings.threads), masks=pruned.masks)
-        error = bundle.error_fn(pruned.model, bundle.val_loader)
-        with tempfile.TemporaryDirectory() as tmp:
-            artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp),
-                                   batch_size=profiles[0].batch_size, dynamo=dynamo)
-            with output_errors(out):
-                write_model_dir(out, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                                importance=importance,
-                                extra={"error": error, "finetune_steps": finetune_steps})
+        check_output_folder(out, force=force)
+        spec = model_spec_from_options(example, model)
+        with output_errors(out):
+            manifest = export_plan(spec, plan_file, out, targets=profile, ignored=ignore or (),
+                                   importance=importance, finetune_steps=finetune_steps, force=force,
+                                   dynamo=dynamo, settings=settings)
+        if as_json:
+            echo_json(manifest | {"folder": str(out)})
+            return
         stdout().print(
-            f"wrote {out}: {pruned.macs / 1e6:.2f} M MACs ({100 * pruned.macs / space.base_macs:.0f}% "
-            f"of base), {pruned.params / 1e6:.3f} M params, error {error:.4f}, onnx {artifact.sha256[:12]}",
+            f"wrote {out}: {manifest['macs'] / 1e6:.2f} M MACs ({100 * manifest['macs'] / manifest['base_macs']:.0f}% "
+            f"of base), {manifest['params'] / 1e6:.3f} M params, error {manifest['error']:.4f}, "
+            f"onnx {manifest['onnx_sha256'][:12]}",
             highlight=False,
         )

@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from hardware_profiles import discover, load_profile_file
-from search.cli._app import app, echo_json, handle_errors, state, stdout
+from search.cli._app import HELP, app, echo_json, handle_errors, state, stdout
 from search.config import check_backend, resolve_profile
 
-profiles_app = typer.Typer(help="List, show and validate hardware profiles.", no_args_is_help=True)
+profiles_app = typer.Typer(help="List, show and validate hardware profiles.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 app.add_typer(profiles_app, name="profiles")
 
 
@@ -60,7 +60,8 @@ def profiles_show(
     name: Annotated[str, typer.Argument(help="Profile name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show every setting of one profile, defaults included."""
+    """Show every setting of one profile, defaults included, as a profile file that
+    `hwprune profiles validate` accepts (--json adds the name and fingerprint)."""
     with handle_errors():
         profile = resolve_profile(name, state.profile_dirs)
         data = profile.model_dump(mode="json")
@@ -70,7 +71,12 @@ def profiles_show(
             return
         import yaml
 
-        typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+        # As a profile file that validates as is: the name is the file's stem and the fingerprint
+        # is computed, so both go into a comment.
+        body = {k: v for k, v in data.items() if k not in ("name", "fingerprint")}
+        typer.echo(f"# profile {profile.name} (fingerprint {data['fingerprint']}); a profile's name is its "
+                   f"file name: save as {profile.name}.yaml, or as NEW-NAME.yaml for a profile of your own")
+        typer.echo(yaml.safe_dump(body, sort_keys=False).rstrip())
 
 
 @profiles_app.command("validate")

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +26,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from search.cli._app import DbOpt, JsonOpt, app, echo_json, handle_errors, output_errors, state, stderr, stdout
+from search.cli._app import (
+    HELP,
+    DbOpt,
+    JsonOpt,
+    api_settings,
+    app,
+    echo_json,
+    handle_errors,
+    output_errors,
+    state,
+    stderr,
+    stdout,
+)
 from search.config import (
     CACHE_ENV,
     PROFILES_ENV,
@@ -37,10 +48,10 @@ from search.config import (
     heartbeat_settings,
     load_search_config,
 )
-from search.errors import ConfigError, SearchError
+from search.errors import SearchError
 
-search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 app.add_typer(search_app, name="search")
 app.add_typer(db_app, name="db")
 
@@ -63,7 +74,7 @@ def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = Fals
     from search.study.runtime import Runtime
 
     heartbeat, grace = heartbeat_settings()
-    return Runtime(db_url=db_url(db), profile_dirs=tuple(state.profile_dirs), cache_dir=cache_dir(),
+    return Runtime(db_url=db_url(db or state.db), profile_dirs=tuple(state.profile_dirs), cache_dir=cache_dir(),
                    heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
                    wait_for_agents=wait_for_agents)
 
@@ -83,7 +94,7 @@ def db_upgrade(db: DbOpt = None) -> None:
     with handle_errors():
         from search.storage import current_revision, head_revision, make_engine, upgrade
 
-        url = db_url(db)
+        url = db_url(db or state.db)
         engine = make_engine(url)
         before = current_revision(engine)
         upgrade(url)
@@ -110,14 +121,18 @@ def db_prune_artifacts(
 
 
 @db_app.command("current")
-def db_current(db: DbOpt = None) -> None:
+def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Show the database's schema revision and the one this hwprune expects."""
     with handle_errors():
         from search.storage import current_revision, head_revision, make_engine
 
-        engine = make_engine(db_url(db))
-        typer.echo(f"database {current_revision(engine) or 'empty'}, expected {head_revision()}")
+        engine = make_engine(db_url(db or state.db))
+        current = current_revision(engine)
         engine.dispose()
+        if as_json:
+            echo_json({"database": current, "expected": head_revision(), "current": current == head_revision()})
+            return
+        typer.echo(f"database {current or 'empty'}, expected {head_revision()}")
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -233,46 +248,65 @@ def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
         echo_json({"search": info, "pareto": rows, "warnings": [warning] if warning else []})
         return
     out = stdout()
-    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items()))
     best = "none" if info["best_reward"] is None else f"{info['best_reward']:.4f} (trial {info['best_trial']})"
-    out.print(f"search {info['name']}: {info['completed']} trials completed ({states}), best reward {best}",
-              highlight=False)
-    _print_pareto(rows, prepared.record, target)
+    out.print(f"search {info['name']}: {info['completed']} trials completed ({_states(info)}; trial 0 is the "
+              f"base model), best reward {best}", highlight=False)
+    feasibility = _feasibility_line(info)
+    if feasibility:
+        out.print(feasibility, highlight=False, markup=False)
+    _print_pareto(rows, prepared.record.name, target)
     if warning:
         stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
+def _states(info: dict[str, Any]) -> str:
+    return ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items())) or "none"
+
+
+def _feasibility_line(info: dict[str, Any]) -> str | None:
+    """'3 of 6 completed trials feasible; infeasible: latency_budget_ratio <= 0.5 broken by 3', or None
+    when the search has no constraints."""
+    if not info["constraints"]:
+        return None
+    limits = ", ".join(f"{k} {v:g}" for k, v in info["constraints"].items())
+    why = ", ".join(f"{name} broken by {count}" for name, count in info["infeasible_by_constraint"].items())
+    return (f"constraints ({limits}): {info['feasible']} of {info['completed']} completed trials feasible"
+            + (f"; infeasible: {why}" if why else "") + "; infeasible trials are never on a front")
 
 
 @search_app.command("start")
 def search_start(
     name: Annotated[str | None, typer.Option("--name", help="Search name (resumes it if it exists).")] = None,
-    config_file: Annotated[Path | None, typer.Option("--config", help="Search config YAML.")] = None,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="Search config YAML (`hwprune search config --schema` lists its fields).")] = None,
     example: Annotated[str | None, typer.Option("--example", help="Built-in example: digits.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Plugin package.module:function.")] = None,
-    target: Annotated[
-        list[str] | None, typer.Option("--target", "-p", help="Target profile (repeatable; first is primary).")
-    ] = None,
-    objective: Annotated[str | None, typer.Option(help="reward or pareto.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random.")] = None,
-    trials: Annotated[int | None, typer.Option(help="Completed trials to reach.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
-    latency_budget_us: Annotated[float | None, typer.Option(help="Constraint: latency on the primary target.")] = None,
-    latency_budget_ratio: Annotated[
-        float | None, typer.Option(help="Constraint: latency over the base model's.")
-    ] = None,
-    error_ceiling: Annotated[float | None, typer.Option(help="Constraint: highest error allowed.")] = None,
+    profile: Annotated[list[str] | None, typer.Option(
+        "--profile", "-p", help="Target profile (repeatable; the first is primary). Default: cpu-ort-fp32.")] = None,
+    target: Annotated[list[str] | None, typer.Option("--target", hidden=True, help="Old name of --profile.")] = None,
+    objective: Annotated[str | None, typer.Option(help="reward or pareto. Default: reward.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random. Default: tpe.")] = None,
+    trials: Annotated[int | None, typer.Option(
+        help="Completed trials to reach, trial 0 (the dense base model) included: N trials are the base "
+             "and N-1 pruned candidates. Default: 20.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds. Default: none.")] = None,
+    latency_budget_us: Annotated[float | None, typer.Option(
+        help="Constraint: latency on the primary target, us. Default: none.")] = None,
+    latency_budget_ratio: Annotated[float | None, typer.Option(
+        help="Constraint: latency over the base model's, in (0, 1]. Default: none.")] = None,
+    error_ceiling: Annotated[float | None, typer.Option(
+        help="Constraint: highest error allowed. Default: none.")] = None,
     error_floor: Annotated[float | None, typer.Option(
         help="Reward: errors below this count as equal, so the fastest of them wins "
              "(default: the base model's error + 0.01).")] = None,
-    recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial.")] = None,
-    importance: Annotated[
-        str | None, typer.Option(help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement.")
-    ] = None,
-    nm_criterion: Annotated[
-        str | None, typer.Option("--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed.")] = None,
+    recovery_steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per trial. Default: 30.")] = None,
+    importance: Annotated[str | None, typer.Option(
+        help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement. Default: magnitude.")] = None,
+    nm_criterion: Annotated[str | None, typer.Option(
+        "--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt. Default: magnitude.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(
+        "--ignore", help="Layer never to prune (repeatable). Default: none.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed. Default: 0.")] = None,
     latency: Annotated[str | None, typer.Option(
         "--latency", help="measured (default: every new architecture timed), hybrid (predicted where the "
                           "predictor is trusted and the trial cannot reach a front) or predicted.")] = None,
@@ -287,7 +321,8 @@ def search_start(
         from search.study.controller import prepare
 
         config = load_search_config(config_file, {
-            "name": name, "example": example, "model": model, "targets": target,
+            "name": name, "example": example, "model": model, "targets": (profile or []) + (target or []) or None,
+            "ignored_layers": ignore,
             "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout, "latency": latency,
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
@@ -306,7 +341,8 @@ def search_start(
 @search_app.command("resume")
 def search_resume(
     name: Annotated[str, typer.Argument(help="Search name.")],
-    trials: Annotated[int | None, typer.Option(help="New number of completed trials to reach.")] = None,
+    trials: Annotated[int | None, typer.Option(
+        help="New number of completed trials to reach, trial 0 (the base model) included. Default: as stored.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds.")] = None,
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
@@ -341,7 +377,7 @@ def search_worker(
         from search.study.controller import run_worker
 
         _quiet_optuna()
-        require_database(db_url(db))
+        require_database(db_url(db or state.db))
         run_worker(name, _runtime(db, worker_index))
 
 
@@ -376,16 +412,11 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 @search_app.command("status")
 def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """One search's progress: trials by state, best reward, base figures."""
+    """One search's progress: trials by state, feasibility, failures, best reward, base figures."""
     with handle_errors():
-        from search.study.read import summary
-        from search.study.runtime import find_record, load_study
+        from search.api import status
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        record = find_record(name, runtime)
-        _quiet_optuna()
-        info = summary(record, load_study(record, runtime))
+        info = status(name, settings=api_settings(db))
         if as_json:
             echo_json(info)
             return
@@ -408,13 +439,13 @@ def search_confirm(name: Annotated[str, typer.Argument(help="Search name.")], db
 
 def _print_status(info: dict[str, Any]) -> None:
     out = stdout()
-    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["trials"].items())) or "none"
     asked = info["trials_asked"] if info["trials_asked"] is not None else "no limit"
     lines = [
         f"search {info['name']} ({info['objective']}, sampler {info['sampler']}, targets "
         f"{', '.join(info['targets'])}; created {info['created_at'][:19]})",
-        f"trials: {states}; asked for {asked} completed (trial 0 is the base model)",
-        f"infeasible under the constraints: {info['infeasible']}; confirmed: {info['confirmed_trials']}",
+        f"trials: {_states(info)}; asked for {asked} completed (trial 0 is the base model)",
+        _feasibility_line(info) or f"constraints: none ({info['completed']} completed trials, all feasible)",
+        f"confirmed by a second session: {info['confirmed_trials']} trials",
         f"base model: error {info['base_error']:.4g}, latency "
         + ", ".join(f"{t} {us:.1f} us" for t, us in info["base_latency_us"].items()),
         f"reward error floor: {info['error_floor']:.4g}; best reward: "
@@ -430,10 +461,55 @@ def _print_status(info: dict[str, Any]) -> None:
         out.print(line, highlight=False, markup=False)
 
 
+@search_app.command("config")
+def search_config(
+    schema: Annotated[bool, typer.Option("--schema", help="Print the config file's JSON schema.")] = False,
+    check: Annotated[Path | None, typer.Option("--check", help="Validate this config file and say so.")] = None,
+) -> None:
+    """A commented example of a search config file (for --config), its JSON schema, or a check of one."""
+    with handle_errors():
+        from search.config import CONFIG_EXAMPLE
+
+        if check is not None:
+            config = load_search_config(check, {})
+            typer.echo(f"ok: {check} (search {config.name}, {config.model_spec}, targets {', '.join(config.targets)})")
+        elif schema:
+            echo_json(SearchConfig.model_json_schema())
+        else:
+            typer.echo(CONFIG_EXAMPLE.rstrip())
+
+
+@search_app.command("trials")
+def search_trials(name: Annotated[str, typer.Argument(help="Search name.")], db: DbOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Every trial of a search: state, kept channels, error, latency, feasibility."""
+    with handle_errors():
+        from search.api import trials
+
+        rows = trials(name, settings=api_settings(db))
+        if as_json:
+            echo_json(rows)
+            return
+        table = Table("trial", "state", "error", "latency us", "speedup", "feasible", "MACs (M)", "kept channels")
+        for row in rows:
+            primary = next(iter(row.get("latency_us", {}) or {}), None)
+            kept = row.get("kept") or {}
+            table.add_row(
+                str(row["trial"]) + (" (base)" if row["base"] else ""), row["state"],
+                f"{row['error']:.4f}" if "error" in row else "-",
+                f"{row['latency_us'][primary]:.1f}" if primary else "-",
+                f"{row['speedup'][primary]:.2f}x" if primary and primary in row["speedup"] else "-",
+                ("yes" if row["feasible"] else "no: " + ", ".join(row["violated"])) if "feasible" in row else "-",
+                f"{row['macs'] / 1e6:.2f}" if "macs" in row else "-",
+                " ".join(str(v) for v in kept.values()) if kept else (row.get("fail_stage") or "-"),
+            )
+        stdout().print(table)
+
+
 # --- Pareto -----------------------------------------------------------------------------------
 
 
-def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
+def _print_pareto(rows: list[dict[str, Any]], name: str, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
                   title=f"Pareto front: error x latency on {target}")
@@ -446,85 +522,90 @@ def _print_pareto(rows: list[dict[str, Any]], record: Any, target: str) -> None:
                       f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
     stdout().print(table)
     if any(not row["confirmed"][target] for row in rows):
-        stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {record.name}` "
+        stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {name}` "
                         "measures them again", highlight=False)
 
 
 @app.command("pareto")
 def pareto_command(
     name: Annotated[str, typer.Argument(help="Search name.")],
-    target: Annotated[str | None, typer.Option("--target", help="Target profile; default the primary.")] = None,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", "-p", help="Target profile; default the search's primary.")] = None,
+    target: Annotated[str | None, typer.Option("--target", hidden=True, help="Old name of --profile.")] = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The non-dominated trials of a search on error x latency for one target."""
+    """The non-dominated feasible trials of a search on error x latency for one target."""
     with handle_errors():
-        from search.study.read import pareto_rows
-        from search.study.runtime import find_record, load_study
+        from search.api import pareto, status
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        record = find_record(name, runtime)
-        _quiet_optuna()
-        chosen = target or record.config["targets"][0]
-        rows = pareto_rows(record, load_study(record, runtime), chosen)
+        settings = api_settings(db)
+        info = status(name, settings=settings)
+        chosen = profile or target or info["targets"][0]
+        rows = pareto(name, target=chosen, settings=settings)
         if as_json:
             echo_json(rows)
             return
-        _print_pareto(rows, record, chosen)
+        _print_pareto(rows, name, chosen)
+        feasibility = _feasibility_line(info)
+        if feasibility:
+            stdout().print(feasibility, highlight=False, markup=False)
 
 
 def export_from_search(
-    name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, db: str | None
+    name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, force: bool,
+    as_json: bool, settings: Any,
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
-    from search.study.controller import load_prepared
-    from search.study.materialize import rebuild_trial, write_model_dir
-    from search.study.read import base_latency_us, pareto_rows, trial_points
-    from search.study.runtime import load_study
+    from search.api import export_trials
 
-    if (trial is None) == (not pareto):
-        raise ConfigError("give exactly one of --trial K or --pareto")
-    runtime = _runtime(db)
-    require_database(runtime.db_url)
-    prepared = load_prepared(name, runtime)
-    record, config, bundle, space, profiles = (prepared.record, prepared.config, prepared.bundle,
-                                               prepared.space, prepared.profiles)
-    _quiet_optuna()
-    study = load_study(record, runtime)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if trial is not None:
-        if trial not in by_number or by_number[trial].state.name != "COMPLETE":
-            done = sorted(n for n, t in by_number.items() if t.state.name == "COMPLETE")
-            raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
-        numbers = [trial]
-    else:
-        _confirm(prepared, runtime, as_json=False)  # the front is exported with confirmed figures only
-        numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
-    base_latency = base_latency_us(record, study)
-    points = {p.trial: p for p in trial_points(study, record)}
-    with tempfile.TemporaryDirectory() as tmp:
-        for number in numbers:
-            attrs = by_number[number].user_attrs
-            point = points[number]
-            plan, pruned, artifact = rebuild_trial(
-                bundle=bundle, space=space, config=config, attrs=attrs,
-                base_signature=record.base["signature"], artifact_dir=Path(tmp),
-                batch_size=profiles[0].batch_size, finetune_steps=finetune_steps,
-            )
-            folder = out / f"trial-{number}" if len(numbers) > 1 or pareto else out
-            with output_errors(out):
-                write_model_dir(folder, bundle=bundle, plan=plan, pruned=pruned, artifact=artifact,
-                                importance=config.importance, nm_criterion=config.nm_criterion, extra={
-                                    "search": name, "trial": number, "error": attrs["error"],
-                                    "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
-                                    "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
-                                    "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
-                                    "latency_confirmed": dict(point.confirmed),
-                                    "reward": attrs.get("reward"), "finetune_steps": finetune_steps,
-                                    "measured_onnx_sha256": attrs["artifact_sha256"],
-                                })
+    console = stderr()
+    quiet = as_json or not console.is_terminal
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+    done: list[int] = []
+
+    def written(number: int, folder: Path) -> None:
+        done.append(number)
+        if not as_json:
             stdout().print(f"trial {number}: wrote {folder}", highlight=False)
+        progress.advance(task)
+
+    with progress, output_errors(out):
+        task = progress.add_task(f"export {name}", total=1 if trial is not None else None)
+
+        def confirmed(number: int, target: str, verdict: Any) -> None:
+            progress.update(task, description=f"confirming trial {number} on {target}")
+
+        def total(count: int) -> None:
+            progress.update(task, total=count, description=f"export {name}")
+
+        manifests = export_trials(name, out, trial=trial, front=pareto, finetune_steps=finetune_steps,
+                                  force=force, on_trial=written, on_confirmed=confirmed, on_total=total,
+                                  settings=settings)
+    if as_json:
+        echo_json(manifests)
+
+
+@app.command("report")
+def report_command(
+    name: Annotated[str, typer.Argument(help="Search name.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """An HTML page with PNG plots: the front per target, the optimisation history, kept channels
+    of the front's trials, latency against MACs."""
+    with handle_errors():
+        from search.api import report
+
+        with output_errors(out):
+            data = report(name, out, force=force, settings=api_settings(db))
+        if as_json:
+            echo_json({"index": str(out / "index.html"), "plots": data["plots"]})
+            return
+        stdout().print(f"wrote {out / 'index.html'} with {len(data['plots'])} plots", highlight=False)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -533,7 +614,7 @@ def export_from_search(
 @app.command("demo")
 def demo(
     db: DbOpt = None,
-    trials: Annotated[int, typer.Option(help="Completed trials.", min=2)] = 24,
+    trials: Annotated[int, typer.Option(help="Completed trials, trial 0 (the base model) included.", min=2)] = 24,
     name: Annotated[str, typer.Option(help="Search name.")] = "demo-digits",
 ) -> None:
     """A real search on the built-in digits example, on cpu-ort-fp32, then its Pareto table."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import search.progress as progress
 from search.pipeline.bundle import ModelBundle, classification_error
 
 logger = logging.getLogger(__name__)
@@ -111,13 +112,15 @@ def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epoch
         optimizer, max_lr=lr, total_steps=epochs * len(loader)
     )
     model.train()
-    for epoch in range(epochs):
-        for inputs, targets in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-        logger.info("digits: epoch %d/%d", epoch + 1, epochs)
+    with progress.task("training the digits example (once; then cached)", total=epochs) as advance:
+        for epoch in range(epochs):
+            for inputs, targets in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                schedule.step()
+            logger.info("digits: epoch %d/%d", epoch + 1, epochs)
+            advance(1)
     model.eval()
 
 

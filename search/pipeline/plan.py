@@ -2,10 +2,13 @@
 
 A plan file (YAML or JSON)::
 
-    channels:            # keep-ratio per prunable group (missing: 1.0, dense)
-      stages.1.0: 0.5
+    channels:            # per prunable group (missing: dense)
+      stages.1.0: 0.5    #   a keep-ratio: a decimal in (0, 1], rounded to the nearest option
+      stages.2.0: 64     #   or the kept channel count: an integer, one of the group's options
     sparsity:            # N:M pattern per eligible layer (missing: dense)
       stages.2.1.conv1: "2:4"
+
+``hwprune plan template --model SPEC -p PROFILE`` writes one with every group, layer and option.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from search.errors import PlanError
 
 @dataclass(frozen=True)
 class Plan:
-    """Keep-ratios by group name and N:M patterns by layer name."""
+    """Keep-ratios (floats) or kept counts (ints) by group name, N:M patterns by layer name.
+
+    ``SearchSpace.resolve`` turns counts into the ratios that keep them.
+    """
 
     channels: Mapping[str, float] = field(default_factory=dict)
     sparsity: Mapping[str, str] = field(default_factory=dict)
@@ -58,8 +64,9 @@ class Plan:
         ratios: dict[str, float] = {}
         for name, value in channels.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PlanError(f"{origin}: ratio for {short_repr(name)} must be a number, got {short_repr(value)}")
-            ratios[str(name)] = float(value)
+                raise PlanError(f"{origin}: channels for {short_repr(name)} must be a kept count (integer) "
+                                f"or a keep-ratio (decimal), got {short_repr(value)}")
+            ratios[str(name)] = value  # an int stays an int: a count, not a ratio
         patterns: dict[str, str] = {}
         for name, value in sparsity.items():
             if not isinstance(value, str):

@@ -94,6 +94,50 @@ class SearchSpace:
         listed = ", ".join(known) if known else "(none)"
         return f"unknown {what} {name!r}; the space has: {listed}"
 
+    def resolve(self, plan: Plan) -> Plan:
+        """``plan`` with kept channel counts (ints) turned into the keep-ratios that keep them.
+
+        Raises:
+            PlanError: a count that is not one of its group's options.
+        """
+        names = {g.name: g for g in self.groups}
+        channels: dict[str, float] = {}
+        for name, value in plan.channels.items():
+            group = names.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and group is not None:
+                if value not in group.kept:
+                    raise PlanError(
+                        f"kept channels for {name!r} must be one of {', '.join(map(str, group.kept))}, "
+                        f"got {value} (a keep-ratio is written with a decimal point, e.g. 1.0 or 0.5)")
+                channels[name] = group.ratios[group.kept.index(value)]
+            else:
+                channels[name] = float(value) if group is not None else value
+        return Plan(channels=channels, sparsity=dict(plan.sparsity))
+
+    def template(self, title: str) -> str:
+        """A plan file (YAML) naming every group and N:M layer, dense, with the options as comments."""
+        lines = [
+            f"# {title}",
+            "# channels: kept channels per group: a count (an integer, one of the options) or a keep-ratio",
+            f"#   (a decimal in (0, 1], rounded to the nearest option; multiples of {self.channel_multiple}).",
+            "#   A group left out stays dense.",
+            "# sparsity: an N:M pattern per eligible layer (e.g. \"2:4\") or dense. A layer left out stays dense.",
+            "channels:" if self.groups else "channels: {}",
+        ]
+        for g in self.groups:
+            options = ", ".join(f"{k} ({k / g.size:.3g})" for k in g.kept)
+            lines.append(f"  # {g.kind}, {g.size} wide, {100 * g.mac_share:.1f}% of MACs; layers: "
+                         + " ".join(g.members))
+            lines.append(f"  # options, count (share of {g.size}): {options}")
+            lines.append(f"  {json.dumps(g.name)}: {g.size}")
+        lines.append("sparsity:" if self.sparsity else "sparsity: {}")
+        for choice in self.sparsity:
+            lines.append(f"  # options: {', '.join((DENSE, *choice.patterns))}")
+            lines.append(f"  {json.dumps(choice.layer)}: {DENSE}")
+        for name, why in self.fixed.items():
+            lines.append(f"# not prunable: {name}: {why}")
+        return "\n".join(lines) + "\n"
+
     def validate(self, plan: Plan) -> None:
         """Check a plan against the space.
 
@@ -322,6 +366,7 @@ def apply(
     chooses the N:M masks (magnitude, wanda or sparsegpt; the last two calibrate on
     ``calibration``, the training loader).
     """
+    plan = space.resolve(plan)
     space.validate(plan)
     searchable = {g.name for g in space.groups}
     infos = [info for info in space._infos if info.name in searchable]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 
+import search.progress as progress
 from hardware_profiles import HardwareProfile
 from latency_models import BaseArtifact, Measurement, Meter, file_sha256, make_meter, registry
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
@@ -159,7 +160,11 @@ def _create(
                                batch_size=profiles[0].batch_size)
         repo.put_artifact_file(artifact.path, artifact.sha256)
         base = BaseArtifact(artifact.path, artifact.sha256, signature)
-        measurements = {p.name: _measure_base(p, repo, base).to_dict() for p in profiles}
+        measurements = {}
+        with progress.task("measuring the base model (trial 0's reference)", total=len(profiles)) as advance:
+            for p in profiles:
+                measurements[p.name] = _measure_base(p, repo, base).to_dict()
+                advance(1)
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
@@ -354,11 +359,11 @@ def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
     if not path.exists() and not repo.artifacts.fetch_to(point.artifact_sha256, path):
         # Pruned from the store: re-made from the trial's plan; rebuild_trial checks the sha256.
         with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
-            _, _, remade = rebuild_trial(
+            remade = rebuild_trial(
                 bundle=prepared.bundle, space=prepared.space, config=prepared.config,
                 attrs={"plan": point.plan, "artifact_sha256": point.artifact_sha256},
                 base_signature=prepared.record.base["signature"], artifact_dir=Path(tmp),
-                batch_size=prepared.profiles[0].batch_size)
+                batch_size=prepared.profiles[0].batch_size).artifact
             repo.put_artifact_file(remade.path, point.artifact_sha256)  # a remote job needs it
             os.replace(remade.path, path)
     # A predicted latency is not a session: a predicted trial gets two (or three) measured ones.

@@ -34,6 +34,8 @@ from search.study.screening import MEASURED, PREDICTED, Screening
 
 logger = logging.getLogger(__name__)
 
+CONSTRAINTS_KEY = "constraints"
+
 KNOWN_ERRORS = (SearchError, LatencyError)
 
 
@@ -183,9 +185,18 @@ def _set_constraints(trial: optuna.Trial, ctx: SearchContext, error: float, late
     # Optuna's samplers read these (<= 0 is feasible); they are limits, not reward penalties.
     limits = ctx.config.constraints
     base_latency = ctx.meters[0].base_median_us
+    values: dict[str, float] = {}
     if limits.latency_budget_us is not None:
-        trial.set_constraint("latency_budget_us", latency_us - limits.latency_budget_us)
+        values["latency_budget_us"] = latency_us - limits.latency_budget_us
     if limits.latency_budget_ratio is not None:
-        trial.set_constraint("latency_budget_ratio", latency_us / base_latency - limits.latency_budget_ratio)
+        values["latency_budget_ratio"] = latency_us / base_latency - limits.latency_budget_ratio
     if limits.error_ceiling is not None:
-        trial.set_constraint("error_ceiling", error - limits.error_ceiling)
+        values["error_ceiling"] = error - limits.error_ceiling
+    for key, value in values.items():
+        trial.set_constraint(key, value)
+    if values:
+        # optuna-dashboard (0.21) reads the older list form, system attribute "constraints", and
+        # shows "constraints: []" without it; Optuna reads that form too, as keys "0", "1", ...
+        # (``constraint_values`` drops them again). The names stay readable in a user attribute.
+        trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, list(values.values()))
+        trial.set_user_attr("constraints", values)

@@ -32,12 +32,19 @@ class TrialPoint:
     confirmed: Mapping[str, bool] = field(default_factory=dict)
     first_session: Mapping[str, Session] = field(default_factory=dict)
     stage_s: Mapping[str, float] = field(default_factory=dict)
+    constraints: Mapping[str, float] = field(default_factory=dict)
+    kept: Mapping[str, int] = field(default_factory=dict)
     # Targets whose first figure is a prediction (hybrid/predicted latency), not a session.
     predicted: Mapping[str, bool] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
         return 1.0 - self.error
+
+    @property
+    def violated(self) -> list[str]:
+        """The constraints this trial breaks (positive values), by name."""
+        return sorted(name for name, value in self.constraints.items() if value > 0)
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:

@@ -60,7 +60,7 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 confirmed[target] = False
             if target in base_now:
                 latency_us[target] = ratios[target] * base_now[target]
-        constraints = dict(trial.constraints)
+        constraints = constraint_values(trial)
         if record is not None:
             _constraints_on_shown_figures(constraints, record, ratios, latency_us)
         points.append(
@@ -80,10 +80,18 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 confirmed=confirmed,
                 first_session=first,
                 stage_s=dict(attrs.get("stage_s", {})),
+                constraints=constraints,
+                kept={str(k): int(v) for k, v in dict(attrs.get("kept", {})).items()},
                 predicted={t: s == "predicted" for t, s in attrs.get("latency_source", {}).items()},
             )
         )
     return points
+
+
+def constraint_values(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """A trial's constraint values by name (<= 0 feasible); the unnamed copies Optuna reads back
+    from the list form kept for optuna-dashboard ("0", "1", ...) are left out."""
+    return {k: float(v) for k, v in trial.constraints.items() if not k.isdigit()}
 
 
 def _constraints_on_shown_figures(constraints: dict[str, float], record: SearchRecord,
@@ -132,7 +140,10 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "trials_asked": record.config["trials"],
         "trials": states,
         "completed": states.get("COMPLETE", 0),
+        "feasible": sum(p.feasible for p in points),
         "infeasible": sum(not p.feasible for p in points),
+        "infeasible_by_constraint": infeasible_by_constraint(points),
+        "constraints": {k: v for k, v in record.config.get("constraints", {}).items() if v is not None},
         "failures_by_stage": failures,
         "stage_median_s": {stage: statistics.median(values) for stage, values in sorted(stage_times.items())},
         "best_reward": best_reward,
@@ -144,6 +155,55 @@ def summary(record: SearchRecord, study: optuna.Study) -> dict[str, Any]:
         "base_latency_us": base_latency_us(record, study),
         "created_at": record.created_at.isoformat(),
     }
+
+
+def infeasible_by_constraint(points: list[TrialPoint]) -> dict[str, int]:
+    """How many completed trials break each constraint (a trial may break several)."""
+    counts: dict[str, int] = {}
+    for point in points:
+        for name in point.violated:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def trial_rows(record: SearchRecord, study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial of a search as plain data: state, plan as kept channel counts, figures as shown
+    (confirmed where confirmed), constraint values and feasibility, and why a failed trial failed."""
+    points = {p.trial: p for p in trial_points(study, record)}
+    base_latency = base_latency_us(record, study)
+    base_signature = record.base["signature"]
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            "state": trial.state.name.lower(),
+            "base": attrs.get("signature") == base_signature or bool(attrs.get("base")),
+            "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
+            "seconds": ((trial.datetime_complete - trial.datetime_start).total_seconds()
+                        if trial.datetime_complete and trial.datetime_start else None),
+            "plan": attrs.get("plan"),
+            "kept": attrs.get("kept"),
+        }
+        point = points.get(trial.number)
+        if point is not None:
+            row |= {
+                "error": point.error,
+                "accuracy": point.accuracy,
+                "reward": point.reward,
+                "latency_us": dict(point.latency_us),
+                "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items() if v > 0 and k in base_latency},
+                "confirmed": dict(point.confirmed),
+                "macs": point.macs,
+                "params": point.params,
+                "feasible": point.feasible,
+                "constraints": dict(point.constraints),
+                "violated": point.violated,
+            }
+        if trial.state == TrialState.FAIL:
+            row |= {"fail_stage": attrs.get("fail_stage"), "fail_reason": attrs.get("fail_reason")}
+        rows.append(row)
+    return rows
 
 
 def shown_reward(point: TrialPoint, record: SearchRecord) -> float:

@@ -75,8 +75,8 @@ def test_materialised_state_reloads(digits_bundle: ModelBundle, tmp_path: Path) 
     recover(pruned.model, bundle, RecoveryConfig(steps=5))
     artifact = export_onnx(pruned.model, bundle.example_input, tmp_path / "a")
     out = write_model_dir(tmp_path / "m", bundle=bundle, plan=space.uniform_plan(0.5), pruned=pruned,
-                          artifact=artifact, importance="magnitude")
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "plan.yaml", "manifest.json"}
+                          artifact=artifact, importance="magnitude", model_spec="digits")
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "model.pt2", "plan.yaml", "manifest.json"}
     reloaded = load_pruned(out / "model.pt", bundle, space)
     with torch.no_grad():
         assert torch.equal(reloaded(bundle.example_input), pruned.model(bundle.example_input))

@@ -40,7 +40,18 @@ def test_profiles_show_yaml() -> None:
     result = runner.invoke(app, ["profiles", "show", "ampere-trt-fp16"])
     assert result.exit_code == 0
     assert "backend: tensorrt" in result.stdout
-    assert "fingerprint:" in result.stdout
+    assert "# profile ampere-trt-fp16 (fingerprint " in result.stdout
+
+
+def test_profiles_show_output_validates_as_is(tmp_path: Path) -> None:
+    # `profiles show X > f.yaml && profiles validate f.yaml`, under any file name.
+    shown = runner.invoke(app, ["profiles", "show", "cpu-ort-fp32"])
+    assert shown.exit_code == 0, shown.output
+    path = tmp_path / "my-board.yaml"
+    path.write_text(shown.stdout)
+    checked = runner.invoke(app, ["profiles", "validate", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert checked.stdout.startswith(f"ok: {path}")
 
 
 def test_profiles_show_unknown_exits_2_listing_known() -> None:

@@ -50,7 +50,7 @@ def test_export_writes_onnx_state_plan_manifest(env: dict[str, str], tmp_path: P
         env=env,
     )
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "plan.yaml", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "model.pt2", "plan.yaml", "manifest.json"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kept"]["stages.2.3.conv1"] == 64
     assert manifest["kept"]["stages.1.3.conv1"] == 16

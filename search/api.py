@@ -1,0 +1,505 @@
+"""The Python API: everything the ``hwprune`` command does, as functions.
+
+The CLI is a thin layer over these (it adds tables, progress and exit codes). Heavy libraries are
+imported inside the functions, so ``import search.api`` is cheap. ``search.load`` is
+``load`` here. Example (the README runs it in ``tests/search_tests/test_api.py``)::
+
+    import search.api as hw
+
+    bundle = hw.load_model("digits")
+    space = hw.build_space(bundle, ["cpu-ort-fp32"])
+    pruned = hw.apply_plan(bundle, space, {"channels": {"stages.2.3.conv1": 64}})
+    folder = hw.export_plan(bundle, {"channels": {"stages.2.3.conv1": 64}}, "out/half")
+    model = hw.load("out/half")
+
+Every function raises ``search.errors.SearchError`` (or ``hardware_profiles.ProfileError``,
+``latency_models.LatencyError``) subclasses with a message naming the input and the fix.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.config import (
+    SearchConfig,
+    cache_dir,
+    db_url,
+    heartbeat_settings,
+    load_search_config,
+    profile_dirs,
+    resolve_profile,
+)
+from search.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+    from torch import nn
+
+    from hardware_profiles import HardwareProfile
+    from latency_models import Measurement, PairedMeasurement
+    from search.pipeline.bundle import ModelBundle
+    from search.pipeline.plan import Plan
+    from search.pipeline.pruning import PrunedModel
+    from search.pipeline.space import SearchSpace
+    from search.study.controller import Prepared
+    from search.study.runtime import Runtime
+
+__all__ = [
+    "Settings",
+    "apply_plan",
+    "build_space",
+    "export_plan",
+    "export_trials",
+    "load",
+    "load_model",
+    "measure",
+    "pareto",
+    "plan_template",
+    "report",
+    "resume_search",
+    "run_search",
+    "status",
+    "trials",
+]
+
+TrialCallback = Callable[[int, int | None], None]  # (completed trials, trials asked for)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live; every field defaults as the CLI's does (flag, then environment).
+
+    Attributes:
+        db: SQLAlchemy URL; default ``$HWPRUNE_DB`` or ``sqlite:///hwprune.db``.
+        profiles_dirs: folders of extra hardware profiles; default ``$HWPRUNE_PROFILES``.
+        cache: where trained examples and artifacts are cached; default ``$HWPRUNE_CACHE``.
+    """
+
+    db: str | None = None
+    profiles_dirs: Sequence[Path] = field(default_factory=tuple)
+    cache: Path | None = None
+
+    @property
+    def db_url(self) -> str:
+        return db_url(self.db)
+
+    @property
+    def profile_dirs(self) -> list[Path]:
+        return profile_dirs(list(self.profiles_dirs) or None)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache if self.cache is not None else cache_dir()
+
+    def runtime(self, *, worker_index: int = 0, wait_for_agents: bool = False) -> Runtime:
+        from search.study.runtime import Runtime
+
+        heartbeat, grace = heartbeat_settings()
+        return Runtime(db_url=self.db_url, profile_dirs=tuple(self.profile_dirs), cache_dir=self.cache_dir,
+                       heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
+                       wait_for_agents=wait_for_agents)
+
+
+DEFAULT = Settings()
+
+
+# --- one model ---------------------------------------------------------------------------------
+
+
+def load_model(spec: str, *, settings: Settings = DEFAULT) -> ModelBundle:
+    """The model bundle of a built-in example (``digits``) or a plugin ``package.module:function``."""
+    from search.examples import load_bundle
+
+    return load_bundle(spec, cache_dir=settings.cache_dir)
+
+
+def _bundle(model: str | ModelBundle, settings: Settings) -> ModelBundle:
+    return load_model(model, settings=settings) if isinstance(model, str) else model
+
+
+def profiles(names: Sequence[Any] | None, *, settings: Settings = DEFAULT) -> list[HardwareProfile]:
+    """Hardware profiles by name (profile objects pass through); default ``cpu-ort-fp32``."""
+    from hardware_profiles import HardwareProfile
+
+    return [p if isinstance(p, HardwareProfile) else resolve_profile(str(p), settings.profile_dirs)
+            for p in (names or ["cpu-ort-fp32"])]
+
+
+def build_space(
+    model: str | ModelBundle,
+    targets: Sequence[Any] | None = None,
+    *,
+    ignored: Sequence[str] = (),
+    keep_ratios: Sequence[float] | None = None,
+    settings: Settings = DEFAULT,
+) -> SearchSpace:
+    """The pruning space of ``model`` (a spec or a bundle) for ``targets`` (profile names)."""
+    from search.config import DEFAULT_KEEP_RATIOS
+    from search.pipeline.space import build_space as build
+
+    bundle = _bundle(model, settings)
+    return build(bundle.model, bundle.example_input, profiles(targets, settings=settings),
+                 keep_ratios=keep_ratios or DEFAULT_KEEP_RATIOS, ignored=ignored)
+
+
+def _plan(plan: Plan | Mapping[str, Any] | str | Path) -> Plan:
+    from search.pipeline.plan import Plan
+
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str | Path):
+        return Plan.load(Path(plan))
+    return Plan.from_dict(dict(plan))
+
+
+def plan_template(space: SearchSpace) -> str:
+    """A plan file with every group and N:M layer of ``space`` and its options as comments."""
+    return space.template("hwprune plan")
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A plan applied and recovered: the pruned model and its figures."""
+
+    pruned: PrunedModel
+    plan: Plan
+    error: float
+    recovery: list[dict[str, Any]]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.pruned.model
+
+
+def apply_plan(
+    bundle: ModelBundle,
+    space: SearchSpace,
+    plan: Plan | Mapping[str, Any] | str | Path,
+    *,
+    importance: str = "magnitude",
+    nm_criterion: str = "magnitude",
+    finetune_steps: int = 0,
+) -> Materialized:
+    """Apply ``plan`` (a ``Plan``, a mapping as in a plan file, or a file path) to a copy of the
+    base model, recover it as a search's trial would (adaptive BN, ``finetune_steps`` of
+    fine-tuning, the better on held-out data) and score it on the validation data."""
+    from search.config import RecoverySettings
+    from search.pipeline.bundle import seeded_error
+    from search.pipeline.recovery import RecoveryConfig, recover_with_report
+    from search.pipeline.space import apply
+
+    chosen = space.resolve(_plan(plan))
+    pruned = apply(bundle.model, bundle.example_input, space, chosen, importance=importance,
+                   nm_criterion=nm_criterion, calibration=bundle.train_loader)
+    defaults = RecoverySettings()
+    report = recover_with_report(pruned.model, bundle, RecoveryConfig(
+        steps=finetune_steps, lr=defaults.lr, optimizer=defaults.optimizer, warmup=defaults.warmup,
+        distill=defaults.distill, bn_batches=defaults.bn_batches, holdout_batches=defaults.holdout_batches,
+        threads=defaults.threads), masks=pruned.masks)
+    error = seeded_error(bundle, pruned.model, 0)
+    return Materialized(pruned, chosen, error, [{"steps": finetune_steps, "kept": report.kept}])
+
+
+def export_plan(
+    model: str | ModelBundle,
+    plan: Plan | Mapping[str, Any] | str | Path,
+    out: str | Path,
+    *,
+    targets: Sequence[Any] | None = None,
+    ignored: Sequence[str] = (),
+    importance: str = "magnitude",
+    finetune_steps: int = 0,
+    force: bool = False,
+    dynamo: bool = False,
+    settings: Settings = DEFAULT,
+) -> dict[str, Any]:
+    """Materialise ``plan`` on ``model`` and write the folder ``out`` (ONNX, weights, a
+    self-contained ``model.pt2``, the plan, a manifest). Returns the manifest.
+
+    Give ``model`` as a spec (``digits``, ``package.module:function``) for ``load(out)`` to
+    find the base model by itself; a bundle object records no spec, and ``load`` then needs it.
+
+    Raises:
+        ConfigError: ``out`` is not empty and ``force`` is false, or cannot be written.
+    """
+    from search.pipeline.onnx_export import export_onnx
+    from search.study.materialize import read_manifest, write_model_dir
+
+    folder = Path(out)
+    check_output_folder(folder, force=force)
+    spec = model if isinstance(model, str) else None
+    loaded = _bundle(model, settings)
+    chosen_profiles = profiles(targets, settings=settings)
+    space = build_space(loaded, chosen_profiles, ignored=ignored, settings=settings)
+    done = apply_plan(loaded, space, plan, importance=importance, finetune_steps=finetune_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = export_onnx(done.model, loaded.example_input, Path(tmp),
+                               batch_size=chosen_profiles[0].batch_size, dynamo=dynamo)
+        write_model_dir(folder, bundle=loaded, plan=done.plan, pruned=done.pruned, artifact=artifact,
+                        importance=importance, model_spec=spec, ignored_layers=list(ignored),
+                        extra={"error": done.error, "finetune_steps": finetune_steps,
+                               "recovery": done.recovery, "targets": [p.name for p in chosen_profiles],
+                               "base_macs": space.base_macs})
+    return read_manifest(folder)
+
+
+def check_output_folder(out: Path, *, force: bool) -> None:
+    """Refuse an output folder that holds files unless ``force``: an export never mixes with
+    what was there (nothing is deleted either way; with ``force`` files of the same name are
+    replaced)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {str(out)!r} is not empty; give an empty or new folder, or --force "
+                          "to write into it")
+
+
+def load(folder: str | Path, *, bundle: ModelBundle | None = None, settings: Settings = DEFAULT) -> nn.Module:
+    """The pruned ``nn.Module`` of an exported folder, in eval mode.
+
+    The base model comes from the plugin spec recorded in the manifest (or ``bundle``); it is
+    pruned to the recorded channel counts and the stored weights are loaded. A base model that
+    changed since the export is a ``ConfigError`` naming both fingerprints. Without hwprune, load
+    ``model.pt2`` instead: ``torch.export.load(folder + "/model.pt2").module()``.
+    """
+    from search.study.materialize import load_model_dir
+
+    return load_model_dir(Path(folder), cache_dir=settings.cache_dir, bundle=bundle)
+
+
+def measure(
+    onnx_path: str | Path, profile: Any = "cpu-ort-fp32", *, vs: str | Path | None = None,
+    settings: Settings = DEFAULT,
+) -> Measurement | PairedMeasurement:
+    """Time an ONNX model on a local profile; with ``vs``, paired with that reference model."""
+    from latency_models import registry
+
+    chosen = profiles([profile], settings=settings)[0]
+    if chosen.location == "remote":
+        raise ConfigError(f"profile {chosen.name!r} is measured on a remote device; pick a local profile "
+                          "(hwprune profiles list)")
+    with registry.get(chosen.backend)(chosen) as backend:
+        if vs is None:
+            return backend.measure(Path(onnx_path))
+        return backend.measure_paired(Path(onnx_path), Path(vs))
+
+
+# --- searches ----------------------------------------------------------------------------------
+
+
+def search_config(config: SearchConfig | Mapping[str, Any] | str | Path | None = None,
+                  **overrides: Any) -> SearchConfig:
+    """A validated search configuration from a mapping, a YAML file and/or keyword overrides."""
+    if isinstance(config, SearchConfig):
+        return SearchConfig.model_validate(config.model_dump() | {k: v for k, v in overrides.items()
+                                                                   if v is not None})
+    if isinstance(config, str | Path):
+        return load_search_config(Path(config), overrides)
+    return load_search_config(None, {**dict(config or {}), **overrides})
+
+
+def run_search(
+    config: SearchConfig | Mapping[str, Any] | str | Path,
+    *,
+    on_trial: TrialCallback | None = None,
+    confirm: bool = True,
+    settings: Settings = DEFAULT,
+    wait_for_agents: bool = False,
+) -> dict[str, Any]:
+    """Start a search (or resume one of that name with a compatible config) in this process,
+    run it to its budget, confirm its front and return its ``status``.
+
+    ``on_trial(completed, asked)`` is called after each trial.
+    """
+    runtime = settings.runtime(wait_for_agents=wait_for_agents)
+    prepared = prepare(search_config(config), runtime)
+    run_prepared(prepared, runtime, on_trial=on_trial)
+    if confirm:
+        confirm_prepared(prepared, runtime)
+    from search.study.retention import prune_artifacts
+
+    prune_artifacts(runtime)  # as the CLI does: the store keeps what jobs and fronts need
+    return status(prepared.config.name, settings=settings)
+
+
+def resume_search(name: str, *, trials: int | None = None, timeout_s: float | None = None,
+                  on_trial: TrialCallback | None = None, settings: Settings = DEFAULT) -> dict[str, Any]:
+    """Resume a stored search with its stored configuration and a new budget."""
+    from search.storage.repository import require_database
+    from search.study.controller import replace_budget
+    from search.study.runtime import find_record
+
+    runtime = settings.runtime()
+    require_database(runtime.db_url)
+    stored = SearchConfig.from_stored(find_record(name, runtime).config)
+    return run_search(replace_budget(stored, trials=trials, timeout_s=timeout_s), on_trial=on_trial,
+                      settings=settings)
+
+
+def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
+    from search.study.controller import prepare as prepare_search
+
+    _quiet_optuna()
+    return prepare_search(config, runtime)
+
+
+def run_prepared(prepared: Prepared, runtime: Runtime, *, on_trial: TrialCallback | None = None) -> None:
+    from search.study.controller import run_worker
+    from search.study.runtime import completed
+
+    def called(study: optuna.Study, _trial: Any = None) -> None:
+        if on_trial is not None:
+            on_trial(completed(study), prepared.config.trials)
+
+    run_worker(prepared.config.name, runtime, on_trial=called, prepared=prepared)
+
+
+def confirm_prepared(prepared: Prepared, runtime: Runtime,
+                     on_confirmed: Callable[[int, str, Any], None] | None = None) -> int:
+    from search.study.controller import confirm_front
+
+    return confirm_front(prepared, runtime, on_confirmed=on_confirmed)
+
+
+def _quiet_optuna() -> None:
+    import logging
+
+    import optuna
+
+    if logging.getLogger().level > logging.DEBUG:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study(name: str, settings: Settings) -> tuple[Any, optuna.Study]:
+    from search.storage.repository import require_database
+    from search.study.runtime import find_record, load_study
+
+    runtime = settings.runtime()
+    require_database(runtime.db_url)
+    record = find_record(name, runtime)
+    _quiet_optuna()
+    return record, load_study(record, runtime)
+
+
+def status(name: str, *, settings: Settings = DEFAULT) -> dict[str, Any]:
+    """A stored search's summary: trials by state, feasibility, failures, best trial, base figures."""
+    from search.study.read import summary
+
+    record, study = _study(name, settings)
+    return summary(record, study)
+
+
+def trials(name: str, *, settings: Settings = DEFAULT) -> list[dict[str, Any]]:
+    """Every trial of a stored search, as plain data (see ``search.study.read.trial_rows``)."""
+    from search.study.read import trial_rows
+
+    record, study = _study(name, settings)
+    return trial_rows(record, study)
+
+
+def pareto(name: str, *, target: str | None = None, settings: Settings = DEFAULT) -> list[dict[str, Any]]:
+    """The Pareto front of a stored search on ``target`` (default: its primary target)."""
+    from search.study.read import pareto_rows
+
+    record, study = _study(name, settings)
+    return pareto_rows(record, study, target or record.config["targets"][0])
+
+
+def export_trials(
+    name: str,
+    out: str | Path,
+    *,
+    trial: int | None = None,
+    front: bool = False,
+    finetune_steps: int = 0,
+    force: bool = False,
+    on_trial: Callable[[int, Path], None] | None = None,
+    on_confirmed: Callable[[int, str, Any], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    settings: Settings = DEFAULT,
+) -> list[dict[str, Any]]:
+    """Rebuild stored trials (``trial`` K, or the whole Pareto ``front``) bit-identically and
+    write each to a folder; returns their manifests (with ``folder``). ``on_total(n)`` is called
+    once the trials to export are known, ``on_trial(number, folder)`` after each is written.
+
+    Raises:
+        ConfigError: neither or both of ``trial`` and ``front``; no such completed trial; a
+            non-empty ``out`` without ``force``.
+        SearchError: the rebuilt model's ONNX differs from the measured one.
+    """
+    from search.storage.repository import require_database
+    from search.study.controller import load_prepared
+    from search.study.materialize import read_manifest, rebuild_trial, write_model_dir
+    from search.study.read import base_latency_us, pareto_rows, trial_points
+    from search.study.runtime import load_study
+
+    if (trial is None) == (not front):
+        raise ConfigError("give exactly one of --trial K or --pareto")
+    folder_root = Path(out)
+    check_output_folder(folder_root, force=force)
+    runtime = settings.runtime()
+    require_database(runtime.db_url)
+    _quiet_optuna()
+    prepared = load_prepared(name, runtime)
+    record, config = prepared.record, prepared.config
+    study = load_study(record, runtime)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial is not None:
+        if trial not in by_number or by_number[trial].state.name != "COMPLETE":
+            done = sorted(n for n, t in by_number.items() if t.state.name == "COMPLETE")
+            raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
+        numbers = [trial]
+    else:
+        confirm_prepared(prepared, runtime, on_confirmed)  # the front is exported with confirmed figures only
+        numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
+    if on_total is not None:
+        on_total(len(numbers))
+    base_latency = base_latency_us(record, study)
+    points = {p.trial: p for p in trial_points(study, record)}
+    manifests = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in numbers:
+            attrs = by_number[number].user_attrs
+            point = points[number]
+            rebuilt = rebuild_trial(
+                bundle=prepared.bundle, space=prepared.space, config=config, attrs=attrs,
+                base_signature=record.base["signature"], artifact_dir=Path(tmp),
+                batch_size=prepared.profiles[0].batch_size, finetune_steps=finetune_steps,
+            )
+            folder = folder_root / f"trial-{number}" if front else folder_root
+            write_model_dir(folder, bundle=prepared.bundle, plan=rebuilt.plan, pruned=rebuilt.pruned,
+                            artifact=rebuilt.artifact, importance=config.importance,
+                            nm_criterion=config.nm_criterion, model_spec=config.model_spec,
+                            ignored_layers=config.ignored_layers, extra={
+                                "search": name, "trial": number, "error": attrs["error"],
+                                "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
+                                "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
+                                "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
+                                "latency_confirmed": dict(point.confirmed),
+                                "reward": attrs.get("reward"),
+                                "finetune_steps": rebuilt.finetune_steps,
+                                "extra_finetune_steps": finetune_steps,
+                                "recovery": rebuilt.recovery,
+                                "targets": list(config.targets),
+                                "measured_onnx_sha256": attrs["artifact_sha256"],
+                                "error_after_extra_finetune": rebuilt.error,
+                            })
+            manifests.append(read_manifest(folder) | {"folder": str(folder)})
+            if on_trial is not None:
+                on_trial(number, folder)
+    return manifests
+
+
+def report(name: str, out: str | Path, *, force: bool = False, settings: Settings = DEFAULT) -> dict[str, Any]:
+    """Write ``out/index.html`` with PNG plots of a stored search (see ``search.study.report``);
+    returns what each plot draws."""
+    from search.study.report import write_report
+
+    folder = Path(out)
+    check_output_folder(folder, force=force)
+    record, study = _study(name, settings)
+    return write_report(record, study, folder)
