@@ -1,31 +1,41 @@
-"""Search quality on the digits example: hwprune (tpe, amc) against random search and a
-uniform-ratio sweep, at the same trial budget and the same recovery fine-tuning.
+"""Search quality: hwprune's samplers against uniform pruning, random search and NetAdapt, at the
+same trial budget and the same per-trial recovery.
 
 Every method runs through the same pipeline (plan -> prune -> recover -> error -> ONNX -> paired
 latency on cpu-ort-fp32 -> reward) in one SQLite database, so an architecture measured once is
-shared by all methods. The uniform sweep evaluates every keep-ratio of the grid applied to all
-groups (same rounding to multiples of 16): fewer plans than the budget, as a sweep has.
+shared by all methods and seeds (the latency cache). Methods:
 
-Reported per method and seed:
-  * at equal accuracy: the fastest model whose accuracy is within 0.5 point of the best uniform
-    model's, and its latency over the fastest such uniform model;
-  * the hypervolume of the (error, latency / base latency) front against the reference point
-    (error 0.10, latency ratio 1.05): larger is better.
+* ``uniform``: every keep-ratio of the grid applied to all groups (a sweep: fewer trials);
+* ``random``, ``tpe``, ``amc``: the scalar reward; ``nsga2``: (error, latency) as two objectives;
+* ``tpe-sens``: ``tpe`` started from the sensitivity scan (``--sensitivity-start``);
+* ``netadapt``: NetAdapt's greedy walk (``--sampler netadapt``) on the same scan.
 
-Methods: ``tpe``, ``amc`` and ``random`` optimise the scalar reward; ``tpe-pareto`` and
-``nsga2-pareto`` optimise (error, latency) as two objectives.
+The scans (one per search of ``tpe-sens``/``netadapt``: each group alone at each option, no
+recovery) are not trials; their time is reported in the method's wall time.
 
-A seed here is the search's ``seed``, and it varies everything random in a search: the sampler,
-the recovery's held-out slice of the training data, its batch order (and so the batches adaptive
-batch-norm sees) and torch's generator during recovery (see ``search.pipeline.recovery``). Two seeds are
-two independent searches, not one search re-sampled.
+Reported per method, as median and range over seeds:
 
-Run by hand: ``.venv/bin/python bench/search_quality.py [--trials 24] [--seeds 0 1 2]``.
+* **latency vs uniform at equal accuracy**: for each pruned rung of the uniform sweep, the fastest
+  model of the method whose accuracy is within 0.5 point of that rung's (or better), over the
+  fastest uniform model meeting the same bar; the geometric mean over rungs (below 1: faster than
+  uniform pruning at equal accuracy). *@best* is the same at the single bar of the best uniform
+  model (the dense one included), as in earlier versions of this benchmark;
+* **HV share**: the hypervolume of the method's (error, latency / base) front over the hypervolume
+  of the oracle front of that seed (every method's trials pooled), to the reference point
+  (dense error + 0.10, 1.05).
+
+A seed varies everything random in a search: the sampler, the recovery's held-out slice, batch
+order and torch's generator. Two seeds are two independent searches.
+
+Run by hand: ``.venv/bin/python bench/search_quality.py --example digits-distorted --trials 16
+--seeds 0 1 2 3 4``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import math
 import statistics
 import sys
 import tempfile
@@ -37,14 +47,14 @@ import optuna  # noqa: E402
 from _report import write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
-from search.pipeline.space import kept_units  # noqa: E402
 from search.study.controller import prepare, run_worker  # noqa: E402
 from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
 from search.study.read import trial_points  # noqa: E402
 from search.study.runtime import Runtime, load_study  # noqa: E402
+from search.study.sensitivity import to_params, uniform_indices  # noqa: E402
 
 TARGET = "cpu-ort-fp32"
-REFERENCE = (0.10, 1.05)
+BAR = 0.005  # half a point of accuracy
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
@@ -64,104 +74,140 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
     return area
 
 
-# method -> (sampler, objective). "uniform" runs the grid as enqueued trials.
+# method -> (sampler, objective, sensitivity start). "uniform" runs the grid as enqueued trials.
 METHODS = {
-    "uniform": ("random", "reward"),
-    "random": ("random", "reward"),
-    "tpe": ("tpe", "reward"),
-    "amc": ("amc", "reward"),
-    "tpe-pareto": ("tpe", "pareto"),
-    "nsga2-pareto": ("nsga2", "pareto"),
+    "uniform": ("random", "reward", False),
+    "random": ("random", "reward", False),
+    "tpe": ("tpe", "reward", False),
+    "tpe-sens": ("tpe", "reward", True),
+    "amc": ("amc", "reward", False),
+    "nsga2": ("nsga2", "pareto", False),
+    "netadapt": ("netadapt", "reward", False),
 }
 
 
-def run_method(method: str, seed: int, trials: int, runtime: Runtime, recovery_steps: int) -> list[TrialPoint]:
-    sampler, objective = METHODS[method]
+def run_method(method: str, seed: int, trials: int, runtime: Runtime, example: str,
+               recovery_steps: int | None) -> list[TrialPoint]:
+    sampler, objective, start = METHODS[method]
     config = load_search_config(None, {
-        "name": f"{method}-s{seed}-r{recovery_steps}", "example": "digits", "targets": [TARGET],
+        "name": f"{method}-s{seed}", "example": example, "targets": [TARGET],
         "sampler": sampler, "objective": objective, "trials": trials, "seed": seed,
-        "recovery": {"steps": recovery_steps}, "error_floor": 1 / 360,
+        "recovery": {"steps": recovery_steps}, "sensitivity_start": start,
     })
     prepared = prepare(config, runtime)
     if method == "uniform":
         study = load_study(prepared.record, runtime)
         grid = sorted(set(config.keep_ratios))[:-1]  # 1.0 is the dense trial 0
         for ratio in grid:
-            params = {}
-            for group in prepared.space.groups:
-                kept = kept_units(group.size, max(ratio, min(group.ratios)), group.multiple)
-                params[f"keep:{group.name}"] = group.kept.index(kept)
-            study.enqueue_trial(params)
+            study.enqueue_trial(to_params(prepared.space, uniform_indices(prepared.space, ratio)))
         config = config.model_copy(update={"trials": len(grid) + 1})
         prepared.config = config
     run_worker(config.name, runtime, prepared=prepared)
     return trial_points(load_study(prepared.record, runtime))
 
 
+def _relative(points: list[TrialPoint]) -> dict[int, float]:
+    # Each search measured its own base model; compare latencies as ratios to that base (the
+    # paired, steady figure), not as absolute microseconds.
+    base = next(p for p in points if p.trial == 0).latency_us[TARGET]
+    return {p.trial: p.latency_us[TARGET] / base for p in points}
+
+
+def _fastest(points: list[TrialPoint], bar: float) -> float | None:
+    ratios = _relative(points)
+    meeting = [ratios[p.trial] for p in points if p.accuracy >= bar - 1e-12]
+    return min(meeting) if meeting else None
+
+
+def versus_uniform(points: list[TrialPoint], uniform: list[TrialPoint]) -> tuple[float, float]:
+    """(geometric mean over the uniform rungs, at the best uniform model's bar)."""
+    logs = []
+    for rung in uniform:
+        if rung.trial == 0:
+            continue
+        mine, theirs = _fastest(points, rung.accuracy - BAR), _fastest(uniform, rung.accuracy - BAR)
+        if theirs is not None:
+            logs.append(math.log((mine if mine is not None else 1.0) / theirs))
+    top = max(p.accuracy for p in uniform) - BAR
+    mine, theirs = _fastest(points, top), _fastest(uniform, top)
+    return math.exp(statistics.mean(logs)), (mine or 1.0) / (theirs or 1.0)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recovery-steps", type=int, default=40)
+    parser.add_argument("--example", default="digits-distorted")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--recovery-steps", type=int, default=None, help="Default: the search default.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--until", default=None,
+                        help="HH:MM UTC: start no new seed after this time (whole seeds only).")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
-    summary: dict[str, list[tuple[float, float]]] = {}
+    summary: dict[str, list[tuple[float, float, float]]] = {}
+    walls: dict[str, list[float]] = {}
+    done_seeds = []
     with tempfile.TemporaryDirectory() as tmp:
         runtime = Runtime(db_url=f"sqlite:///{tmp}/quality.db", cache_dir=cache_dir())
         for seed in args.seeds:
+            if args.until is not None and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= args.until:
+                print(f"deadline: seed {seed} and later not run", flush=True)
+                break
             started = time.perf_counter()
             methods = ["uniform", *(m for m in args.methods if m != "uniform")]
-            results = {m: run_method(m, seed, args.trials, runtime, args.recovery_steps) for m in methods}
-            # Each search measured its own base model; compare latencies as ratios to that base
-            # (the paired, steady figure), not as absolute microseconds.
-            def relative(points: list[TrialPoint]) -> dict[int, float]:
-                base = next(p for p in points if p.trial == 0).latency_us[TARGET]
-                return {p.trial: p.latency_us[TARGET] / base for p in points}
-
+            results = {}
+            for method in methods:
+                began = time.perf_counter()
+                results[method] = run_method(method, seed, args.trials, runtime, args.example, args.recovery_steps)
+                walls.setdefault(method, []).append(time.perf_counter() - began)
             uniform = results["uniform"]
-            threshold = max(p.accuracy for p in uniform) - 0.005
-
-            def fastest(points: list[TrialPoint], bar: float = threshold) -> tuple[TrialPoint, float]:
-                ratios = relative(points)
-                chosen = min((p for p in points if p.accuracy >= bar - 1e-12), key=lambda p: ratios[p.trial])
-                return chosen, ratios[chosen.trial]
-
-            _, uniform_ratio = fastest(uniform)
+            dense_error = next(p for p in uniform if p.trial == 0).error
+            reference = (dense_error + 0.10, 1.05)
+            pooled = [(p.error, _relative(points)[p.trial]) for points in results.values() for p in points]
+            oracle = hypervolume(pooled, reference)
             for method, points in results.items():
-                chosen, chosen_ratio = fastest(points)
-                versus = chosen_ratio / uniform_ratio
-                ratios = relative(points)
+                curve, at_best = versus_uniform(points, uniform)
+                ratios = _relative(points)
                 front = pareto_front(points, TARGET)
-                volume = hypervolume([(p.error, ratios[p.trial]) for p in front], REFERENCE)
-                summary.setdefault(method, []).append((versus, volume))
-                rows.append(
-                    f"| {seed} | {method} | {len(points)} | {100 * chosen.accuracy:.2f}% | "
-                    f"{chosen_ratio:.3f} | {versus:.3f} | {volume:.5f} |"
-                )
+                volume = hypervolume([(p.error, ratios[p.trial]) for p in front], reference)
+                share = volume / oracle if oracle > 0 else float("nan")
+                summary.setdefault(method, []).append((curve, at_best, share))
+                best = max(p.accuracy for p in points)
+                rows.append(f"| {seed} | {method} | {len(points)} | {100 * best:.2f}% | {curve:.3f} | "
+                            f"{at_best:.3f} | {100 * share:.1f}% | {walls[method][-1]:.0f} |")
                 print(rows[-1], flush=True)
+            done_seeds.append(seed)
             print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
-    means = [
-        f"| {m} | {statistics.mean(r for r, _ in v):.3f} | {statistics.mean(h for _, h in v):.5f} |"
+    medians = [
+        f"| {m} | {_spread([c for c, _, _ in v])} | {_spread([b for _, b, _ in v])} | "
+        f"{_spread([100 * s for _, _, s in v])} | {statistics.median(walls[m]):.0f} |"
         for m, v in summary.items()
     ]
     body = (
-        f"digits example, target `{TARGET}`, {args.trials} completed trials per searched method "
-        "(the uniform sweep: the 6 grid ratios below 1 plus dense), " f"{args.recovery_steps} "
-        f"recovery steps per trial, seeds {args.seeds}. *Latency vs uniform*: the fastest model "
-        "within 0.5 accuracy point of the best uniform model, over the fastest uniform model that "
-        "meets the same bar (below 1.0 means the search found faster models at equal accuracy). "
-        f"*HV*: hypervolume of the (error, latency/base) front to the reference {REFERENCE}.\n\n"
-        "| seed | method | trials | accuracy | latency / base | latency vs uniform | HV |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        "Means over seeds:\n\n| method | latency vs uniform | HV |\n|---|---|---|\n" + "\n".join(means) + "\n\n"
-        "Aim: searched <= 0.80x uniform latency at equal accuracy.\n"
+        f"Example `{args.example}`, target `{TARGET}`, {args.trials} completed trials per searched method "
+        "(trial 0, the dense model, included; the uniform sweep: the grid's ratios below 1 plus dense), "
+        f"recovery {'default (30 steps)' if args.recovery_steps is None else f'{args.recovery_steps} steps'} "
+        f"per trial, seeds {done_seeds}. *vs uniform*: latency of the fastest model within 0.5 point "
+        "of each uniform rung's accuracy over the fastest uniform model at that bar, geometric mean over "
+        "the rungs (*@best*: at the best uniform model's bar only). *HV share*: hypervolume of the "
+        "method's (error, latency/base) front over that of all methods' trials pooled (same seed), "
+        "reference (dense error + 0.10, 1.05). Median (min-max) over seeds.\n\n"
+        "| method | vs uniform | vs uniform @best | HV share % | wall s |\n|---|---|---|---|---|\n"
+        + "\n".join(medians) + "\n\nPer seed:\n\n"
+        "| seed | method | trials | best accuracy | vs uniform | @best | HV share | wall s |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    command = (f".venv/bin/python bench/search_quality.py --trials {args.trials} --seeds "
-               f"{' '.join(map(str, args.seeds))} --recovery-steps {args.recovery_steps}")
-    write_section(f"search-quality-r{args.recovery_steps}",
-                  f"Search quality, {args.recovery_steps} recovery steps (bench/search_quality.py)", command, body)
+    command = (f".venv/bin/python bench/search_quality.py --example {args.example} --trials {args.trials} "
+               f"--seeds {' '.join(map(str, args.seeds))}"
+               + (f" --recovery-steps {args.recovery_steps}" if args.recovery_steps is not None else "")
+               + (f" --until {args.until}" if args.until is not None else ""))
+    write_section(f"search-quality-{args.example}",
+                  f"Search quality on {args.example} (bench/search_quality.py)", command, body)
 
 
 if __name__ == "__main__":

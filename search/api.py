@@ -460,6 +460,8 @@ def export_trials(
         on_total(len(numbers))
     base_latency = base_latency_us(record, study)
     points = {p.trial: p for p in trial_points(study, record)}
+    # Export recovers as long as the search's final recovery did (--final-steps), unless told otherwise.
+    finetune_steps = finetune_steps or config.final_steps
     manifests = []
     with tempfile.TemporaryDirectory() as tmp:
         for number in numbers:
@@ -487,6 +489,10 @@ def export_trials(
                                 "targets": list(config.targets),
                                 "measured_onnx_sha256": attrs["artifact_sha256"],
                                 "error_after_extra_finetune": rebuilt.error,
+                                # Multi-fidelity: the search-time error beside the final one.
+                                "search_error": attrs["error"],
+                                **({"final_error": rebuilt.error, "final_accuracy": 1.0 - rebuilt.error,
+                                    "final_steps": finetune_steps} if rebuilt.error is not None else {}),
                             })
             manifests.append(read_manifest(folder) | {"folder": str(folder)})
             if on_trial is not None:

@@ -133,7 +133,6 @@ class RecoverySettings(_Section):
     before version 2 existed keep it, so that they resume and re-materialise as they were scored
     (see ``SearchConfig.from_stored``); the fields version 1 has no use for are ignored."""
 
-    version: Literal[1, 2] = 2
     steps: Annotated[int, Field(ge=0, le=1_000_000)] = 30
     lr: Annotated[float, Field(gt=0, le=10)] = 3e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -142,6 +141,7 @@ class RecoverySettings(_Section):
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     threads: Annotated[int, Field(ge=1, le=256)] = 1
+    version: Literal[1, 2] = 2
 
 
 class ScreeningSettings(_Section):
@@ -167,7 +167,12 @@ class SearchConfig(_Section):
     model: Annotated[str, Field(pattern=r"^[\w.]+:\w+$")] | None = None
     targets: Annotated[list[str], Field(min_length=1)] = ["cpu-ort-fp32"]
     objective: Literal["reward", "pareto"] = "reward"
-    sampler: Literal["tpe", "nsga2", "random", "amc"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "amc", "netadapt"] = "tpe"
+    # Scan each group's sensitivity first and enqueue the uniform ladder and greedy plans from it
+    # (search.study.sensitivity); netadapt always scans (the scan is its latency table).
+    sensitivity_start: bool = False
+    # Fine-tuning steps of the final recovery of the Pareto set when a search ends (0: none).
+    final_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     trials: Annotated[int, Field(ge=1, le=1_000_000)] | None = 20
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     constraints: ConstraintsConfig = ConstraintsConfig()
@@ -263,7 +268,7 @@ def resolve_error_floor(config: SearchConfig, base_error: float) -> float:
     return min(0.99, base_error + DEFAULT_ERROR_TOLERANCE)
 
 
-RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures"})
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures", "final_steps"})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:

@@ -139,12 +139,20 @@ def space_command(
     model: ModelOpt = None,
     profile: ProfilesOpt = None,
     ignore: IgnoreOpt = None,
+    sensitivity: Annotated[bool, typer.Option(
+        "--sensitivity", help="Each group cut alone at each option: error without recovery and latency "
+                              "saved (a stored search's scan with --search, else scanned now, error only).")] = False,
+    search_name: Annotated[str | None, typer.Option("--search", help="With --sensitivity: a stored search.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="With --search: database URL.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the pruning space of a model for the given targets."""
     with handle_errors():
         from search.pipeline.space import build_space
 
+        if sensitivity:
+            _show_sensitivity(example, model, profile, ignore, search_name, db, as_json)
+            return
         bundle = bundle_from_options(example, model)
         profiles = profiles_from_options(profile)
         space = build_space(bundle.model, bundle.example_input, profiles, ignored=ignore or ())
@@ -174,11 +182,52 @@ def space_command(
             out.print(f"note: {name}: {note}", highlight=False, style="dim")
 
 
+def _show_sensitivity(example: str | None, model: str | None, profile: list[str] | None,
+                      ignore: list[str] | None, search_name: str | None, db: str | None, as_json: bool) -> None:
+    from search.pipeline.bundle import seeded_error
+    from search.pipeline.space import build_space
+    from search.study import sensitivity
+
+    if search_name is not None:
+        from search.config import cache_dir, db_url
+        from search.study.runtime import Runtime, find_record, load_study
+
+        runtime = Runtime(db_url=db_url(db), profile_dirs=state.profile_dirs, cache_dir=cache_dir())
+        found = sensitivity.stored(load_study(find_record(search_name, runtime), runtime))
+        if found is None:
+            raise ConfigError(f"search {search_name!r} has no sensitivity scan: searches scan when started with "
+                              "--sensitivity-start or --sampler netadapt")
+    else:
+        bundle = bundle_from_options(example, model)
+        space = build_space(bundle.model, bundle.example_input, profiles_from_options(profile),
+                            ignored=ignore or ())
+        found = sensitivity.scan(bundle, space, seed=0, base_error=seeded_error(bundle, bundle.model, 0))
+    if as_json:
+        echo_json(found.to_dict())
+        return
+    table = Table("group", "kept", "ratio", "error", "error added (pts)", "latency / base", "saved per pt",
+                  title=f"sensitivity: each group cut alone, no recovery (base error {found.base_error:.4f})")
+    for cut in found.cuts:
+        added = cut.error - found.base_error
+        saved = None if cut.latency_ratio is None else 1 - cut.latency_ratio
+        table.add_row(cut.group, str(cut.kept), f"{cut.ratio:g}", f"{cut.error:.4f}", f"{100 * added:+.2f}",
+                      "-" if cut.latency_ratio is None else f"{cut.latency_ratio:.3f}",
+                      "-" if saved is None else f"{saved / max(0.1, 100 * added):.3f}")
+    out = stdout()
+    out.print(table)
+    if found.latency_source == "none":
+        out.print("latency skipped: no measurement cache for a model outside a search (give --search NAME of a "
+                  "search started with --sensitivity-start)", highlight=False, style="dim")
+    else:
+        out.print(f"latency on {found.target} from {found.latency_source}; scan took {found.elapsed_s:.1f} s",
+                  highlight=False, style="dim")
+
+
 plan_app = typer.Typer(help="Plan files: one point of a pruning space.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 app.add_typer(plan_app, name="plan")
 
 
-@plan_app.command("template")
+@plan_app.command("template", short_help="A plan file with every group, layer and option, to edit.")
 def plan_template(
     example: ExampleOpt = None,
     model: ModelOpt = None,
@@ -203,7 +252,7 @@ def plan_template(
         stdout().print(f"wrote {out}: {len(space.groups)} groups, {len(space.sparsity)} N:M layers", highlight=False)
 
 
-@app.command("export")
+@app.command("export", short_help="Write a pruned model (ONNX, weights, model.pt2, plan, manifest) to a folder.")
 def export_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],
     search_name: Annotated[
@@ -219,8 +268,10 @@ def export_command(
     ignore: IgnoreOpt = None,
     importance: Annotated[str, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = "magnitude",
     finetune_steps: Annotated[int, typer.Option(
-        help="Fine-tuning steps: with --plan, the recovery's; with SEARCH, extra steps after the trial's own.",
-        min=0)] = 0,
+        "--finetune-steps", "--final-steps", min=0,
+        help="Fine-tuning steps: with --plan, the recovery's; with SEARCH, extra steps after the trial's own "
+             "(default the search's --final-steps); the manifest holds the error after them beside the "
+             "search-time error.")] = 0,
     dynamo: Annotated[bool, typer.Option(help="Use the dynamo ONNX exporter.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")] = False,
     as_json: JsonOpt = False,

@@ -55,7 +55,7 @@ def profiles_list(
         stdout().print(table)
 
 
-@profiles_app.command("show")
+@profiles_app.command("show", short_help="Every setting of one profile, as a file that validates.")
 def profiles_show(
     name: Annotated[str, typer.Argument(help="Profile name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

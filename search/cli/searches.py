@@ -103,7 +103,7 @@ def db_upgrade(db: DbOpt = None) -> None:
         typer.echo(f"schema {before or 'empty'} -> {after} (head {head_revision()})")
 
 
-@db_app.command("prune-artifacts")
+@db_app.command("prune-artifacts", short_help="Remove ONNX artifacts no job or front needs.")
 def db_prune_artifacts(
     db: DbOpt = None,
     min_age: Annotated[float, typer.Option("--min-age", min=0, help="Spare artifacts younger than this "
@@ -175,6 +175,21 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
         else:
             _run_processes(prepared, runtime, workers, update)
     _confirm(prepared, runtime, as_json=as_json)
+    _final_recovery(prepared, runtime, as_json=as_json)
+
+
+def _final_recovery(prepared: Any, runtime: Any, *, as_json: bool) -> None:
+    """Recover the front for the configured ``final_steps`` and score it again."""
+    from search.study.final_recovery import recover_front
+
+    steps = prepared.config.final_steps
+    if steps <= 0:
+        return
+    console = stderr()
+    quiet = as_json or not console.is_terminal
+    with console.status(f"final recovery of the Pareto front ({steps} steps)", spinner="dots") \
+            if not quiet else nullcontext():
+        recover_front(prepared, runtime, steps=steps)
 
 
 def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> None:
@@ -285,7 +300,12 @@ def search_start(
         "--profile", "-p", help="Target profile (repeatable; the first is primary). Default: cpu-ort-fp32.")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", hidden=True, help="Old name of --profile.")] = None,
     objective: Annotated[str | None, typer.Option(help="reward or pareto. Default: reward.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2 or random. Default: tpe.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, amc, nsga2, random or netadapt. Default: tpe.")] = None,
+    sensitivity_start: Annotated[bool | None, typer.Option(
+        "--sensitivity-start", help="Scan each group's sensitivity first; enqueue the uniform ladder "
+                                    "and greedy plans from it.")] = None,
+    final_steps: Annotated[int | None, typer.Option(
+        "--final-steps", min=0, help="Fine-tuning steps of the final recovery of the Pareto set. Default: 0.")] = None,
     trials: Annotated[int | None, typer.Option(
         help="Completed trials to reach, trial 0 (the dense base model) included: N trials are the base "
              "and N-1 pruned candidates. Default: 20.")] = None,
@@ -330,6 +350,7 @@ def search_start(
             "recovery": {"steps": recovery_steps}, "importance": importance,
             "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
+            "sensitivity_start": sensitivity_start, "final_steps": final_steps,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
@@ -513,13 +534,19 @@ def _print_pareto(rows: list[dict[str, Any]], name: str, target: str) -> None:
     table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
                   title=f"Pareto front: error x latency on {target}")
+    final = any(row.get("final_error") is not None for row in rows)
+    if final:
+        steps = max(row["final_steps"] or 0 for row in rows)
+        table.add_column(f"final acc ({steps} steps)")
     for row in rows:
         low, high = row["speedup_interval"][target]
         table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
                       f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
                       f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
                       "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
-                      f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}")
+                      f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}",
+                      *([] if not final else ["-" if row["final_accuracy"] is None
+                                              else f"{100 * row['final_accuracy']:.2f}%"]))
     stdout().print(table)
     if any(not row["confirmed"][target] for row in rows):
         stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {name}` "
@@ -587,7 +614,7 @@ def export_from_search(
         echo_json(manifests)
 
 
-@app.command("report")
+@app.command("report", short_help="An HTML page with PNG plots of a search.")
 def report_command(
     name: Annotated[str, typer.Argument(help="Search name.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or new, unless --force).")],

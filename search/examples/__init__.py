@@ -1,5 +1,7 @@
 """Models by spec: the built-in examples (``digits``) and user plugins (``package.module:function``).
 
+``digits-distorted`` is the same digits drawn through seeded distortions, noise and occlusion:
+hard enough that uniform pruning loses accuracy, so that searches can be told apart.
 The examples train once on data shipped inside a package and are cached. ``zoo`` holds reference
 architectures built in code (ResNet-18, MobileNetV2, a timm-style transformer, a small Llama) for
 ``hwprune doctor``, the tests and the benchmarks: they are not trained and not a model hub.
@@ -11,8 +13,12 @@ import importlib
 from pathlib import Path
 
 from search.errors import ModelLoadError
-from search.examples.digits import EXAMPLES, digits
+from search.examples.digits import digits
+from search.examples.distorted_digits import NAME as DISTORTED
+from search.examples.distorted_digits import digits_distorted
 from search.pipeline.bundle import ModelBundle
+
+EXAMPLES = ("digits", DISTORTED)
 
 
 def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
@@ -23,6 +29,8 @@ def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
     """
     if name == "digits":
         return digits(cache_dir=cache_dir)
+    if name == DISTORTED:
+        return digits_distorted(cache_dir=cache_dir)
     raise ModelLoadError(
         f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
         "(or give a plugin as package.module:function)"

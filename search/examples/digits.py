@@ -22,8 +22,6 @@ from search.pipeline.bundle import ModelBundle, classification_error
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES = ("digits",)
-
 @dataclass(frozen=True, slots=True)
 class Recipe:
     """How the digits model is built and trained; every field keys the cache."""
@@ -99,28 +97,52 @@ def digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return images[train], labels[train], images[val], labels[val]
 
 
-def _cache_key(recipe: Recipe, images: torch.Tensor) -> str:
-    digest = hashlib.sha256(repr(recipe).encode())
+def _cache_key(recipe: str, images: torch.Tensor) -> str:
+    digest = hashlib.sha256(recipe.encode())
     digest.update(images.numpy().tobytes())
     digest.update(torch.__version__.split("+")[0].encode())
     return digest.hexdigest()[:16]
 
 
-def _train(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int, lr: float) -> None:
+def _train(name: str, model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int, lr: float) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * len(loader)
     )
     model.train()
-    with progress.task("training the digits example (once; then cached)", total=epochs) as advance:
+    with progress.task(f"training the {name} example (once; then cached)", total=epochs) as advance:
         for epoch in range(epochs):
             for inputs, targets in loader:
                 optimizer.zero_grad()
                 F.cross_entropy(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 schedule.step()
-            logger.info("digits: epoch %d/%d", epoch + 1, epochs)
+            logger.info("%s: epoch %d/%d", name, epoch + 1, epochs)
             advance(1)
+    model.eval()
+
+
+def cached_training(name: str, model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]], *,
+                    recipe: str, data: torch.Tensor, epochs: int, lr: float, cache_dir: Path) -> None:
+    """Load ``model``'s trained weights from the cache, or train it once and cache them.
+
+    The cache key covers the recipe, the training data and torch's version. Leaves ``model`` in
+    eval mode.
+    """
+    path = cache_dir / "examples" / f"{name}-{_cache_key(recipe, data)}.pt"
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        except Exception as exc:
+            logger.warning("ignoring unreadable cached %s model %s: %s", name, path, exc)
+            path.unlink(missing_ok=True)
+    if not path.is_file():
+        logger.warning("training the %s example once; cached at %s", name, path)
+        _train(name, model, loader, epochs, lr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), partial)
+        partial.replace(path)
     model.eval()
 
 
@@ -134,21 +156,8 @@ def digits(*, cache_dir: Path) -> ModelBundle:
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
     torch.manual_seed(recipe.seed)
     model = DigitsNet(recipe.widths)
-    path = cache_dir / "examples" / f"digits-{_cache_key(recipe, x_train)}.pt"
-    if path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, weights_only=True))
-        except Exception as exc:
-            logger.warning("ignoring unreadable cached digits model %s: %s", path, exc)
-            path.unlink(missing_ok=True)
-    if not path.is_file():
-        logger.warning("training the digits example once; cached at %s", path)
-        _train(model, train_loader, recipe.epochs, recipe.lr)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), partial)
-        partial.replace(path)
-    model.eval()
+    cached_training("digits", model, train_loader, recipe=repr(recipe), data=x_train, epochs=recipe.epochs,
+                    lr=recipe.lr, cache_dir=cache_dir)
     return ModelBundle(
         name="digits",
         model=model,

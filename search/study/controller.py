@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -33,7 +33,7 @@ from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
 from search.storage.models import utcnow
-from search.study import confirmation
+from search.study import confirmation, netadapt, sensitivity
 from search.study.confirmation import Confirmation
 from search.study.materialize import rebuild_trial
 from search.study.objective import KNOWN_ERRORS, SearchContext, run_trial
@@ -290,7 +290,19 @@ def run_worker(
         callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
         limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
                             max_consecutive_failures=config.max_consecutive_failures)
-        result = run_trials(study, storage, lambda trial: run_trial(trial, ctx), limits, callbacks=callbacks)
+        def objective(trial: optuna.Trial) -> float | list[float]:
+            return run_trial(trial, ctx)
+
+        scanned = None
+        if config.sampler == "netadapt" or (config.sensitivity_start and runtime.worker_index == 0):
+            scanned = sensitivity.prepare_start(study, ctx, enqueue=config.sampler != "netadapt")
+        if config.sampler == "netadapt" and scanned is not None:
+            netadapt.run(study, prepared.space, scanned, target=config.targets[0], budget=config.trials,
+                         run_batch=lambda n: run_trials(study, storage, objective, replace(limits, trials=n),
+                                                        callbacks=callbacks))
+            logger.info("netadapt: %d trials completed", completed(study))
+            return study
+        result = run_trials(study, storage, objective, limits, callbacks=callbacks)
         logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
                     runtime.worker_index, result.completed, result.failed, result.taken_over)
     return study

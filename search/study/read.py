@@ -16,6 +16,9 @@ from search.study import confirmation
 from search.study.pareto import TrialPoint, pareto_front
 from search.study.reward import reward
 
+# Study user attribute prefix of the final recovery's scores (``search.study.final_recovery``).
+FINAL_PREFIX = "final:"
+
 
 def error_floor_of(record: SearchRecord) -> float:
     """The reward's error floor as resolved when the search was created."""
@@ -244,6 +247,7 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
     shown = {p.trial: p for p in pareto_front([p for p in points if p.confirmed.get(target)], target)}
     shown.update({p.trial: p for p in pareto_front(points, target) if not p.confirmed.get(target)})
     for point in sorted(shown.values(), key=lambda p: (p.latency_us[target], p.error)):
+        final = study.user_attrs.get(f"{FINAL_PREFIX}{point.trial}")
         rows.append({
             "trial": point.trial,
             "error": point.error,
@@ -259,5 +263,9 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
             "macs": point.macs,
             "params": point.params,
             "reward": point.reward,
+            # After the final recovery (None before it): the long-recovery figure beside ``error``.
+            "final_error": final["error"] if final else None,
+            "final_accuracy": 1.0 - final["error"] if final else None,
+            "final_steps": final["steps"] if final else None,
         })
     return rows

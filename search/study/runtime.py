@@ -64,7 +64,7 @@ def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers
     seed = config.seed + worker_index
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        if config.sampler == "random":
+        if config.sampler in ("random", "netadapt"):  # netadapt enqueues its own plans
             return optuna.samplers.RandomSampler(seed=seed)
         if config.sampler == "nsga2":
             population = max(4, min(50, (config.trials or 40) // 4))

@@ -159,6 +159,9 @@ def test_help_shows_defaults_uncut_and_one_name_per_concept() -> None:
         assert result.exit_code == 0, result.output
         assert "…" not in result.stdout
         assert "--target" not in result.stdout and "-p, --profile" in result.stdout
+    for group in ([], ["search"], ["plan"], ["db"], ["profiles"], ["agents"]):
+        listing = runner.invoke(app, [*group, "--help"]).stdout  # off a terminal: 120 columns
+        assert "..." not in listing.replace("COMMAND [ARGS]...", ""), listing  # no command's help cut short
     start = runner.invoke(app, ["search", "start", "--help"]).stdout
     text = re.sub(r"\s+", " ", start)
     assert "Default: 20" in text and "trial 0 (the dense base model) included" in text

@@ -1,0 +1,120 @@
+"""NetAdapt (Yang et al., ECCV 2018) as a search strategy over Optuna's ask/tell.
+
+Each step lowers the latency target by ``decay`` of the base latency from the current model's
+measured latency. For each group, the smallest cut (the widest option) that the latency table
+(the sensitivity scan: per-group savings taken as additive) says meets the target becomes one
+candidate plan; the candidates are enqueued and run as ordinary trials (short recovery, error,
+export, paired measurement, stored like every other trial). Of the candidates whose *measured*
+latency meets the target, the most accurate becomes the next step's model (the fastest when
+none meets it). The loop ends at the trial budget or when no group can be cut further.
+
+The steps run one after another in one worker (each depends on the previous step's results).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.pipeline.space import SearchSpace
+from search.study.sensitivity import Sensitivity, to_params
+
+logger = logging.getLogger(__name__)
+
+STEP_KEY = "netadapt_step"
+# Study user attribute: the walk, one entry per step (target, trial kept, its latency and error).
+WALK_KEY = "netadapt_walk"
+DEFAULT_DECAY = 0.08
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One NetAdapt step: its latency target and the candidates (option index per group)."""
+
+    number: int
+    target_ratio: float
+    candidates: tuple[Mapping[str, int], ...]
+
+
+def candidates(space: SearchSpace, sensitivity: Sensitivity, current: Mapping[str, int],
+               target_ratio: float) -> list[dict[str, int]]:
+    """For each group, the widest cut below its current option whose estimated latency meets
+    ``target_ratio`` (the narrowest option when none does, if narrower than now)."""
+    found: list[dict[str, int]] = []
+    for group in space.groups:
+        now = current[group.name]
+        chosen: int | None = None
+        for index in range(now - 1, -1, -1):
+            trial = {**current, group.name: index}
+            chosen = index
+            if sensitivity.estimate(trial, space)[1] <= target_ratio:
+                break
+        if chosen is not None:
+            found.append({**current, group.name: chosen})
+    return found
+
+
+def _indices(space: SearchSpace, params: Mapping[str, object]) -> dict[str, int]:
+    return {g.name: int(params[f"keep:{g.name}"]) for g in space.groups}  # type: ignore[call-overload]
+
+
+def _latency_ratio(trial: FrozenTrial, target: str) -> float:
+    return float(trial.user_attrs["latency"][target]["ratio"])
+
+
+def run(
+    study: optuna.Study,
+    space: SearchSpace,
+    sensitivity: Sensitivity,
+    *,
+    target: str,
+    budget: int | None,
+    run_batch: Callable[[int], object],
+    decay: float = DEFAULT_DECAY,
+) -> int:
+    """Drive NetAdapt's steps until ``budget`` completed trials (``None``: until nothing can be
+    cut). ``run_batch(n)`` runs trials until the study holds ``n`` completed ones (it claims the
+    enqueued ones first). A resumed search walks again from the dense model (its measurements
+    are cached by then). Returns the steps run."""
+    current = {g.name: len(g.kept) - 1 for g in space.groups}
+    study.set_user_attr(WALK_KEY, [])
+    current_ratio = 1.0
+    steps = 0
+    while True:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if budget is not None and len(done) >= budget:
+            break
+        target_ratio = current_ratio - decay
+        proposals = candidates(space, sensitivity, current, target_ratio)
+        if not proposals:
+            logger.info("netadapt: nothing left to cut after %d steps", steps)
+            break
+        steps += 1
+        for indices in proposals:
+            study.enqueue_trial(to_params(space, indices), user_attrs={STEP_KEY: steps})
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        goal = len(done) + len(waiting)  # the dense trial 0 may still be waiting before step 1
+        run_batch(goal if budget is None else min(goal, budget))
+        ran = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.user_attrs.get(STEP_KEY) == steps and "latency" in t.user_attrs]
+        if not ran:
+            break
+        meeting = [t for t in ran if _latency_ratio(t, target) <= target_ratio]
+        if meeting:
+            chosen = min(meeting, key=lambda t: (t.user_attrs["error"], _latency_ratio(t, target)))
+        else:
+            chosen = min(ran, key=lambda t: _latency_ratio(t, target))
+        current = _indices(space, chosen.params)
+        current_ratio = _latency_ratio(chosen, target)
+        walk = list(study.user_attrs.get(WALK_KEY, []))
+        walk.append({"step": steps, "target_ratio": target_ratio, "trial": chosen.number,
+                     "latency_ratio": current_ratio, "error": chosen.user_attrs["error"],
+                     "met": bool(meeting), "candidates": len(ran)})
+        study.set_user_attr(WALK_KEY, walk)
+        logger.info("netadapt step %d: target %.3f, kept trial %d (latency %.3f, error %.4f)", steps,
+                    target_ratio, chosen.number, _latency_ratio(chosen, target), chosen.user_attrs["error"])
+    return steps
