@@ -144,6 +144,17 @@ class RecoverySettings(_Section):
     version: Literal[1, 2] = 2
 
 
+class ScreeningSettings(_Section):
+    """When ``latency`` is ``hybrid`` or ``predicted`` (see ``search.study.screening``): a target's
+    latency is predicted only after ``min_measured`` measured trials, while the predictor's
+    held-out mean error is at most ``max_mape`` and (hybrid) the candidate's 90% interval is
+    within +-``max_rel_halfwidth`` of its prediction."""
+
+    min_measured: Annotated[int, Field(ge=2, le=100_000)] = 12
+    max_mape: Annotated[float, Field(gt=0, le=1)] = 0.03
+    max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.06
+
+
 class SearchConfig(_Section):
     """Everything that defines a search. Merged once: defaults < YAML file < flags.
 
@@ -177,6 +188,11 @@ class SearchConfig(_Section):
     error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None
     seed: int = 0
     max_consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    # measured: every new architecture is timed. hybrid: predicted where the predictor is
+    # trusted, measured where it is not or where the trial could reach a front. predicted: the
+    # predictor alone once trusted (fronts are measured at confirmation).
+    latency: Literal["measured", "hybrid", "predicted"] = "measured"
+    screening: ScreeningSettings = ScreeningSettings()
 
     @model_validator(mode="after")
     def _one_model_and_a_budget(self) -> SearchConfig:

@@ -8,7 +8,7 @@ import sys
 from search.cli._app import app
 
 # Each module adds its commands to ``app`` when imported; this order is the order of `hwprune --help`.
-COMMAND_MODULES = ("profiles", "model", "agents", "doctor", "searches")
+COMMAND_MODULES = ("profiles", "model", "agents", "doctor", "searches", "latency_model")
 for _module in COMMAND_MODULES:
     importlib.import_module(f"search.cli.{_module}")
 

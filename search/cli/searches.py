@@ -327,6 +327,9 @@ def search_start(
     ignore: Annotated[list[str] | None, typer.Option(
         "--ignore", help="Layer never to prune (repeatable). Default: none.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed. Default: 0.")] = None,
+    latency: Annotated[str | None, typer.Option(
+        "--latency", help="measured (default: every new architecture timed), hybrid (predicted where the "
+                          "predictor is trusted and the trial cannot reach a front) or predicted.")] = None,
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
@@ -340,7 +343,7 @@ def search_start(
         config = load_search_config(config_file, {
             "name": name, "example": example, "model": model, "targets": (profile or []) + (target or []) or None,
             "ignored_layers": ignore,
-            "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout,
+            "objective": objective, "sampler": sampler, "trials": trials, "timeout_s": timeout, "latency": latency,
             "constraints": {"latency_budget_us": latency_budget_us,
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},

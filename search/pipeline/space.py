@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -200,6 +201,32 @@ class SearchSpace:
     def uniform_plan(self, ratio: float) -> Plan:
         """Every group at the same keep-ratio (clipped to each group's lowest offer), no N:M."""
         return Plan(channels={g.name: max(ratio, min(g.ratios)) for g in self.groups})
+
+    def random_plan(self, rng: random.Random) -> Plan:
+        """A plan drawn uniformly: each group's kept count and each layer's N:M choice."""
+        channels = {g.name: g.ratios[rng.randrange(len(g.ratios))] for g in self.groups}
+        sparsity = {s.layer: rng.choice((DENSE, *s.patterns)) for s in self.sparsity}
+        return Plan(channels=channels, sparsity={k: v for k, v in sparsity.items() if v != DENSE})
+
+    def layer_widths(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per Conv/Linear layer whose width a plan can change: the input widths and the output
+        widths it can run at (the other side at its base width is left out: callers fill it in).
+        Channel groups only (attention heads are left out). For latency lookup tables."""
+        searchable = {g.name: g for g in self.groups}
+        inputs: dict[str, set[int]] = {}
+        outputs: dict[str, set[int]] = {}
+        for info in self._infos:
+            choice = searchable.get(info.name)
+            if choice is None or info.kind != "channels":
+                continue
+            widths = {k * info.unit_width for k in choice.kept}
+            for member in info.members:
+                if member not in info.consumers:
+                    outputs.setdefault(member, set()).update(widths)
+            for consumer in info.consumers:
+                inputs.setdefault(consumer, set()).update(widths)
+        return {name: (tuple(sorted(inputs.get(name, ()))), tuple(sorted(outputs.get(name, ()))))
+                for name in sorted(set(inputs) | set(outputs))}
 
     def to_dict(self) -> dict[str, Any]:
         return {

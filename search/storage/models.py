@@ -139,3 +139,23 @@ class JobRow(Base):
     done_by_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class LatencyModelRow(Base):
+    """A latency model's fitted state (JSON), one row per saved version: searches, workers and the
+    hub share it through the database."""
+
+    __tablename__ = "hwprune_latency_models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_hwprune_latency_models_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    kind: Mapped[str] = mapped_column(String(50), nullable=False)
+    profile: Mapped[str] = mapped_column(String(100), nullable=False)
+    profile_fingerprint: Mapped[str] = mapped_column(String(16), nullable=False)
+    base_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    n_samples: Mapped[int] = mapped_column(Integer, nullable=False)
+    held_out_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    state_json: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)

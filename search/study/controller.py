@@ -27,6 +27,7 @@ from search.config import SearchConfig, incompatibilities, resolve_error_floor, 
 from search.errors import ConfigError, StorageError
 from search.examples import load_bundle
 from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.features import architecture_features
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
@@ -48,6 +49,7 @@ from search.study.runtime import (
     package_versions,
     study_name,
 )
+from search.study.screening import Screening
 from search.study.trial_loop import LoopLimits, TrialCallback, run_trials
 
 logger = logging.getLogger(__name__)
@@ -283,6 +285,7 @@ def run_worker(
             artifact_dir=scratch, batch_size=prepared.profiles[0].batch_size,
             base_error=record.base["error"], base_signature=record.base["signature"],
             error_floor=error_floor_of(record),
+            screening=_screening(prepared, meters, repo),
         )
         callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
         limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
@@ -303,6 +306,15 @@ def run_worker(
         logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
                     runtime.worker_index, result.completed, result.failed, result.taken_over)
     return study
+
+
+def _screening(prepared: Prepared, meters: list[Meter], repo: Repository) -> Screening | None:
+    """The hybrid/predicted latency screen (None when every latency is measured)."""
+    if prepared.config.latency == "measured":
+        return None
+    bundle = prepared.bundle
+    base = architecture_features(bundle.model, bundle.example_input)
+    return Screening(prepared.config, meters, repo, base=base, base_fingerprint=prepared.record.base_fingerprint)
 
 
 ConfirmCallback = Callable[[int, str, Confirmation], None]
@@ -366,11 +378,13 @@ def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
                 batch_size=prepared.profiles[0].batch_size).artifact
             repo.put_artifact_file(remade.path, point.artifact_sha256)  # a remote job needs it
             os.replace(remade.path, path)
-    first = point.first_session[target]
-    found = [first]
+    # A predicted latency is not a session: a predicted trial gets two (or three) measured ones.
+    predicted = bool(point.predicted.get(target))
+    found = [] if predicted else [point.first_session[target]]
     started = time.perf_counter()
     while confirmation.needs_another(found):
-        measured = meter.confirm(path, point.artifact_sha256, point.signature, session=len(found)).result()
+        measured = meter.confirm(path, point.artifact_sha256, point.signature,
+                                 session=len(found) + predicted).result()
         found.append(confirmation.Session(measured.ratio, measured.ratio_ci))
     verdict = confirmation.conclude(found, elapsed_s=time.perf_counter() - started)
     logger.info("trial %d on %s: ratio %s -> %.4f", point.trial, target,

@@ -20,14 +20,17 @@ from typing import Any
 import optuna
 
 from latency_models import LatencyError, Meter
+from latency_models.meter import Pending, TargetLatency
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.features import architecture_features
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
 from search.study.reward import reward
+from search.study.screening import MEASURED, PREDICTED, Screening
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class SearchContext:
     base_error: float
     base_signature: str
     error_floor: float = 0.0
+    screening: Screening | None = None  # None: every latency measured
 
     @property
     def recovery(self) -> RecoveryConfig:
@@ -113,13 +117,29 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
                                batch_size=ctx.batch_size)
         # Into the artifact store (the hub serves remote jobs from it); the database gets its name.
         ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
+    features = None
+    if ctx.screening is not None:
+        with _stage(trial, "features", times):
+            features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
     latencies = {}
+    sources: dict[str, str] = {}
+    screened: dict[str, str] = {}
     try:
         # Meters that measure in the background (remote jobs) start first, so every device works at once.
         pending = []
         for meter in sorted(ctx.meters, key=lambda m: not m.background):
-            with _stage(trial, f"measure:{meter.profile.name}", times):
-                pending.append((meter.profile.name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+            name = meter.profile.name
+            with _stage(trial, f"measure:{name}", times):
+                if ctx.screening is not None and features is not None:
+                    decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
+                    screened[name] = decision.reason
+                    if not decision.measure and decision.prediction is not None:
+                        pending.append((name, _predicted(meter, decision.prediction.ratio,
+                                                         (decision.prediction.low, decision.prediction.high))))
+                        sources[name] = PREDICTED
+                        continue
+                pending.append((name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
+                sources[name] = MEASURED
         for name, waiting in pending:
             with _stage(trial, f"measure:{name}", times):
                 latencies[name] = waiting.result()
@@ -134,7 +154,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "accuracy": 1.0 - error,
         "reward": score,
         "latency_us": {name: t.latency_us for name, t in latencies.items()},
-        "latency": {name: t.to_dict() for name, t in latencies.items()},
+        "latency": {name: t.to_dict() | {"source": sources[name]} for name, t in latencies.items()},
+        "latency_source": sources,
         "macs": pruned.macs,
         "params": pruned.params,
         "kept": dict(pruned.kept),
@@ -142,12 +163,22 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         "artifact_sha256": artifact.sha256,
         "stage_s": times,
     }
+    if features is not None:
+        # The predictor's training data: shared by every worker through the study.
+        attrs["features"] = features.to_dict()
+        attrs["screening"] = screened
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     _set_constraints(trial, ctx, error, primary.latency_us)
     if ctx.config.objective == "pareto":
         return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
     return score
+
+
+def _predicted(meter: Meter, ratio: float, interval: tuple[float, float]) -> Pending:
+    latency = TargetLatency(meter.profile.name, ratio * meter.base_median_us, ratio, interval,
+                            ratio * meter.base_median_us, cached=False)
+    return Pending(lambda: latency)
 
 
 def _set_constraints(trial: optuna.Trial, ctx: SearchContext, error: float, latency_us: float) -> None:

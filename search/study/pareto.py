@@ -34,6 +34,8 @@ class TrialPoint:
     stage_s: Mapping[str, float] = field(default_factory=dict)
     constraints: Mapping[str, float] = field(default_factory=dict)
     kept: Mapping[str, int] = field(default_factory=dict)
+    # Targets whose first figure is a prediction (hybrid/predicted latency), not a session.
+    predicted: Mapping[str, bool] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:

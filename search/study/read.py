@@ -85,6 +85,7 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
                 stage_s=dict(attrs.get("stage_s", {})),
                 constraints=constraints,
                 kept={str(k): int(v) for k, v in dict(attrs.get("kept", {})).items()},
+                predicted={t: s == "predicted" for t, s in attrs.get("latency_source", {}).items()},
             )
         )
     return points

@@ -1,0 +1,215 @@
+"""``hwprune latency-model build|eval`` and ``hwprune predict``: latency models that predict a plan's
+latency ratio on a profile, with their held-out error (``latency_models.predictors``)."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from search.cli._app import (
+    DbOpt,
+    ExampleOpt,
+    IgnoreOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    bundle_from_options,
+    echo_json,
+    handle_errors,
+    state,
+    stdout,
+)
+from search.config import db_url, resolve_profile
+from search.errors import ConfigError
+
+latency_model_app = typer.Typer(help="Latency models: build a lookup table, evaluate on held-out data.",
+                                no_args_is_help=True)
+app.add_typer(latency_model_app, name="latency-model")
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Hardware profile.")]
+
+
+def _held_out_dict(held: Any) -> dict[str, Any] | None:
+    return None if held is None else held.to_dict()
+
+
+@latency_model_app.command("build")
+def build(
+    profile_name: ProfileOpt,
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    ignore: IgnoreOpt = None,
+    samples: Annotated[int, typer.Option(help="Random plans measured whole to fit the correction.", min=0,
+                                         max=10_000)] = 20,
+    name: Annotated[str | None, typer.Option(help="Model name; default lookup-table-<base>-<profile>.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random plans.")] = 0,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time every prunable layer at each kept-channel option on a local profile (NetAdapt's lookup
+    table), fit its correction on random plans measured whole, and store it."""
+    with handle_errors():
+        from latency_models import registry
+        from latency_models.predictors import LookupTableModel, time_layers, variants
+        from search.pipeline.features import architecture_features
+        from search.pipeline.onnx_export import export_onnx
+        from search.pipeline.space import apply, build_space
+        from search.storage import Repository
+        from search.storage.predictor_store import LatencyModelStore
+        from search.study.screening import model_name
+
+        profile = resolve_profile(profile_name, state.profile_dirs)
+        if profile.location != "local":
+            raise ConfigError(f"profile {profile.name!r} is remote: `latency-model build` times layers on this "
+                              "machine only (a remote batch job is not implemented); use --latency hybrid, "
+                              "which learns from the search's own remote measurements")
+        bundle = bundle_from_options(example, model)
+        space = build_space(bundle.model, bundle.example_input, [profile], ignored=ignore or ())
+        base = architecture_features(bundle.model, bundle.example_input)
+        layers = variants(base, {k: (ins or (base.by_name()[k].in_channels,), outs or (base.by_name()[k].out_channels,))
+                                 for k, (ins, outs) in space.layer_widths().items() if k in base.by_name()})
+        repo = Repository(db_url(db))
+        try:
+            with registry.get(profile.backend)(profile) as backend:
+                table = time_layers(backend, layers)
+                lut = LookupTableModel(base, table)
+                rng = random.Random(seed)
+                measured = []
+                with tempfile.TemporaryDirectory() as tmp:
+                    base_artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp) / "base",
+                                                batch_size=profile.batch_size)
+                    for _ in range(samples):
+                        plan = space.random_plan(rng)
+                        pruned = apply(bundle.model, bundle.example_input, space, plan,
+                                       calibration=bundle.train_loader)
+                        features = architecture_features(pruned.model, bundle.example_input, pruned.patterns)
+                        artifact = export_onnx(pruned.model, bundle.example_input, Path(tmp) / "plans",
+                                               batch_size=profile.batch_size)
+                        paired = backend.measure_paired(artifact.path, base_artifact.path)
+                        measured.append((features, paired.ratio))
+            lut.fit(measured)
+            stored = LatencyModelStore(repo.engine).save(
+                name or model_name(lut.kind, bundle.fingerprint(), profile.name), lut, profile=profile.name,
+                profile_fingerprint=profile.fingerprint(), base_fingerprint=bundle.fingerprint())
+        finally:
+            repo.close()
+        data = {"name": stored.name, "version": stored.version, "kind": stored.kind, "profile": profile.name,
+                "layers_timed": len(table), "samples": len(measured), "held_out": _held_out_dict(lut.held_out)}
+        if as_json:
+            echo_json(data)
+            return
+        stdout().print(f"stored {stored.name} v{stored.version}: {len(table)} layer shapes timed, "
+                       f"correction fitted on {len(measured)} measured plans", highlight=False)
+        _print_held_out(lut.held_out)
+
+
+def _print_held_out(held: Any) -> None:
+    if held is None:
+        stdout().print("held-out error: too few samples to say (it predicts with an infinite interval)",
+                       highlight=False)
+        return
+    stdout().print(
+        f"held-out ({held.n} samples, {5}-fold): {100 * held.within_5:.1f}% within +-5%, "
+        f"{100 * held.within_10:.1f}% within +-10%, MAPE {100 * held.mape:.2f}%, worst {100 * held.worst:.1f}%",
+        highlight=False)
+
+
+@latency_model_app.command("eval")
+def evaluate(
+    name: Annotated[str, typer.Argument(help="A stored latency model.")],
+    profile_name: ProfileOpt,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cross-validate a stored model on its own samples, now: each sample predicted by a model
+    fitted without it (share within +-5% / +-10%, MAPE, worst case)."""
+    with handle_errors():
+        from latency_models.predictors import from_state
+        from search.storage import Repository
+        from search.storage.predictor_store import LatencyModelStore
+        from search.storage.repository import require_database
+
+        profile = resolve_profile(profile_name, state.profile_dirs)
+        url = db_url(db)
+        require_database(url)
+        repo = Repository(url)
+        try:
+            stored = LatencyModelStore(repo.engine).get(name, profile=profile.name)
+        finally:
+            repo.close()
+        fitted = from_state(stored.state)
+        samples, fitted.samples = fitted.samples, []
+        held = fitted.fit(samples)
+        data = {"name": stored.name, "version": stored.version, "kind": stored.kind, "profile": stored.profile,
+                "profile_fingerprint_matches": stored.profile_fingerprint == profile.fingerprint(),
+                "samples": len(samples), "held_out": _held_out_dict(held)}
+        if as_json:
+            echo_json(data)
+            return
+        stdout().print(f"{stored.name} v{stored.version} ({stored.kind}, {stored.profile})", highlight=False)
+        _print_held_out(held)
+        if not data["profile_fingerprint_matches"]:
+            stdout().print("note: fitted on other settings of this profile (its fingerprint changed)",
+                           style="yellow", highlight=False)
+
+
+@app.command("predict")
+def predict(
+    plan_file: Annotated[Path, typer.Option("--plan", help="Plan YAML/JSON.")],
+    profile_name: ProfileOpt,
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    ignore: IgnoreOpt = None,
+    name: Annotated[str | None, typer.Option(help="Latency model; default the best stored one for this "
+                                                  "model and profile.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict a plan's latency ratio to the base model with a stored latency model."""
+    with handle_errors():
+        from search.pipeline.features import architecture_features
+        from search.pipeline.plan import Plan
+        from search.pipeline.space import apply, build_space
+        from search.storage import Repository
+        from search.storage.predictor_store import LatencyModelStore
+        from search.storage.repository import require_database
+
+        profile = resolve_profile(profile_name, state.profile_dirs)
+        plan = Plan.load(plan_file)
+        url = db_url(db)
+        require_database(url)
+        bundle = bundle_from_options(example, model)
+        repo = Repository(url)
+        try:
+            store = LatencyModelStore(repo.engine)
+            if name is not None:
+                stored = store.get(name, profile=profile.name)
+            else:
+                found = [s for s in store.for_target(profile_fingerprint=profile.fingerprint(),
+                                                     base_fingerprint=bundle.fingerprint())]
+                if not found:
+                    raise ConfigError(f"no latency model for this model on {profile.name!r}; build one with "
+                                      "`hwprune latency-model build` or run a search with --latency hybrid")
+                stored = min(found, key=lambda s: s.held_out.mape if s.held_out else float("inf"))
+        finally:
+            repo.close()
+        if stored.base_fingerprint != bundle.fingerprint():
+            raise ConfigError(f"latency model {stored.name!r} was fitted for another base model")
+        space = build_space(bundle.model, bundle.example_input, [profile], ignored=ignore or ())
+        pruned = apply(bundle.model, bundle.example_input, space, plan, calibration=bundle.train_loader)
+        features = architecture_features(pruned.model, bundle.example_input, pruned.patterns)
+        prediction = stored.model().predict(features)
+        data = {"model": stored.name, "version": stored.version, "ratio": prediction.ratio,
+                "interval": [prediction.low, prediction.high], "coverage": 0.9,
+                "held_out": _held_out_dict(stored.held_out)}
+        if as_json:
+            echo_json(data)
+            return
+        interval = (f"90% interval {prediction.low:.4f}-{prediction.high:.4f}" if prediction.high != float("inf")
+                    else "interval unknown (too few samples)")
+        stdout().print(f"ratio to the base model on {profile.name}: {prediction.ratio:.4f} ({interval}); "
+                       f"{stored.name} v{stored.version}", highlight=False)
