@@ -10,6 +10,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -146,23 +147,44 @@ def cached_training(name: str, model: nn.Module, loader: DataLoader[tuple[torch.
     model.eval()
 
 
-def digits(*, cache_dir: Path) -> ModelBundle:
-    """The ``digits`` example: trained on first use (about half a minute on 2 cores), then cached."""
-    recipe = DIGITS_RECIPE
-    x_train, y_train, x_val, y_val = digits_tensors(recipe.size)
+class TrainingRecipe(Protocol):
+    """What ``trained_bundle`` reads of an example's recipe."""
+
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def widths(self) -> tuple[int, ...]: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+
+
+def trained_bundle(name: str, recipe: TrainingRecipe,
+                   tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *,
+                   cache_dir: Path) -> ModelBundle:
+    """A ``DigitsNet`` example from its ``(x_train, y_train, x_val, y_val)``: trained once, cached."""
+    x_train, y_train, x_val, y_val = tensors
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=recipe.batch, shuffle=True,
                               generator=generator)
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
     torch.manual_seed(recipe.seed)
     model = DigitsNet(recipe.widths)
-    cached_training("digits", model, train_loader, recipe=repr(recipe), data=x_train, epochs=recipe.epochs,
+    cached_training(name, model, train_loader, recipe=repr(recipe), data=x_train, epochs=recipe.epochs,
                     lr=recipe.lr, cache_dir=cache_dir)
     return ModelBundle(
-        name="digits",
+        name=name,
         model=model,
         example_input=x_val[:1].clone(),
         train_loader=train_loader,
         val_loader=val_loader,
         error_fn=classification_error,
     )
+
+
+def digits(*, cache_dir: Path) -> ModelBundle:
+    """The ``digits`` example: trained on first use (about half a minute on 2 cores), then cached."""
+    return trained_bundle("digits", DIGITS_RECIPE, digits_tensors(DIGITS_RECIPE.size), cache_dir=cache_dir)

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from search.examples.digits import DigitsNet, cached_training
-from search.pipeline.bundle import ModelBundle, classification_error
+from search.examples.digits import trained_bundle
+from search.pipeline.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +101,7 @@ def distorted_tensors(recipe: DistortionRecipe = RECIPE) -> Tensors:
 def digits_distorted(*, cache_dir: Path) -> ModelBundle:
     """The ``digits-distorted`` example: trained on first use (about two minutes on 2 cores),
     then cached."""
-    recipe = RECIPE
-    x_train, y_train, x_val, y_val = distorted_tensors(recipe)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=recipe.batch, shuffle=True,
-                              generator=generator)
-    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
-    torch.manual_seed(recipe.seed)
-    model = DigitsNet(recipe.widths)
-    cached_training(NAME, model, train_loader, recipe=repr(recipe), data=x_train, epochs=recipe.epochs,
-                    lr=recipe.lr, cache_dir=cache_dir)
-    return ModelBundle(
-        name=NAME,
-        model=model,
-        example_input=x_val[:1].clone(),
-        train_loader=train_loader,
-        val_loader=val_loader,
-        error_fn=classification_error,
-    )
+    return trained_bundle(NAME, RECIPE, distorted_tensors(RECIPE), cache_dir=cache_dir)
 
 
 __all__ = ["NAME", "RECIPE", "DistortionRecipe", "digits_distorted", "distorted_tensors"]

@@ -277,6 +277,8 @@ def _loss(outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.T
 
 
 def _schedule(step: int, config: RecoveryConfig) -> float:
+    if config.version == 1:
+        return 1.0  # version 1 trained at a constant rate
     warm = max(1, round(config.warmup * config.steps)) if config.warmup > 0 else 0
     if step < warm:
         return (step + 1) / (warm + 1)
@@ -447,25 +449,7 @@ def _recover_version_1(
     generator = getattr(bundle.train_loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(config.seed)
-    teacher = bundle.model.eval() if config.distill > 0 else None
-    modules = dict(model.named_modules())
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    batches = _loader_order(bundle.train_loader)
-    for _ in range(config.steps):
-        inputs, targets = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
-        teacher_outputs = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_outputs = teacher(inputs)
-        _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        if masks:
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    modules[name].weight.mul_(mask)  # type: ignore[operator]
+    fine_tune(model, bundle, _loader_order(bundle.train_loader), replace(config, optimizer="sgd"), masks=masks)
     return RecoveryReport(model.eval(), "finetuned", 0.0, time.perf_counter() - started, 0.0, {})
 
 
