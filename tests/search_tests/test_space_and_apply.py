@@ -232,8 +232,8 @@ BAD_PLANS = [
     ({"channels": {"{g}": 1.5}}, r"ratio for '.*' must be in \[0.25, 1\], got 1.5"),
     ({"channels": {"{g}": 0.1}}, r"ratio for '.*' must be in \[0.25, 1\], got 0.1"),
     ({"channels": {"{g}": -0.5}}, r"must be in \[0.25, 1\], got -0.5"),
-    ({"channels": {"{g}": "half"}}, r"ratio for '.*' must be a number, got 'half'"),
-    ({"channels": {"{g}": True}}, r"must be a number, got True"),
+    ({"channels": {"{g}": "half"}}, r"channels for '.*' must be a kept count \(integer\) or .*, got 'half'"),
+    ({"channels": {"{g}": True}}, r"must be a kept count \(integer\) or a keep-ratio \(decimal\), got True"),
     ({"channels": {"fc": 0.5}}, r"unknown group 'fc'"),
     ({"sparsity": {"conv1": "2:4"}}, r"unknown N:M-eligible layer 'conv1'"),  # 3 input channels
     ({"sparsity": {"{s}": "1:4"}}, r"sparsity for '.*' must be one of dense, 2:4, got '1:4'"),
