@@ -43,7 +43,7 @@ from search.pipeline.features import architecture_features  # noqa: E402
 from search.pipeline.onnx_export import export_onnx  # noqa: E402
 from search.pipeline.space import apply, build_space  # noqa: E402
 
-LABELS = {"digits": "digits example (8x8)", "resnet18-full": "ResNet-18 @224", "mobilenetv2": "MobileNetV2 @224"}
+LABELS = {"digits": "digits example (16x16)", "resnet18-full": "ResNet-18 @224", "mobilenetv2": "MobileNetV2 @224"}
 
 
 def _model(name: str) -> tuple[Any, Any]:
