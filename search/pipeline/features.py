@@ -12,6 +12,17 @@ from torch import nn
 
 from latency_models.predictors import ArchitectureFeatures, LayerFeatures
 from latency_models.predictors.features import BYTES_PER_VALUE
+from search.pipeline.inputs import run
+
+
+def macs_per_output(layer: nn.Module) -> int:
+    """Multiply-accumulates per output value of a Conv2d or Linear (0 for anything else)."""
+    if isinstance(layer, nn.Linear):
+        return int(layer.in_features)
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return int(layer.in_channels // layer.groups) * int(kh) * int(kw)
+    return 0
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -39,8 +50,7 @@ def architecture_features(model: nn.Module, example: Any, patterns: Mapping[str,
             weights = sum(int(p.numel()) for p in mod.parameters(recurse=False))
             if isinstance(mod, nn.Conv2d):
                 in_hw, out_hw = _pair(tuple(x.shape[-2:])), _pair(tuple(output.shape[-2:]))
-                per_output = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-                macs = int(output[0].numel()) * per_output
+                macs = int(output[0].numel()) * macs_per_output(mod)
                 layer = LayerFeatures(
                     name=name, kind="conv", in_channels=mod.in_channels, out_channels=mod.out_channels,
                     groups=mod.groups, kernel=_pair(mod.kernel_size), stride=_pair(mod.stride),
@@ -70,12 +80,7 @@ def architecture_features(model: nn.Module, example: Any, patterns: Mapping[str,
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(example, Mapping):
-                model(**example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
+            run(model, example)
     finally:
         for handle in handles:
             handle.remove()

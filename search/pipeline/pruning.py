@@ -30,6 +30,7 @@ from torch import nn
 
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
+from search.pipeline.features import macs_per_output
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
@@ -118,36 +119,36 @@ class PrunedModel:
     warnings: tuple[str, ...] = ()
 
 
-def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str]]:
-    """MACs of every Conv2d/Linear for one example, and the order in which they ran."""
+def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str], dict[str, int]]:
+    """In one forward pass of ``example``: MACs of every Conv2d/Linear, the order in which they
+    ran, and the attention MACs of each prunable ``nn.MultiheadAttention`` (``_mha_modules``)."""
     macs: dict[str, int] = {}
     order: list[str] = []
+    mha_macs: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, _PRUNABLE):
 
             def hook(mod: nn.Module, _inp: Any, out: torch.Tensor, name: str = name) -> None:
-                per_output = _macs_per_output(mod)
+                per_output = macs_per_output(mod)
                 macs[name] = macs.get(name, 0) + int(out.numel()) * per_output
                 order.append(name)
 
             handles.append(module.register_forward_hook(hook))
+    for name, module in _mha_modules(model).items():
+
+        def mha_hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
+            tokens = int(out[0].numel()) // int(mod.embed_dim)
+            mha_macs[name] = mha_macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
+
+        handles.append(module.register_forward_hook(mha_hook))
     try:
         with torch.no_grad():
             run(model, example)
     finally:
         for handle in handles:
             handle.remove()
-    return macs, order
-
-
-def _macs_per_output(layer: nn.Module) -> int:
-    if isinstance(layer, nn.Linear):
-        return int(layer.in_features)
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return int(layer.in_channels // layer.groups) * int(kh) * int(kw)
-    return 0
+    return macs, order, mha_macs
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,25 +246,6 @@ def _mha_modules(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
         and module.bias_k is None and not module.add_zero_attn and module.num_heads > 1
     }
-
-
-def _mha_macs(model: nn.Module, example: ModelInput) -> dict[str, int]:
-    macs: dict[str, int] = {}
-    handles = []
-    for name, module in _mha_modules(model).items():
-
-        def hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
-            tokens = int(out[0].numel()) // int(mod.embed_dim)
-            macs[name] = macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs
 
 
 def _prune_mha_heads(model: nn.Module, info: GroupInfo, target: int, importance: str) -> None:
@@ -395,7 +377,7 @@ def discover(
     if unknown:
         known = ", ".join(n for n, m in modules.items() if isinstance(m, _PRUNABLE))
         raise PlanError(f"unknown layer(s) to ignore: {', '.join(unknown)}; layers: {known}")
-    macs, order = _layer_macs(model, example)
+    macs, order, mha_macs = _layer_macs(model, example)
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
     outputs, live = _output_layers(model, example)
@@ -415,7 +397,6 @@ def discover(
         for name, module in modules.items()
         if isinstance(module, _PRUNABLE)
     }
-    mha_macs = _mha_macs(model, example)
     total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
