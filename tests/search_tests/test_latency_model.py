@@ -133,7 +133,7 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
      "no database file"),
     (["latency-model", "eval", "nope", "-p", "no-such-profile", "--db", "sqlite:///{tmp}/x.db"], "no-such-profile"),
     (["latency-model", "build", "--example", "digits", "-p", "jetson-orin-trt-fp16", "--db", "sqlite:///{tmp}/x.db"],
-     "is remote"),
+     "no live agent serves remote profile"),
     (["predict", "--example", "digits", "--plan", "{tmp}/missing.yaml", "-p", "cpu-ort-fp32",
       "--db", "sqlite:///{tmp}/x.db"], "missing.yaml"),
     (["search", "start", "--name", "x", "--example", "digits", "--latency", "sometimes", "--trials", "2",
