@@ -5,10 +5,10 @@ Each job: download the ONNX artifact (and the reference, for a paired job) by sh
 bytes against the hash and with ``onnx.checker``, measure with the backend the profile names, post
 the result with the environment. A ``batch`` job (a lookup table's layers and plans) is served
 the same way in one lease, its progress sent with the heartbeats; a job of a kind this agent does
-not know is failed with a message that says so. While measuring, a heartbeat thread keeps the lease alive. When
-the hub is unreachable the agent retries with exponential backoff and keeps any finished result
-until the hub takes it. On SIGTERM it finishes the job in hand, posts it and exits; a second
-SIGTERM releases the job instead.
+not know is failed with a message that says so. While measuring, a heartbeat thread keeps the
+lease alive. When the hub is unreachable the agent retries with exponential backoff and keeps
+any finished result until the hub takes it. On SIGTERM it finishes the job in hand, posts it and
+exits; a second SIGTERM releases the job (a batch stops at its next measurement).
 """
 
 from __future__ import annotations
@@ -244,7 +244,6 @@ class Agent:
             reference = self._fetch(job.reference_sha256)
             return ResultBody.of(self._backend.measure_paired(artifact, reference).result())
         return ResultBody.of(MeasurementResult(self._backend.measure(artifact)))
-
 
     def _measure_batch(self, job: JobSpec, stop: Callable[[], bool]) -> BatchResultBody:
         """Every layer of the batch alone and every plan paired with the base, in this lease."""
