@@ -154,7 +154,7 @@ class ScreeningSettings(_Section):
 
     min_measured: Annotated[int, Field(ge=2, le=100_000)] = 12
     max_mape: Annotated[float, Field(gt=0, le=1)] = 0.03
-    max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.06
+    max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.10
     front_margin: Annotated[float, Field(ge=0, le=100)] | None = 1.0
 
 

@@ -102,18 +102,15 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
     repo = Repository(url)
     try:
         record = repo.get_search("hy")
-        # Every front is measured: at trial time (a predicted trial is dominated even at the low
-        # end of its interval) and at confirmation (a prediction is never a session).
+        # Every front is measured: at confirmation a predicted trial that surfaced gets measured
+        # sessions only (a prediction is never a session).
         front = pareto_front(trial_points(study, record), "fast")
         assert front
         verdicts = study.user_attrs
         for point in front:
-            # hybrid: never predicted at all; predicted: the figure shown is the confirmation's,
-            # from measured sessions only.
+            # The figure shown is the confirmation's, from measured sessions only.
             assert point.confirmed["fast"]
-            if mode == "hybrid":
-                assert not point.predicted.get("fast"), point.trial
-            elif point.predicted.get("fast") and point.signature != record.base["signature"]:
+            if point.predicted.get("fast") and point.signature != record.base["signature"]:
                 verdict = verdicts[f"confirm:fast:{point.signature}"]
                 assert len(verdict["sessions"]) >= 2 and point.ratio["fast"] == verdict["ratio"]
         if mode == "predicted":
