@@ -62,7 +62,9 @@ def main() -> None:
         + "\n" + "\n".join(rows) + "\n"
     )
     write_section("example-hardness", "Built-in examples: hard enough? (bench/example_hardness.py)",
-                  ".venv/bin/python bench/example_hardness.py " + " ".join(["--examples", *args.examples]), body)
+                  " ".join([".venv/bin/python bench/example_hardness.py", "--examples", *args.examples,
+                            "--ratios", *(f"{r:g}" for r in args.ratios)]
+                           + (["--cache", str(args.cache)] if args.cache else [])), body)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ Reported per method, as median and range over seeds:
   uniform pruning at equal accuracy). *@best* is the same at the single bar of the best uniform
   model (the dense one included), as in earlier versions of this benchmark;
 * **HV share**: the hypervolume of the method's (error, latency / base) front over the hypervolume
-  of the oracle front of that seed (every method's trials pooled), to the reference point
-  (dense error + 0.10, 1.05).
+  of the oracle front (every trial of every method and seed pooled, plus one random search of
+  ``--oracle-random`` times the budget), to the reference point (dense error + 0.10, 1.05).
 
 A seed varies everything random in a search: the sampler, the recovery's held-out slice, batch
 order and torch's generator. Two seeds are two independent searches.
@@ -86,11 +86,11 @@ METHODS = {
 }
 
 
-def run_method(method: str, seed: int, trials: int, runtime: Runtime, example: str,
-               recovery_steps: int | None) -> list[TrialPoint]:
+def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: dict[str, str],
+               recovery_steps: int | None, name: str | None = None) -> list[TrialPoint]:
     sampler, objective, start = METHODS[method]
     config = load_search_config(None, {
-        "name": f"{method}-s{seed}", "example": example, "targets": [TARGET],
+        "name": name or f"{method}-s{seed}", **source, "targets": [TARGET],
         "sampler": sampler, "objective": objective, "trials": trials, "seed": seed,
         "recovery": {"steps": recovery_steps}, "sensitivity_start": start,
     })
@@ -139,19 +139,24 @@ def _spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--example", default="digits-distorted")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--example", default=None, help="A built-in example (default digits-distorted).")
+    source.add_argument("--model", default=None,
+                        help="A model plugin MODULE:FUNCTION, e.g. zoo_plugin:resnet18_224 (bench/ is importable).")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--recovery-steps", type=int, default=None, help="Default: the search default.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--oracle-random", type=int, default=10,
+                        help="The oracle also pools one random search of this many times --trials (0: none).")
     parser.add_argument("--until", default=None,
                         help="HH:MM UTC: start no new seed after this time (whole seeds only).")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rows = []
-    summary: dict[str, list[tuple[float, float, float]]] = {}
+    spec = {"model": args.model} if args.model else {"example": args.example or "digits-distorted"}
+    label = args.model or spec["example"]
+    per_seed: dict[int, dict[str, list[TrialPoint]]] = {}
     walls: dict[str, list[float]] = {}
-    done_seeds = []
     with tempfile.TemporaryDirectory() as tmp:
         runtime = Runtime(db_url=f"sqlite:///{tmp}/quality.db", cache_dir=cache_dir())
         for seed in args.seeds:
@@ -159,55 +164,75 @@ def main() -> None:
                 print(f"deadline: seed {seed} and later not run", flush=True)
                 break
             started = time.perf_counter()
-            methods = ["uniform", *(m for m in args.methods if m != "uniform")]
-            results = {}
-            for method in methods:
+            results = per_seed.setdefault(seed, {})
+            for method in ["uniform", *(m for m in args.methods if m != "uniform")]:
                 began = time.perf_counter()
-                results[method] = run_method(method, seed, args.trials, runtime, args.example, args.recovery_steps)
+                results[method] = run_method(method, seed, args.trials, runtime, spec, args.recovery_steps)
                 walls.setdefault(method, []).append(time.perf_counter() - began)
-            uniform = results["uniform"]
-            dense_error = next(p for p in uniform if p.trial == 0).error
-            reference = (dense_error + 0.10, 1.05)
-            pooled = [(p.error, _relative(points)[p.trial]) for points in results.values() for p in points]
-            oracle = hypervolume(pooled, reference)
-            for method, points in results.items():
-                curve, at_best = versus_uniform(points, uniform)
-                ratios = _relative(points)
-                front = pareto_front(points, TARGET)
-                volume = hypervolume([(p.error, ratios[p.trial]) for p in front], reference)
-                share = volume / oracle if oracle > 0 else float("nan")
-                summary.setdefault(method, []).append((curve, at_best, share))
-                best = max(p.accuracy for p in points)
-                rows.append(f"| {seed} | {method} | {len(points)} | {100 * best:.2f}% | {curve:.3f} | "
-                            f"{at_best:.3f} | {100 * share:.1f}% | {walls[method][-1]:.0f} |")
-                print(rows[-1], flush=True)
-            done_seeds.append(seed)
+                print(f"seed {seed} {method}: {len(results[method])} trials, {walls[method][-1]:.0f} s", flush=True)
             print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+        oracle_points: list[TrialPoint] = []
+        oracle_trials = args.oracle_random * args.trials
+        if oracle_trials and per_seed:
+            began = time.perf_counter()
+            oracle_points = run_method("random", 10_000, oracle_trials, runtime, spec, args.recovery_steps,
+                                       name="oracle-random")
+            print(f"oracle random: {len(oracle_points)} trials, {time.perf_counter() - began:.0f} s", flush=True)
+    # The oracle front: every trial of every method and seed, plus the long random search. Each
+    # search is read as latency ratios to its own base measurement.
+    pooled = [(p.error, _relative(points)[p.trial])
+              for results in per_seed.values() for points in results.values() for p in points]
+    if oracle_points:
+        pooled += [(p.error, _relative(oracle_points)[p.trial]) for p in oracle_points]
+    dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
+    reference = (dense_error + 0.10, 1.05)
+    oracle = hypervolume(pooled, reference)
+    rows = []
+    summary: dict[str, list[tuple[float, float, float]]] = {}
+    for seed, results in per_seed.items():
+        uniform = results["uniform"]
+        for method, points in results.items():
+            curve, at_best = versus_uniform(points, uniform)
+            ratios = _relative(points)
+            front = pareto_front(points, TARGET)
+            volume = hypervolume([(p.error, ratios[p.trial]) for p in front], reference)
+            share = volume / oracle if oracle > 0 else float("nan")
+            summary.setdefault(method, []).append((curve, at_best, share))
+            best = max(p.accuracy for p in points)
+            wall = walls[method][list(per_seed).index(seed)]
+            rows.append(f"| {seed} | {method} | {len(points)} | {100 * best:.2f}% | {curve:.3f} | "
+                        f"{at_best:.3f} | {100 * share:.1f}% | {wall:.0f} |")
     medians = [
         f"| {m} | {_spread([c for c, _, _ in v])} | {_spread([b for _, b, _ in v])} | "
         f"{_spread([100 * s for _, _, s in v])} | {statistics.median(walls[m]):.0f} |"
         for m, v in summary.items()
     ]
+    oracle_text = (f"plus one random search of {len(oracle_points)} trials (seed 10000)" if oracle_points
+                   else "no extra random search")
     body = (
-        f"Example `{args.example}`, target `{TARGET}`, {args.trials} completed trials per searched method "
+        f"Model `{label}`, target `{TARGET}`, {args.trials} completed trials per searched method "
         "(trial 0, the dense model, included; the uniform sweep: the grid's ratios below 1 plus dense), "
         f"recovery {'default (30 steps)' if args.recovery_steps is None else f'{args.recovery_steps} steps'} "
-        f"per trial, seeds {done_seeds}. *vs uniform*: latency of the fastest model within 0.5 point "
+        f"per trial, seeds {list(per_seed)}. *vs uniform*: latency of the fastest model within 0.5 point "
         "of each uniform rung's accuracy over the fastest uniform model at that bar, geometric mean over "
         "the rungs (*@best*: at the best uniform model's bar only). *HV share*: hypervolume of the "
-        "method's (error, latency/base) front over that of all methods' trials pooled (same seed), "
-        "reference (dense error + 0.10, 1.05). Median (min-max) over seeds.\n\n"
+        "method's (error, latency/base) front over that of the oracle front: every trial of every method "
+        f"and seed pooled, {oracle_text}; reference (dense error + 0.10, 1.05). Median (min-max) over "
+        "seeds.\n\n"
         "| method | vs uniform | vs uniform @best | HV share % | wall s |\n|---|---|---|---|---|\n"
         + "\n".join(medians) + "\n\nPer seed:\n\n"
         "| seed | method | trials | best accuracy | vs uniform | @best | HV share | wall s |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    command = (f".venv/bin/python bench/search_quality.py --example {args.example} --trials {args.trials} "
-               f"--seeds {' '.join(map(str, args.seeds))}"
-               + (f" --recovery-steps {args.recovery_steps}" if args.recovery_steps is not None else "")
-               + (f" --until {args.until}" if args.until is not None else ""))
-    write_section(f"search-quality-{args.example}",
-                  f"Search quality on {args.example} (bench/search_quality.py)", command, body)
+    print(body, flush=True)
+    command = " ".join([".venv/bin/python bench/search_quality.py",
+                        f"--model {args.model}" if args.model else f"--example {spec['example']}",
+                        f"--trials {args.trials}", "--seeds", *map(str, args.seeds),
+                        "--methods", *args.methods, f"--oracle-random {args.oracle_random}"]
+                       + ([f"--recovery-steps {args.recovery_steps}"] if args.recovery_steps is not None else [])
+                       + ([f"--until {args.until}"] if args.until is not None else []))
+    key = label.replace(":", "-").replace("_", "-")
+    write_section(f"search-quality-{key}", f"Search quality on {label} (bench/search_quality.py)", command, body)
 
 
 if __name__ == "__main__":
