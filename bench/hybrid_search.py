@@ -10,7 +10,7 @@ are reported, without and with confirmation: confirmation is done in both modes,
 ratio with confirmation from above by (trials timed + confirmation) / confirmation.
 
 Run by hand under the heavy lock (writes docs/benchmarks.md):
-``flock /work/heavy.lock .venv/bin/python bench/hybrid_search.py --trials 100 --seeds 1,2,3``
+``flock /work/heavy.lock .venv/bin/python bench/hybrid_search.py --trials 60 --seeds 1,2,3``
 ``--no-write --config FILE`` runs hybrid with other screening settings without touching the page
 (for choosing thresholds on seeds that are then not reported).
 """
@@ -102,7 +102,7 @@ def _ratio(a: float, b: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", default="1,2,3", help="search seeds, comma-separated")
     parser.add_argument("--config", type=Path, help="a search YAML for the hybrid runs (screening settings)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")

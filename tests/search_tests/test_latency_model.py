@@ -113,6 +113,9 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
             if point.predicted.get("fast") and point.signature != record.base["signature"]:
                 verdict = verdicts[f"confirm:fast:{point.signature}"]
                 assert len(verdict["sessions"]) >= 2 and point.ratio["fast"] == verdict["ratio"]
+                # The prediction is not among the sessions: each one is a fresh measurement.
+                first = study.trials[point.trial].user_attrs["latency"]["fast"]["ratio"]
+                assert all(session["ratio"] != first for session in verdict["sessions"])
         if mode == "predicted":
             # Nearly every trial was predicted, so predicted trials surfaced onto the front and
             # confirmation measured them (the path the hybrid margin relies on).
