@@ -1,6 +1,6 @@
 """batch jobs: a job's kind, its batch (layers and plans) and how far its agent has got
 
-Revision ID: 0006_batch_jobs
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-01 22:40:00.000000
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision = "0006_batch_jobs"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
