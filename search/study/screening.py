@@ -15,14 +15,16 @@ Per target, a trial's latency is **measured** when
 
 Otherwise the prediction is stored, marked ``predicted``, with the deciding rule per target in
 ``latency_reason`` (``REASONS``). A predicted trial looked dominated by a measured one at its
-optimistic figure. Its prediction can still be lower than the truth by more than the margin and
-put it on the front built from the stored figures, or a confirmation can raise a measured
-trial's figure and let it surface: either way the front's confirmation (the end of every search,
-``search.study.controller.confirm_front``) measures it in two fresh sessions and never counts the
-prediction as one, and repeats until the front holds only confirmed figures. Nothing on a
-confirmed front is a prediction. Why not the whole interval's low end: on a Pareto search most
-candidates lie near the front, so that rule measured nearly every trial (docs/benchmarks.md,
-"hybrid-search"); the margin trades a few confirmation sessions for many trial sessions.
+optimistic figure, so its stored (point) figure is dominated too. It can still surface onto the
+front later, when a confirmation raises a measured trial's figure; then the front's confirmation
+(the end of every search, ``search.study.controller.confirm_front``) measures it in two fresh
+sessions and never counts the prediction as one, repeating until the front holds only confirmed
+figures. If that measurement fails, the trial is left out of the front a user is shown
+(``search.study.read.shown_front``). Nothing on a front is a prediction. The risk the margin
+takes is the other way: a trial whose true latency is lower than its prediction by more than the
+margin is wrongly judged dominated and lost, which costs hypervolume (measured in
+docs/benchmarks.md, "hybrid-search"). Why not the whole interval's low end: on a Pareto search
+most candidates lie near the front, so that rule measured nearly every trial.
 
 Samples come from the study itself (every measured trial stores its features), so parallel
 workers share them; the fitted model is saved to the database every ``SAVE_EVERY`` new samples,
