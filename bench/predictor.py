@@ -7,8 +7,8 @@ scored on the test plans (share within +-5% / +-10%, MAPE, worst case), with fit
 times; the conformal interval's coverage on the test plans is reported too. With ``--lut`` the
 lookup table is built (every layer timed at every width) and scored the same way.
 
-Run by hand under the heavy lock, e.g.
-``flock /work/heavy.lock .venv/bin/python bench/predictor.py --models digits resnet18-full --train 40 --test 100``
+Run by hand on an otherwise idle machine, e.g.
+``.venv/bin/python bench/predictor.py --models digits resnet18-full --train 40 --test 100``
 (writes docs/benchmarks.md).
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
     header = ("| model | predictor | train plans | test plans | within +-5% | within +-10% | MAPE | worst | "
               "90% interval coverage | fit s | predict ms/plan |\n|---|---|---|---|---|---|---|---|---|---|---|")
     body = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
-    command = (f"flock /work/heavy.lock .venv/bin/python bench/predictor.py --models {' '.join(args.models)} "
+    command = (f".venv/bin/python bench/predictor.py --models {' '.join(args.models)} "
                f"--train {args.train} --test {args.test} --lut {' '.join(args.lut)}")
     write_section("predictor-" + "-".join(args.models), "Latency predictors on held-out random plans (cpu-ort-fp32): "
                   + ", ".join(LABELS.get(m, m) for m in args.models), command, body)

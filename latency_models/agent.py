@@ -3,10 +3,12 @@
 It imports neither torch nor optuna (a device needs only a runtime, httpx and this package).
 Each job: download the ONNX artifact (and the reference, for a paired job) by sha256, check the
 bytes against the hash and with ``onnx.checker``, measure with the backend the profile names, post
-the result with the environment. While measuring, a heartbeat thread keeps the lease alive. When
-the hub is unreachable the agent retries with exponential backoff and keeps any finished result
-until the hub takes it. On SIGTERM it finishes the job in hand, posts it and exits; a second
-SIGTERM releases the job instead.
+the result with the environment. A ``batch`` job (a lookup table's layers and plans) is served
+the same way in one lease, its progress sent with the heartbeats; a job of a kind this agent does
+not know is failed with a message that says so. While measuring, a heartbeat thread keeps the
+lease alive. When the hub is unreachable the agent retries with exponential backoff and keeps
+any finished result until the hub takes it. On SIGTERM it finishes the job in hand, posts it and
+exits; a second SIGTERM releases the job (a batch stops at its next measurement).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from typing import TypeVar
 from hardware_profiles import HardwareProfile
 from latency_models import registry
 from latency_models.base import LatencyBackend, MeasurementResult
+from latency_models.batch import measure_batch
 from latency_models.errors import ArtifactError, LatencyError
 from latency_models.remote import HubClient, HubRefused, HubUnavailable
-from latency_models.wire import JobSpec, ResultBody
+from latency_models.wire import BATCH, JOB_KINDS_KEY, MEASURE, BatchResultBody, JobSpec, ResultBody
+
+# The job kinds this agent runs, told to the hub in its environment.
+KINDS = (MEASURE, BATCH)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class Agent:
         self._release = threading.Event()
         self._client = HubClient(server, token)
         self._backend: LatencyBackend | None = None
+        self._progress: int | None = None  # measurements done in the batch job in hand
 
     # --- control ----------------------------------------------------------------------------
 
@@ -94,6 +101,7 @@ class Agent:
             "device": backend.device() if backend else "",
             "host": platform.node(),
             "python": platform.python_version(),
+            JOB_KINDS_KEY: ",".join(KINDS),
         }
 
     # --- loop -------------------------------------------------------------------------------
@@ -142,10 +150,22 @@ class Agent:
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, args=(job.id, done, lease_lost), daemon=True)
         beat.start()
+        body: ResultBody | BatchResultBody
         try:
-            body = self._measure(job)
+            if job.kind == MEASURE:
+                body = self._measure(job)
+            elif job.kind == BATCH:
+                body = self._measure_batch(job, lambda: lease_lost.is_set() or self._release.is_set())
+            else:
+                raise LatencyError(f"this agent does not know job kind {job.kind!r} (it runs {', '.join(KINDS)}): "
+                                   "update hwprune on this device")
         except (ArtifactError, LatencyError) as exc:
             done.set()
+            if lease_lost.is_set() or self._release.is_set():
+                if not lease_lost.is_set():
+                    self._retry(lambda: self._client.release(job.id))
+                logger.warning("job %d given back unfinished: %s", job.id, exc)
+                return
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("job %d failed: %s", job.id, reason)
             self._retry(lambda: self._client.post_failure(job.id, reason))
@@ -154,13 +174,19 @@ class Agent:
         finally:
             done.set()
             beat.join(timeout=10)
+            self._progress = None
         if self._release.is_set() or lease_lost.is_set():
             if not lease_lost.is_set():
                 self._retry(lambda: self._client.release(job.id))
             logger.warning("job %d given back unposted", job.id)
             return
         try:
-            outcome = self._retry(lambda: self._client.post_result(job.id, body))
+            if isinstance(body, BatchResultBody):
+                batch_body = body
+                outcome = self._retry(lambda: self._client.post_batch_result(job.id, batch_body))
+            else:
+                measure_body = body
+                outcome = self._retry(lambda: self._client.post_result(job.id, measure_body))
         except HubRefused as exc:
             if exc.status != 422:
                 raise
@@ -185,7 +211,7 @@ class Agent:
         try:
             while not done.wait(self.heartbeat_s):
                 try:
-                    if client.heartbeat(job_id=job_id) is False:
+                    if client.heartbeat(job_id=job_id, progress=self._progress) is False:
                         lease_lost.set()
                 except (HubUnavailable, HubRefused) as exc:
                     logger.warning("heartbeat for job %d failed: %s", job_id, exc)
@@ -218,6 +244,28 @@ class Agent:
             reference = self._fetch(job.reference_sha256)
             return ResultBody.of(self._backend.measure_paired(artifact, reference).result())
         return ResultBody.of(MeasurementResult(self._backend.measure(artifact)))
+
+    def _measure_batch(self, job: JobSpec, stop: Callable[[], bool]) -> BatchResultBody:
+        """Every layer of the batch alone and every plan paired with the base, in this lease."""
+        if job.batch is None:
+            raise ArtifactError(f"batch job {job.id} came without its batch")
+        if job.profile_fingerprint != self.profile.fingerprint():
+            raise ArtifactError(
+                f"profile {job.profile!r} here has settings {self.profile.fingerprint()}, the hub "
+                f"asked for {job.profile_fingerprint}: update this device's profile file"
+            )
+        if self._backend is None:
+            raise RuntimeError("agent backend not open")
+        base = self._fetch(job.artifact_sha256)
+        plans = [self._fetch(sha256) for sha256 in job.batch.plans]
+
+        def progress(done: int) -> None:
+            self._progress = done
+
+        figures = measure_batch(self._backend, base, job.batch.layers, plans, progress=progress, stop=stop)
+        return BatchResultBody(profile=self.profile.name, backend=self.profile.backend,
+                               backend_version=self._backend.version()[:50], device=self._backend.device()[:200],
+                               layers_us=list(figures.layers_us), plans=list(figures.plans))
 
 
 def _sha256(content: bytes) -> str:

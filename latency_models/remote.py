@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from latency_models.errors import LatencyError
 from latency_models.wire import (
     API_PREFIX,
+    BatchResultBody,
     FailureBody,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -84,9 +85,11 @@ class HubClient:
                              f"something that is not a hwprune hub's {schema.__name__} ({exc.error_count()} "
                              "problems); check --server") from None
 
-    def heartbeat(self, *, job_id: int | None = None, environment: dict[str, str] | None = None) -> bool | None:
-        body = HeartbeatRequest(job_id=job_id, environment=environment)
-        response = self._request("POST", "/agents/heartbeat", json=body.model_dump())
+    def heartbeat(self, *, job_id: int | None = None, environment: dict[str, str] | None = None,
+                  progress: int | None = None) -> bool | None:
+        body = HeartbeatRequest(job_id=job_id, environment=environment, progress=progress)
+        # Unset fields stay off the wire: a hub that predates a field would refuse it.
+        response = self._request("POST", "/agents/heartbeat", json=body.model_dump(exclude_none=True))
         return self._parse(response, HeartbeatResponse).lease_held
 
     def lease(self, profile: str) -> JobSpec | None:
@@ -101,6 +104,12 @@ class HubClient:
     def post_result(self, job_id: int, result: ResultBody) -> str:
         """Returns ``accepted``, ``duplicate`` or ``conflict`` (another agent holds the job)."""
         response = self._request("POST", f"/jobs/{job_id}/result", content=result.model_dump_json(),
+                                 headers={"Content-Type": "application/json"})
+        return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
+
+    def post_batch_result(self, job_id: int, result: BatchResultBody) -> str:
+        """As ``post_result``, for a batch job."""
+        response = self._request("POST", f"/jobs/{job_id}/batch-result", content=result.model_dump_json(),
                                  headers={"Content-Type": "application/json"})
         return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
 

@@ -2,6 +2,13 @@
 
 The agent pulls: it leases a job for its profile, downloads the ONNX artifact(s) by sha256,
 measures, and posts a result or a failure; heartbeats keep it listed as live and extend its lease.
+
+Version 1 has two job kinds. ``measure`` (one artifact, alone or paired with a reference) is
+what every agent runs. ``batch`` (a lookup table's layers and plans, measured in one lease, see
+``latency_models.batch``) was added compatibly: an agent says it runs batches in its heartbeat's
+environment (``job_kinds``), the hub hands batches only to such agents and fails a batch that no
+live agent of its profile can run; the new fields are left out of a ``measure`` job's lease, so
+agents that predate batches parse it as before.
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from latency_models.base import Measurement, MeasurementResult
+from latency_models.batch import PairedFigure
+from latency_models.predictors.features import LayerFeatures
 
 API_PREFIX = "/v1"
 MAX_RESULT_BYTES = 64 * 1024
+# A batch's result has one figure per layer shape and per plan: a larger cap, for that endpoint only.
+MAX_BATCH_RESULT_BYTES = 4 * 1024 * 1024
+MEASURE, BATCH = "measure", "batch"
+# The environment key by which an agent lists the job kinds it runs (absent: ``measure`` only).
+JOB_KINDS_KEY = "job_kinds"
 # Job ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite). A larger id can name no job,
 # and would overflow the driver or the server, so it is refused as invalid input.
 MAX_ID = 2**31 - 1
@@ -45,8 +59,24 @@ class LeaseRequest(_Body):
     profile: ProfileName
 
 
+def job_kinds(environment: dict[str, str] | None) -> frozenset[str]:
+    """The job kinds an agent runs, from the environment it reported (an agent that predates
+    batches reports none: it runs ``measure`` jobs)."""
+    listed = (environment or {}).get(JOB_KINDS_KEY, "")
+    return frozenset({MEASURE, *(k.strip() for k in listed.split(",") if k.strip())})
+
+
+class BatchSpec(_Body):
+    """A batch job's work: each layer built as a one-node graph (``layer_graph``) and timed
+    alone, then each plan's artifact timed paired with the job's artifact (the base model)."""
+
+    layers: Annotated[list[LayerFeatures], Field(max_length=100_000)]
+    plans: Annotated[list[Sha256], Field(max_length=10_000)]
+
+
 class JobSpec(_Body):
-    """A leased job: what to measure, paired with ``reference_sha256`` when it is not empty."""
+    """A leased job: what to measure, paired with ``reference_sha256`` when it is not empty;
+    for a ``batch`` job, ``batch`` says what, with ``artifact_sha256`` as the base model."""
 
     id: int
     profile: str
@@ -55,11 +85,15 @@ class JobSpec(_Body):
     reference_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     lease_s: float
     attempt: int
+    kind: Annotated[str, Field(min_length=1, max_length=16)] = MEASURE
+    batch: BatchSpec | None = None
 
 
 class HeartbeatRequest(_Body):
     job_id: JobId | None = None
     environment: Environment | None = None
+    # Measurements done so far in a batch job (sent only during one: older hubs do not know it).
+    progress: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
 
 
 class HeartbeatResponse(_Body):
@@ -155,6 +189,43 @@ def result_to_json(result: MeasurementResult) -> str:
 def result_from_json(text: str | bytes) -> MeasurementResult:
     """The ``MeasurementResult`` that ``result_to_json`` wrote."""
     return _RESULT_JSON.validate_json(text)
+
+
+class BatchResultBody(_Body):
+    """A batch job's figures, in the order of its ``BatchSpec``, and what measured them."""
+
+    profile: Annotated[str, Field(max_length=100)]
+    backend: Annotated[str, Field(max_length=50)]
+    backend_version: Annotated[str, Field(max_length=50)]
+    device: Annotated[str, Field(max_length=200)]
+    layers_us: list[Annotated[float, Field(gt=0)]]
+    plans: list[PairedFigure]
+
+    @field_validator("plans")
+    @classmethod
+    def _paired(cls, value: list[PairedFigure]) -> list[PairedFigure]:
+        for figure in value:
+            low, high = figure.ratio_ci
+            if not (math.isfinite(figure.median_us) and figure.median_us > 0 and 0 < low <= figure.ratio <= high
+                    and math.isfinite(high)):
+                raise ValueError(f"a plan's figures must be finite and positive with low <= ratio <= high; got "
+                                 f"median {figure.median_us}, ratio {figure.ratio}, interval {list(figure.ratio_ci)}")
+        return value
+
+    def problems_for(self, *, profile: str, spec: BatchSpec) -> list[str]:
+        """What makes this result not the answer to batch ``spec`` on ``profile``."""
+        found = []
+        if self.profile != profile:
+            found.append(f"result is for profile {clean_text(self.profile, 100)!r}, the job's is {profile!r}")
+        if len(self.layers_us) != len(spec.layers):
+            found.append(f"{len(self.layers_us)} layer figures for {len(spec.layers)} layers")
+        if len(self.plans) != len(spec.plans):
+            found.append(f"{len(self.plans)} plan figures for {len(spec.plans)} plans")
+        for name in ("backend", "backend_version", "device"):
+            value = getattr(self, name)
+            if clean_text(value, 200) != value:
+                found.append(f"{name} must be printable")
+        return found
 
 
 class FailureBody(_Body):

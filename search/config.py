@@ -148,11 +148,14 @@ class ScreeningSettings(_Section):
     """When ``latency`` is ``hybrid`` or ``predicted`` (see ``search.study.screening``): a target's
     latency is predicted only after ``min_measured`` measured trials, while the predictor's
     held-out mean error is at most ``max_mape`` and (hybrid) the candidate's 90% interval is
-    within +-``max_rel_halfwidth`` of its prediction."""
+    within +-``max_rel_halfwidth`` of its prediction. A hybrid trial is measured when it could
+    enter the front: judged on its prediction lowered by ``front_margin`` times the held-out mean
+    error (None: on the low end of its 90% interval, the stricter rule)."""
 
     min_measured: Annotated[int, Field(ge=2, le=100_000)] = 12
     max_mape: Annotated[float, Field(gt=0, le=1)] = 0.03
-    max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.06
+    max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.10
+    front_margin: Annotated[float, Field(ge=0, le=100)] | None = 1.0
 
 
 class SearchConfig(_Section):

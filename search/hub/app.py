@@ -29,8 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latency_models.wire import (
     API_PREFIX,
+    BATCH,
+    MAX_BATCH_RESULT_BYTES,
     MAX_ID,
     MAX_RESULT_BYTES,
+    MEASURE,
+    BatchResultBody,
     ErrorBody,
     FailureBody,
     HeartbeatRequest,
@@ -68,26 +72,31 @@ class HubSettings:
     db_url: str
     lease_s: float = 60.0
     max_result_bytes: int = MAX_RESULT_BYTES
+    # A batch job's result (one figure per layer shape and plan), on its own endpoint only.
+    max_batch_result_bytes: int = MAX_BATCH_RESULT_BYTES
     # The artifact store agents download from; None: search.config.artifacts_url(db_url).
     artifacts_url: str | None = None
     threads: int = 8
 
 
 class BodyCap:
-    """ASGI middleware: read at most ``limit`` bytes of any request body, before routing,
-    authentication or parsing; answer 413 past it. The body is then replayed to the app."""
+    """ASGI middleware: read at most ``limit`` bytes of any request body (``batch_limit`` for a
+    path ending in ``/batch-result``), before routing, authentication or parsing; answer 413 past
+    it. The body is then replayed to the app."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, batch_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.batch_limit = limit if batch_limit is None else batch_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.batch_limit if str(scope.get("path", "")).endswith("/batch-result") else self.limit
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(send, limit)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -96,8 +105,8 @@ class BodyCap:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -112,8 +121,8 @@ class BodyCap:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        response = JSONResponse({"error": "PayloadTooLarge", "detail": f"request body over {self.limit} bytes"},
+    async def _refuse(self, send: Send, limit: int) -> None:
+        response = JSONResponse({"error": "PayloadTooLarge", "detail": f"request body over {limit} bytes"},
                                 status_code=413, headers={"Connection": "close"})
         await response({"type": "http"}, _no_receive, send)
 
@@ -200,7 +209,8 @@ def create_app(settings: HubSettings) -> FastAPI:
     app = FastAPI(title="hwprune hub", version="1", lifespan=lifespan,
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs")
     app.state.hub = state
-    app.add_middleware(BodyCap, limit=settings.max_result_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyCap, limit=settings.max_result_bytes,  # type: ignore[arg-type]
+                       batch_limit=settings.max_batch_result_bytes)
 
     def queue() -> JobQueue:
         return state["queue"]  # type: ignore[no-any-return]
@@ -246,10 +256,13 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/agents/heartbeat", responses=_errors(401, 403))
     def heartbeat(body: HeartbeatRequest, me: CurrentAgent) -> HeartbeatResponse:
-        held = queue().touch(me.id, environment=body.environment, job_id=body.job_id, lease_s=settings.lease_s)
+        held = queue().touch(me.id, environment=body.environment, job_id=body.job_id, lease_s=settings.lease_s,
+                             progress=body.progress)
         return HeartbeatResponse(lease_held=held if body.job_id is not None else None)
 
-    @app.post(f"{API_PREFIX}/jobs/lease", response_model=JobSpec,
+    # Fields at their defaults stay out of a lease (a measure job's ``kind``, ``batch``): agents
+    # that predate them refuse unknown fields.
+    @app.post(f"{API_PREFIX}/jobs/lease", response_model=JobSpec, response_model_exclude_defaults=True,
               responses={204: {"description": "No job queued for this profile: poll again later."},
                          **_errors(401, 403)})
     def lease(body: LeaseRequest, me: CurrentAgent) -> JobSpec | Response:
@@ -260,7 +273,7 @@ def create_app(settings: HubSettings) -> FastAPI:
             return Response(status_code=204)
         return JobSpec(id=job.id, profile=job.profile, profile_fingerprint=job.profile_fingerprint,
                        artifact_sha256=job.artifact_sha256, reference_sha256=job.reference_sha256,
-                       lease_s=settings.lease_s, attempt=job.attempts)
+                       lease_s=settings.lease_s, attempt=job.attempts, kind=job.kind, batch=job.batch)
 
     @app.get(f"{API_PREFIX}/artifacts/{{sha256}}", response_class=Response,
              responses={200: {"description": "The ONNX bytes.",
@@ -291,6 +304,9 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
         def judge(job: JobRecord, base_median_us: Callable[[], float | None]) -> str | None:
+            if job.kind != MEASURE:
+                raise HTTPException(422, f"job {job_id} is a {job.kind} job: post its result to "
+                                         f"/jobs/{job_id}/{job.kind}-result")
             problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
                                          paired=bool(job.reference_sha256))
             if problems:
@@ -318,6 +334,23 @@ def create_app(settings: HubSettings) -> FastAPI:
             return (f"median {body.measurement.median_us:.4g} us disagrees with ratio {body.ratio:.4g} x the "
                     f"base model's cached {base_us:.4g} us by more than {PLAUSIBLE_FACTOR:g}x")
         return None
+
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/batch-result", responses=_errors(401, 403, 404, 409))
+    def batch_result(job_id: JobIdPath, body: BatchResultBody, me: CurrentAgent) -> StatusBody:
+        """Post the figures of a held batch job. Figures that do not answer the batch (another
+        profile, a count that does not match, a ratio outside the plausible band) are refused
+        with 422, and the agent fails the job; the rest are kept on the job."""
+        def check(job: JobRecord) -> None:
+            if job.kind != BATCH or job.batch is None:
+                raise HTTPException(422, f"job {job_id} is not a batch job: post its result to /jobs/{job_id}/result")
+            problems = body.problems_for(profile=job.profile, spec=job.batch)
+            low, high = PLAUSIBLE_RATIO
+            problems += [f"plan {i}'s ratio {f.ratio:.4g} to the base model is outside [{low}, {high}]"
+                         for i, f in enumerate(body.plans) if not low <= f.ratio <= high][:3]
+            if problems:
+                raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
+
+        return _answer(queue().complete_batch(me, job_id, body, check=check), job_id)
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure", responses=_errors(401, 403, 404, 409))
     def failure(job_id: JobIdPath, body: FailureBody, me: CurrentAgent) -> StatusBody:

@@ -113,7 +113,8 @@ class AgentRow(Base):
 
 
 class JobRow(Base):
-    """One measurement to be made by an agent: queued -> leased -> done | failed."""
+    """One measurement to be made by an agent: queued -> leased -> done | failed. A ``batch``
+    job is many (a lookup table's layers and plans, ``payload_json``), made in one lease."""
 
     __tablename__ = "hwprune_jobs"
     __table_args__ = (
@@ -137,6 +138,11 @@ class JobRow(Base):
     # The last well-formed but implausible result, with why it was not trusted (never cached).
     flagged_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_by_agent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # "measure" (one artifact) or "batch" (its BatchSpec in payload_json; progress: measurements
+    # done so far, from the agent's heartbeats).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="measure", server_default="measure")
+    payload_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 

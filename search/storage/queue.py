@@ -8,6 +8,11 @@ sub-select also keeps concurrent agents off each other's rows. A result is accep
 the agent that holds the lease, and in the same transaction filed in the measurement cache; the
 same agent posting it again is told it was already accepted.
 
+A job has a kind: ``measure`` (one artifact, its result cached) or ``batch`` (a lookup table's
+layers and plans, measured in one lease; its figures stay on the job). An agent gets only the
+kinds it says it runs (``latency_models.wire.job_kinds``); a job that no live agent of its profile
+can run is failed, with a message saying so, rather than left queued for nobody.
+
 Everything here is SQLAlchemy Core: the hub runs these statements for every request, and the
 ORM's unit of work cost more than the statements themselves.
 """
@@ -44,7 +49,17 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResult
-from latency_models.wire import AGENT_NAME, clean_text, result_from_json, result_to_json
+from latency_models.wire import (
+    AGENT_NAME,
+    BATCH,
+    MEASURE,
+    BatchResultBody,
+    BatchSpec,
+    clean_text,
+    job_kinds,
+    result_from_json,
+    result_to_json,
+)
 from search.errors import ConfigError, StorageError
 from search.storage import cache
 from search.storage.models import AgentRow, JobRow, utcnow
@@ -57,6 +72,9 @@ MAX_ERROR_CHARS = 2000
 # An agent's ``last_seen`` is written at most this often by leases: liveness is judged over tens
 # of seconds, and on SQLite every write waits for the one writer.
 SEEN_EVERY_S = 1.0
+# An agent seen within this long counts as live when the hub asks whether any agent can run a
+# job kind (the search's default for a live agent, search.study.runtime).
+LIVE_S = 60.0
 
 JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 AGENTS: Table = AgentRow.__table__  # type: ignore[assignment]
@@ -72,14 +90,15 @@ _MARK_DONE = update(JOBS).where(*_HELD).values(
 _COUNT_DONE = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(
     jobs_done=AGENTS.c.jobs_done + 1, last_seen=bindparam("p_now", type_=DateTime))
 _SEEN = update(AGENTS).where(AGENTS.c.id == bindparam("p_agent")).values(last_seen=bindparam("p_now", type_=DateTime))
-_ANY_QUEUED = select(JOBS.c.id).where(JOBS.c.status == QUEUED, JOBS.c.profile == bindparam("p_profile")).limit(1)
+_QUEUED_KINDS = select(JOBS.c.kind).where(JOBS.c.status == QUEUED, JOBS.c.profile == bindparam("p_profile")).distinct()
 
 
 def _take_oldest(*, postgres: bool) -> Any:
     """Lease the oldest queued job of a profile in one statement (the sub-select skips rows
     that concurrent leases hold locked, on PostgreSQL); returns the job's row."""
     c = JOBS.c
-    oldest = select(c.id).where(c.status == QUEUED, c.profile == bindparam("p_profile")).order_by(c.id).limit(1)
+    oldest = (select(c.id).where(c.status == QUEUED, c.profile == bindparam("p_profile"),
+                                 c.kind.in_(bindparam("p_kinds", expanding=True))).order_by(c.id).limit(1))
     if postgres:
         oldest = oldest.with_for_update(skip_locked=True)
     return (update(JOBS).where(c.id == oldest.scalar_subquery(), c.status == QUEUED)
@@ -129,6 +148,10 @@ class JobRecord:
     result: MeasurementResult | None
     done_by_agent_id: int | None
     flagged: dict[str, Any] | None = None
+    kind: str = MEASURE
+    batch: BatchSpec | None = None  # a batch job's work
+    batch_result: BatchResultBody | None = None  # a done batch job's figures
+    progress: int | None = None  # a batch's measurements done so far, by its agent's count
 
     @property
     def key(self) -> MeasurementKey:
@@ -226,8 +249,9 @@ class JobQueue:
         return None if row is None or row.revoked else _agent(row)
 
     def touch(self, agent_id: int, *, environment: dict[str, Any] | None = None,
-              job_id: int | None = None, lease_s: float | None = None) -> bool:
-        """Record that an agent is alive; extend its lease on ``job_id``. False: lease lost."""
+              job_id: int | None = None, lease_s: float | None = None, progress: int | None = None) -> bool:
+        """Record that an agent is alive; extend its lease on ``job_id`` (and note how far a batch
+        has got). False: lease lost."""
         now = _now()
         values: dict[str, Any] = {"last_seen": now}
         if environment is not None:
@@ -238,9 +262,12 @@ class JobQueue:
             connection.execute(update(AGENTS).where(AGENTS.c.id == agent_id).values(**values))
             if job_id is None or lease_s is None:
                 return True
+            extended: dict[str, Any] = {"lease_expires_at": now + dt.timedelta(seconds=lease_s), "updated_at": now}
+            if progress is not None:
+                extended["progress"] = progress
             result = connection.execute(
                 update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status == LEASED, JOBS.c.lease_agent_id == agent_id)
-                .values(lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
+                .values(**extended)
             )
             return bool(result.rowcount)
 
@@ -278,6 +305,32 @@ class JobQueue:
                 continue  # another worker queued the same key: join it
         raise StorageError("could not queue a measurement job (conflicting writers)")
 
+    def submit_batch(self, *, profile: str, profile_fingerprint: str, base_sha256: str, batch: BatchSpec,
+                     max_attempts: int = 3) -> int:
+        """Queue a batch job (``batch``'s layers and plans, the plans paired with ``base_sha256``):
+        always a new job, never an earlier build's figures again."""
+        # The key columns are unique per job: a random signature keeps every batch its own.
+        signature = hashlib.sha256(f"batch:{secrets.token_hex(16)}".encode()).hexdigest()
+        with self._write() as connection:
+            added = connection.execute(
+                insert(JOBS).values(status=QUEUED, kind=BATCH, profile=profile, profile_fingerprint=profile_fingerprint,
+                                    signature=signature, artifact_sha256=base_sha256, reference_sha256="",
+                                    payload_json=batch.model_dump_json(), max_attempts=max_attempts)
+            )
+            return int(added.inserted_primary_key[0])  # type: ignore[index]
+
+    def cancel(self, job_id: int, reason: str) -> bool:
+        """Fail a job that is still queued or leased (its submitter stopped waiting), so that no
+        agent measures it for nobody; its holder's next heartbeat hears the lease is lost."""
+        c = JOBS.c
+        with self._write() as connection:
+            changed = connection.execute(
+                update(JOBS).where(c.id == job_id, c.status.in_((QUEUED, LEASED)))
+                .values(status=FAILED, last_error=clean_text(reason, MAX_ERROR_CHARS), lease_agent_id=None,
+                        lease_expires_at=None, updated_at=_now())
+            )
+            return bool(changed.rowcount)
+
     def get(self, job_id: int) -> JobRecord | None:
         with self._begin() as connection:
             row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
@@ -302,7 +355,9 @@ class JobQueue:
         )
 
     def lease(self, agent: AgentRecord, lease_s: float) -> JobRecord | None:
-        """Give ``agent`` the oldest queued job of its profile, or None; marks the agent seen."""
+        """Give ``agent`` the oldest queued job of its profile of a kind it runs, or None; marks
+        the agent seen. Queued jobs that no live agent of the profile can run are failed."""
+        kinds = sorted(job_kinds(agent.environment))
         for _ in range(5):
             now = _now()
             with self._write() as connection:
@@ -312,15 +367,38 @@ class JobQueue:
                     self._expire(connection, now)
                     self._expired_at = time.monotonic()
                 taken = connection.execute(self._take, {
-                    "p_profile": agent.profile, "p_holder": agent.id, "p_now": now,
+                    "p_profile": agent.profile, "p_holder": agent.id, "p_now": now, "p_kinds": kinds,
                     "p_expires": now + dt.timedelta(seconds=lease_s)}).first()
                 if taken is not None:
                     return _job(taken)
                 # Nothing taken: the queue is empty, or (PostgreSQL) every queued row was locked
-                # by another lease at that instant, or (SQLite) taken between select and update.
-                if connection.execute(_ANY_QUEUED, {"p_profile": agent.profile}).first() is None:
+                # by another lease at that instant, or (SQLite) taken between select and update,
+                # or what is queued is of a kind this agent does not run.
+                queued = set(connection.execute(_QUEUED_KINDS, {"p_profile": agent.profile}).scalars())
+                foreign = queued.difference(kinds)
+                if foreign:
+                    self._fail_unrunnable(connection, agent, foreign, now)
+                if not queued.intersection(kinds):
                     return None
         return None  # lost every race: the caller polls again
+
+    def _fail_unrunnable(self, connection: Connection, agent: AgentRecord, foreign: set[str],
+                         now: dt.datetime) -> None:
+        """Fail the queued jobs of ``agent``'s profile whose kind no live agent of it runs."""
+        peers = connection.execute(
+            select(AGENTS.c.environment_json).where(
+                AGENTS.c.profile == agent.profile, AGENTS.c.role == AGENT, AGENTS.c.revoked.is_(False),
+                AGENTS.c.last_seen >= now - dt.timedelta(seconds=LIVE_S))
+        ).scalars().all()
+        runnable = set().union(*(job_kinds(json.loads(env) if env else None) for env in peers))
+        for kind in sorted(foreign - runnable):
+            reason = (f"no live agent of profile {agent.profile!r} runs {clean_text(kind, 16)!r} jobs: agent "
+                      f"{agent.name!r} runs only {', '.join(sorted(job_kinds(agent.environment)))}; update "
+                      "hwprune on the device (agents of this version run measure and batch jobs)")
+            connection.execute(
+                update(JOBS).where(JOBS.c.status == QUEUED, JOBS.c.profile == agent.profile, JOBS.c.kind == kind)
+                .values(status=FAILED, last_error=reason, updated_at=now)
+            )
 
     def complete(self, agent: AgentRecord, job_id: int, result: MeasurementResult, *,
                  judge: Judge | None = None) -> tuple[str, JobRecord | None]:
@@ -354,6 +432,33 @@ class JobQueue:
             connection.execute(_COUNT_DONE, {"p_agent": agent.id, "p_now": now})
             cache.insert_result(connection, job.key, result)
             return Outcome.ACCEPTED, job
+
+    def complete_batch(self, agent: AgentRecord, job_id: int, result: BatchResultBody, *,
+                       check: Callable[[JobRecord], None] | None = None) -> str:
+        """Accept a batch job's figures once, from the lease holder; they stay on the job (a
+        batch is not an architecture: nothing goes to the measurement cache). ``check`` may
+        refuse the figures by raising, before anything is written."""
+        now = _now()
+        with self._write() as connection:
+            row = connection.execute(_JOB_BY_ID, {"p_job": job_id}).first()
+            if row is None:
+                return Outcome.UNKNOWN
+            job = _job(row)
+            if job.status == DONE:
+                return Outcome.DUPLICATE if job.done_by_agent_id == agent.id else Outcome.NOT_HOLDER
+            if job.status != LEASED or job.lease_agent_id != agent.id:
+                return Outcome.NOT_HOLDER
+            if check is not None:
+                check(job)
+            done = connection.execute(_MARK_DONE, {"p_job": job_id, "p_agent": agent.id, "p_done_by": agent.id,
+                                                   "p_result": result.model_dump_json(), "p_now": now})
+            if done.rowcount != 1:
+                return Outcome.NOT_HOLDER
+            connection.execute(_COUNT_DONE, {"p_agent": agent.id, "p_now": now})
+            if job.batch is not None:  # every measurement is in: the last heartbeat may have said less
+                connection.execute(update(JOBS).where(JOBS.c.id == job_id)
+                                   .values(progress=len(job.batch.layers) + len(job.batch.plans)))
+            return Outcome.ACCEPTED
 
     def _flag(self, connection: Connection, agent: AgentRecord, job: JobRecord, result: MeasurementResult,
               reason: str, now: dt.datetime) -> str:
@@ -397,14 +502,19 @@ class JobQueue:
             return Outcome.NOT_HOLDER if exists else Outcome.UNKNOWN
 
     def holds_artifact(self, agent: AgentRecord, sha256: str) -> bool:
-        """True when ``agent`` holds a lease on a job that needs ``sha256``."""
+        """True when ``agent`` holds a lease on a job that needs ``sha256`` (a batch's plans too)."""
         c = JOBS.c
         with self._begin() as connection:
             found = connection.execute(
                 select(c.id).where(c.status == LEASED, c.lease_agent_id == agent.id,
                                    or_(c.artifact_sha256 == sha256, c.reference_sha256 == sha256)).limit(1)
             ).first()
-        return found is not None
+            if found is not None:
+                return True
+            batches = connection.execute(
+                select(c.payload_json).where(c.status == LEASED, c.lease_agent_id == agent.id, c.kind == BATCH)
+            ).scalars().all()
+        return any(sha256 in BatchSpec.model_validate_json(p).plans for p in batches if p)
 
     def counts(self) -> dict[str, int]:
         with self._begin() as connection:
@@ -426,12 +536,16 @@ def _agent(row: Row[Any]) -> AgentRecord:
 
 def _job(row: Row[Any]) -> JobRecord:
     r = row._mapping
+    batch = r["kind"] == BATCH
     return JobRecord(
         id=r["id"], status=JobStatus(r["status"]), profile=r["profile"], profile_fingerprint=r["profile_fingerprint"],
         signature=r["signature"], artifact_sha256=r["artifact_sha256"], reference_sha256=r["reference_sha256"],
         lease_agent_id=r["lease_agent_id"], lease_expires_at=r["lease_expires_at"], attempts=r["attempts"],
         max_attempts=r["max_attempts"], last_error=r["last_error"],
-        result=result_from_json(r["result_json"]) if r["result_json"] else None,
+        result=result_from_json(r["result_json"]) if r["result_json"] and not batch else None,
         done_by_agent_id=r["done_by_agent_id"],
         flagged=json.loads(r["flagged_json"]) if r["flagged_json"] else None,
+        kind=r["kind"], progress=r["progress"],
+        batch=BatchSpec.model_validate_json(r["payload_json"]) if batch and r["payload_json"] else None,
+        batch_result=BatchResultBody.model_validate_json(r["result_json"]) if batch and r["result_json"] else None,
     )

@@ -15,6 +15,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_models import JobState, MeasurementKey, MeasurementResult
+from latency_models.wire import BatchSpec
 from search.config import DEFAULT_DB, artifacts_url
 from search.errors import ConfigError, SearchNotFoundError, StorageError
 from search.storage import cache
@@ -187,12 +188,16 @@ class Repository:
         return self.artifacts.read_bytes(sha256)
 
     def jobs_artifacts(self) -> set[str]:
-        """Artifacts that queued or leased measurement jobs need (the candidate and its reference)."""
+        """Artifacts that queued or leased measurement jobs need (the candidate and its reference,
+        a batch's plans)."""
         with self._session() as session:
             rows = session.execute(
-                select(JobRow.artifact_sha256, JobRow.reference_sha256).where(JobRow.status.in_((QUEUED, LEASED)))
+                select(JobRow.artifact_sha256, JobRow.reference_sha256, JobRow.payload_json)
+                .where(JobRow.status.in_((QUEUED, LEASED)))
             ).all()
-        return {sha for row in rows for sha in row if sha}
+        plans = {sha for row in rows if row.payload_json
+                 for sha in BatchSpec.model_validate_json(row.payload_json).plans}
+        return {sha for row in rows for sha in row[:2] if sha} | plans
 
     # --- measurements: the MeasurementStore protocol of latency_models -------------------
 

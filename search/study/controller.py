@@ -358,7 +358,8 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
                     failed.add((target, point.signature))
                     logger.warning("trial %d stays unconfirmed on %s: %s", point.trial, target, exc)
                     continue
-                sessions += len(verdict.sessions) - 1
+                # A measured trial's first session is its own timing; a predicted trial's are all new.
+                sessions += len(verdict.sessions) - (0 if point.predicted.get(target) else 1)
                 study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
                 if on_confirmed is not None:
                     on_confirmed(point.trial, target, verdict)

@@ -124,6 +124,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     latencies = {}
     sources: dict[str, str] = {}
     screened: dict[str, str] = {}
+    rules: dict[str, str] = {}
     try:
         # Meters that measure in the background (remote jobs) start first, so every device works at once.
         pending = []
@@ -133,6 +134,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
                 if ctx.screening is not None and features is not None:
                     decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
                     screened[name] = decision.reason
+                    rules[name] = decision.rule
                     if not decision.measure and decision.prediction is not None:
                         pending.append((name, _predicted(meter, decision.prediction.ratio,
                                                          (decision.prediction.low, decision.prediction.high))))
@@ -167,6 +169,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         # The predictor's training data: shared by every worker through the study.
         attrs["features"] = features.to_dict()
         attrs["screening"] = screened
+        attrs["latency_reason"] = rules  # the deciding rule per target (screening.REASONS)
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     _set_constraints(trial, ctx, error, primary.latency_us)

@@ -91,6 +91,18 @@ def trial_points(study: optuna.Study, record: SearchRecord | None = None) -> lis
     return points
 
 
+def shown_front(points: list[TrialPoint], target: str) -> list[TrialPoint]:
+    """The front a user is shown on ``target``, by latency: the front of confirmed figures, plus
+    the unconfirmed *measured* trials that the mixed front would hold (marked unconfirmed where
+    shown: an unconfirmed, possibly lucky, figure never hides a confirmed trial). A predicted
+    figure that was never confirmed is not shown at all: nothing on a front is a prediction (its
+    confirmation failed or has not run; `hwprune search confirm` measures it)."""
+    shown = {p.trial: p for p in pareto_front([p for p in points if p.confirmed.get(target)], target)}
+    shown.update({p.trial: p for p in pareto_front(points, target)
+                  if not p.confirmed.get(target) and not p.predicted.get(target)})
+    return sorted(shown.values(), key=lambda p: (p.latency_us[target], p.error))
+
+
 def constraint_values(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
     """A trial's constraint values by name (<= 0 feasible); the unnamed copies Optuna reads back
     from the list form kept for optuna-dashboard ("0", "1", ...) are left out."""
@@ -241,12 +253,7 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
     base = record.base
     base_latency = base_latency_us(record, study)
     rows = []
-    points = trial_points(study, record)
-    # The front of confirmed figures, plus the unconfirmed trials that the mixed front would hold,
-    # marked: an unconfirmed (possibly lucky) figure never hides a confirmed trial.
-    shown = {p.trial: p for p in pareto_front([p for p in points if p.confirmed.get(target)], target)}
-    shown.update({p.trial: p for p in pareto_front(points, target) if not p.confirmed.get(target)})
-    for point in sorted(shown.values(), key=lambda p: (p.latency_us[target], p.error)):
+    for point in shown_front(trial_points(study, record), target):
         final = study.user_attrs.get(f"{FINAL_PREFIX}{point.trial}")
         rows.append({
             "trial": point.trial,

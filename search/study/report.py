@@ -23,8 +23,8 @@ from optuna.trial import TrialState
 
 from search.errors import ConfigError
 from search.storage import SearchRecord
-from search.study.pareto import TrialPoint, pareto_front
-from search.study.read import base_latency_us, pareto_rows, summary, trial_points
+from search.study.pareto import TrialPoint
+from search.study.read import base_latency_us, pareto_rows, shown_front, summary, trial_points
 
 DPI = 100
 
@@ -74,7 +74,7 @@ def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: P
             axes.scatter([p.latency_us[target] for p in chosen], [p.error for p in chosen], marker=marker,
                          facecolors="none", edgecolors=color, label=f"{kind} ({len(chosen)})")
             plot.points[kind] = len(chosen)
-    front = pareto_front(feasible, target)
+    front = shown_front(points, target)  # the `pareto` table's front: no unconfirmed prediction
     if front:
         axes.step([p.latency_us[target] for p in front], [p.error for p in front], where="post",
                   color="tab:red", label=f"front ({len(front)})")

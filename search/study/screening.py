@@ -7,14 +7,24 @@ Per target, a trial's latency is **measured** when
 * the predictor's held-out mean error (cross-validated on the measured trials) is above
   ``max_mape``, or
 * (hybrid) the candidate's conformal interval is wider than ``+-max_rel_halfwidth``, or
+* (hybrid) a latency budget lies inside its interval, or
 * (hybrid) the trial could enter that target's Pareto front: no measured feasible trial
-  dominates (error, lowest plausible ratio), or a latency budget lies inside its interval.
+  dominates (error, optimistic ratio), the optimistic ratio being the prediction lowered by
+  ``front_margin`` times the held-out mean error (or, with ``front_margin`` None, the low end of
+  the 90% interval).
 
-Otherwise the prediction is stored, marked ``predicted``. A predicted trial is dominated by a
-measured one even at the optimistic end of its interval, so it cannot be on a front built from
-the stored figures; if a confirmation later raises the measured trial's figure and a predicted
-trial surfaces, confirmation measures it in two fresh sessions and never counts the prediction
-(``search.study.controller``). Nothing on a front is a prediction.
+Otherwise the prediction is stored, marked ``predicted``, with the deciding rule per target in
+``latency_reason`` (``REASONS``). A predicted trial looked dominated by a measured one at its
+optimistic figure, so its stored (point) figure is dominated too. It can still surface onto the
+front later, when a confirmation raises a measured trial's figure; then the front's confirmation
+(the end of every search, ``search.study.controller.confirm_front``) measures it in two fresh
+sessions and never counts the prediction as one, repeating until the front holds only confirmed
+figures. If that measurement fails, the trial is left out of the front a user is shown
+(``search.study.read.shown_front``). Nothing on a front is a prediction. The risk the margin
+takes is the other way: a trial whose true latency is lower than its prediction by more than the
+margin is wrongly judged dominated and lost, which costs hypervolume (measured in
+docs/benchmarks.md, "hybrid-search"). Why not the whole interval's low end: on a Pareto search
+most candidates lie near the front, so that rule measured nearly every trial.
 
 Samples come from the study itself (every measured trial stores its features), so parallel
 workers share them; the fitted model is saved to the database every ``SAVE_EVERY`` new samples,
@@ -55,11 +65,26 @@ PREDICTED = "predicted"
 CACHED = "cached"
 
 
+# Which rule decided, stored per target as the trial's ``latency_reason`` (one word, for tallies;
+# ``screening`` keeps the sentence with its figures).
+BASE = "base"
+WARMUP = "warmup"
+HELD_OUT = "held-out-error"
+UNCERTAIN = "uncertain"
+BUDGET = "budget"
+FRONT = "front"
+DOMINATED = "dominated"
+PREDICTED_MODE = "predicted-mode"
+REASONS = (BASE, CACHED, WARMUP, HELD_OUT, UNCERTAIN, BUDGET, FRONT, DOMINATED, PREDICTED_MODE)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Whether to measure one target for one trial, and why; ``prediction`` when one was made."""
+    """Whether to measure one target for one trial, which rule decided (``rule``, one of
+    ``REASONS``) and why in words; ``prediction`` when one was made."""
 
     measure: bool
+    rule: str
     reason: str
     prediction: Prediction | None = None
 
@@ -137,30 +162,36 @@ class TargetScreen:
                constraints: Mapping[str, Any]) -> Decision:
         meter = self.meter
         if signature == meter.base.signature:
-            return Decision(True, "base model")
+            return Decision(True, BASE, "base model")
         if meter.store.find_measurement(MeasurementKey(signature, meter.profile.fingerprint(), meter.base.sha256)):
-            return Decision(True, "cached")
+            return Decision(True, CACHED, "cached")
         trials = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         measured = self._measured(trials)
         if len(measured) < self.settings.min_measured:
-            return Decision(True, f"{len(measured)} of {self.settings.min_measured} measured trials")
+            return Decision(True, WARMUP, f"{len(measured)} of {self.settings.min_measured} measured trials")
         self._refit(measured)
         model = self.active
         held = model.held_out
         if held is None or held.mape > self.settings.max_mape:
             mape = "none" if held is None else f"{held.mape:.3f}"
-            return Decision(True, f"held-out error {mape} above {self.settings.max_mape}")
+            return Decision(True, HELD_OUT, f"held-out error {mape} above {self.settings.max_mape}")
         prediction = model.predict(features)
         if self.mode == "predicted":
-            return Decision(False, f"{model.kind} predicted", prediction)
+            return Decision(False, PREDICTED_MODE, f"{model.kind} predicted", prediction)
         if prediction.rel_halfwidth > self.settings.max_rel_halfwidth:
-            return Decision(True, f"uncertain (+-{prediction.rel_halfwidth:.3f})", prediction)
+            return Decision(True, UNCERTAIN, f"uncertain (+-{prediction.rel_halfwidth:.3f})", prediction)
         budget = _ratio_budget(constraints, meter.base_median_us)
         if budget is not None and prediction.low <= budget <= prediction.high:
-            return Decision(True, "budget within the interval", prediction)
-        if _could_enter_front(trials, self.target, error, prediction.low, measured):
-            return Decision(True, "could enter the front", prediction)
-        return Decision(False, f"{model.kind} predicted, dominated", prediction)
+            return Decision(True, BUDGET, "budget within the interval", prediction)
+        # The optimistic figure the front is judged on: the prediction lowered by a margin of the
+        # held-out mean error (a trial that is wrongly judged dominated costs hypervolume; one
+        # that wrongly looks like a front member is measured by confirmation), or the interval's
+        # low end (front_margin None: nearly every candidate near the front is measured).
+        margin = self.settings.front_margin
+        optimistic = prediction.low if margin is None else prediction.ratio * (1 - margin * held.mape)
+        if _could_enter_front(trials, self.target, error, optimistic, measured):
+            return Decision(True, FRONT, f"could enter the front at {optimistic:.4f}", prediction)
+        return Decision(False, DOMINATED, f"{model.kind} predicted, dominated", prediction)
 
 
 def _ratio_budget(constraints: Mapping[str, Any], base_median_us: float) -> float | None:

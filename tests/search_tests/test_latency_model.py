@@ -21,6 +21,7 @@ from search.pipeline.features import architecture_features
 from search.pipeline.space import apply, build_space
 from search.storage import Repository
 from search.storage.predictor_store import LatencyModelStore
+from search.study import screening
 from search.study.pareto import pareto_front
 from search.study.read import trial_points
 
@@ -95,25 +96,30 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
     assert set(sources) <= {"measured", "predicted"}
     if mode == "predicted":  # hybrid predicts only dominated trials: how many depends on the draws
         assert sources.count("predicted") >= 1, [t.user_attrs.get("screening") for t in trials]
+        assert {t.user_attrs["latency_reason"]["fast"] for t in trials} >= {screening.PREDICTED_MODE}
     for trial in trials:
         assert trial.user_attrs["latency"]["fast"]["source"] == trial.user_attrs["latency_source"]["fast"]
     repo = Repository(url)
     try:
         record = repo.get_search("hy")
-        # Every front is measured: at trial time (a predicted trial is dominated even at the low
-        # end of its interval) and at confirmation (a prediction is never a session).
+        # Every front is measured: at confirmation a predicted trial that surfaced gets measured
+        # sessions only (a prediction is never a session).
         front = pareto_front(trial_points(study, record), "fast")
         assert front
         verdicts = study.user_attrs
         for point in front:
-            # hybrid: never predicted at all; predicted: the figure shown is the confirmation's,
-            # from measured sessions only.
+            # The figure shown is the confirmation's, from measured sessions only.
             assert point.confirmed["fast"]
-            if mode == "hybrid":
-                assert not point.predicted.get("fast"), point.trial
-            elif point.predicted.get("fast") and point.signature != record.base["signature"]:
+            if point.predicted.get("fast") and point.signature != record.base["signature"]:
                 verdict = verdicts[f"confirm:fast:{point.signature}"]
                 assert len(verdict["sessions"]) >= 2 and point.ratio["fast"] == verdict["ratio"]
+                # The prediction is not among the sessions: each one is a fresh measurement.
+                first = study.trials[point.trial].user_attrs["latency"]["fast"]["ratio"]
+                assert all(session["ratio"] != first for session in verdict["sessions"])
+        if mode == "predicted":
+            # Nearly every trial was predicted, so predicted trials surfaced onto the front and
+            # confirmation measured them (the path the hybrid margin relies on).
+            assert any(p.predicted.get("fast") for p in front if p.signature != record.base["signature"])
         stored = LatencyModelStore(repo.engine).names()
     finally:
         repo.close()
@@ -133,7 +139,7 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
      "no database file"),
     (["latency-model", "eval", "nope", "-p", "no-such-profile", "--db", "sqlite:///{tmp}/x.db"], "no-such-profile"),
     (["latency-model", "build", "--example", "digits", "-p", "jetson-orin-trt-fp16", "--db", "sqlite:///{tmp}/x.db"],
-     "is remote"),
+     "no live agent serves remote profile"),
     (["predict", "--example", "digits", "--plan", "{tmp}/missing.yaml", "-p", "cpu-ort-fp32",
       "--db", "sqlite:///{tmp}/x.db"], "missing.yaml"),
     (["search", "start", "--name", "x", "--example", "digits", "--latency", "sometimes", "--trials", "2",
@@ -156,3 +162,50 @@ def test_predict_without_a_model_says_how_to_get_one(tmp_path: Path, env: dict[s
                                  "--db", url], env=env)
     assert result.exit_code == 2, result.output
     assert "latency-model build" in result.output
+
+
+def test_hybrid_stores_why_and_confirms_what_the_margin_let_through(
+    tmp_path: Path, env: dict[str, str], fast_profile_path: Path
+) -> None:
+    """The relaxed front rule (prediction minus a margin of the held-out error, here no margin)
+    predicts trials the interval rule would have measured; any of them that lands on the front is
+    measured in fresh sessions before the search ends, and every trial says which rule decided."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    config = tmp_path / "search.yaml"
+    config.write_text("screening: {min_measured: 5, max_mape: 0.5, max_rel_halfwidth: 10, front_margin: 0}\n"
+                      "sampler: random\n")
+    args = ["--profiles-dir", str(fast_profile_path.parent), "search", "start", "--name", "mg", "--example",
+            "digits", "--recovery-steps", "0", "--trials", "30", "-p", "fast", "--latency", "hybrid",
+            "--config", str(config), "--db", url, "--json"]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    study = _study(url, "mg")
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    reasons = [t.user_attrs["latency_reason"]["fast"] for t in trials]
+    assert set(reasons) <= set(screening.REASONS), reasons
+    assert reasons[0] == screening.BASE
+    for trial, reason in zip(trials, reasons, strict=True):
+        source = trial.user_attrs["latency_source"]["fast"]
+        # Predicted exactly when the rule that decided was the dominated one (hybrid mode).
+        assert (source == "predicted") == (reason == screening.DOMINATED), (trial.number, reason, source)
+    # Until min_measured trials were measured, nothing is predicted.
+    measured_before = 0
+    for trial, reason in zip(trials, reasons, strict=True):
+        if measured_before < 5 and reason not in (screening.BASE, screening.CACHED):
+            assert reason == screening.WARMUP, (trial.number, reason)
+        if trial.user_attrs["latency_source"]["fast"] == "measured":
+            measured_before += 1
+    assert reasons.count(screening.DOMINATED) >= 1, reasons
+    repo = Repository(url)
+    try:
+        record = repo.get_search("mg")
+    finally:
+        repo.close()
+    front = pareto_front(trial_points(study, record), "fast")
+    assert front
+    for point in front:
+        assert point.confirmed["fast"], point.trial
+        if point.predicted.get("fast"):
+            # Surfaced: its figure is the confirmation's, from two or three measured sessions.
+            verdict = study.user_attrs[f"confirm:fast:{point.signature}"]
+            assert len(verdict["sessions"]) >= 2 and point.ratio["fast"] == verdict["ratio"]

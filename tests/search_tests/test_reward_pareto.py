@@ -87,3 +87,19 @@ def test_samplers_differ() -> None:
     tpe, amc = proposals("tpe"), proposals("amc")
     assert tpe[:6] == amc[:6]  # the same seeded random start-up
     assert tpe[6:] != amc[6:]
+
+
+def test_the_shown_front_never_holds_an_unconfirmed_prediction() -> None:
+    from search.study.read import shown_front
+
+    def point(trial: int, error: float, latency: float, *, confirmed: bool, predicted: bool = False) -> TrialPoint:
+        return TrialPoint(trial, error, {"t": latency}, 0, 0, None, True,
+                          confirmed={"t": confirmed}, predicted={"t": predicted})
+
+    measured = point(0, 0.10, 100.0, confirmed=True)
+    predicted = point(1, 0.05, 80.0, confirmed=False, predicted=True)  # would dominate trial 0
+    lucky = point(2, 0.20, 50.0, confirmed=False)  # measured once: shown, marked unconfirmed
+    assert [p.trial for p in shown_front([measured, predicted, lucky], "t")] == [2, 0]
+    # Once confirmation has measured it, the formerly predicted trial takes its place.
+    confirmed = point(1, 0.05, 80.0, confirmed=True, predicted=True)
+    assert [p.trial for p in shown_front([measured, confirmed, lucky], "t")] == [2, 1]
