@@ -231,7 +231,8 @@ class Agent:
         partial.replace(path)
         return path
 
-    def _measure(self, job: JobSpec) -> ResultBody:
+    def _ready_backend(self, job: JobSpec) -> LatencyBackend:
+        """The open backend, once the job is known to be for this device's profile settings."""
         if job.profile_fingerprint != self.profile.fingerprint():
             raise ArtifactError(
                 f"profile {job.profile!r} here has settings {self.profile.fingerprint()}, the hub "
@@ -239,32 +240,30 @@ class Agent:
             )
         if self._backend is None:
             raise RuntimeError("agent backend not open")
+        return self._backend
+
+    def _measure(self, job: JobSpec) -> ResultBody:
+        backend = self._ready_backend(job)
         artifact = self._fetch(job.artifact_sha256)
         if job.reference_sha256:
             reference = self._fetch(job.reference_sha256)
-            return ResultBody.of(self._backend.measure_paired(artifact, reference).result())
-        return ResultBody.of(MeasurementResult(self._backend.measure(artifact)))
+            return ResultBody.of(backend.measure_paired(artifact, reference).result())
+        return ResultBody.of(MeasurementResult(backend.measure(artifact)))
 
     def _measure_batch(self, job: JobSpec, stop: Callable[[], bool]) -> BatchResultBody:
         """Every layer of the batch alone and every plan paired with the base, in this lease."""
         if job.batch is None:
             raise ArtifactError(f"batch job {job.id} came without its batch")
-        if job.profile_fingerprint != self.profile.fingerprint():
-            raise ArtifactError(
-                f"profile {job.profile!r} here has settings {self.profile.fingerprint()}, the hub "
-                f"asked for {job.profile_fingerprint}: update this device's profile file"
-            )
-        if self._backend is None:
-            raise RuntimeError("agent backend not open")
+        backend = self._ready_backend(job)
         base = self._fetch(job.artifact_sha256)
         plans = [self._fetch(sha256) for sha256 in job.batch.plans]
 
         def progress(done: int) -> None:
             self._progress = done
 
-        figures = measure_batch(self._backend, base, job.batch.layers, plans, progress=progress, stop=stop)
+        figures = measure_batch(backend, base, job.batch.layers, plans, progress=progress, stop=stop)
         return BatchResultBody(profile=self.profile.name, backend=self.profile.backend,
-                               backend_version=self._backend.version()[:50], device=self._backend.device()[:200],
+                               backend_version=backend.version()[:50], device=backend.device()[:200],
                                layers_us=list(figures.layers_us), plans=list(figures.plans))
 
 
