@@ -34,7 +34,9 @@ JOB_KINDS_KEY = "job_kinds"
 # Job ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite). A larger id can name no job,
 # and would overflow the driver or the server, so it is refused as invalid input.
 MAX_ID = 2**31 - 1
-JobId = Annotated[int, Field(ge=1, le=MAX_ID)]
+# strict: a JSON `true` is not an id or a count (lax pydantic would read it as 1), so a body that
+# breaks the published schema is refused with 422.
+JobId = Annotated[int, Field(ge=1, le=MAX_ID, strict=True)]
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ProfileName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -93,7 +95,7 @@ class HeartbeatRequest(_Body):
     job_id: JobId | None = None
     environment: Environment | None = None
     # Measurements done so far in a batch job (sent only during one: older hubs do not know it).
-    progress: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    progress: Annotated[int, Field(ge=0, le=1_000_000, strict=True)] | None = None
 
 
 class HeartbeatResponse(_Body):
@@ -198,7 +200,7 @@ class BatchResultBody(_Body):
     backend: Annotated[str, Field(max_length=50)]
     backend_version: Annotated[str, Field(max_length=50)]
     device: Annotated[str, Field(max_length=200)]
-    layers_us: list[Annotated[float, Field(gt=0)]]
+    layers_us: list[Annotated[float, Field(gt=0, strict=True)]]
     plans: list[PairedFigure]
 
     @field_validator("plans")
