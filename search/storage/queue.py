@@ -48,6 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+import search.storage.cache as cache  # the submodule itself: no import of the package from inside it
 from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResult
 from latency_models.wire import (
     AGENT_NAME,
@@ -61,7 +62,6 @@ from latency_models.wire import (
     result_to_json,
 )
 from search.errors import ConfigError, StorageError
-from search.storage import cache
 from search.storage.models import AgentRow, JobRow, utcnow
 from search.storage.session import core_transaction
 

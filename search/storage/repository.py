@@ -14,11 +14,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+import search.storage.cache as cache  # the submodule itself: no import of the package from inside it
 from latency_models import JobState, MeasurementKey, MeasurementResult
 from latency_models.wire import BatchSpec
 from search.config import DEFAULT_DB, artifacts_url
 from search.errors import ConfigError, SearchNotFoundError, StorageError
-from search.storage import cache
 from search.storage.artifacts import ArtifactStore
 from search.storage.migrate import _safe, ensure_schema
 from search.storage.models import ArtifactRow, JobRow, MeasurementRow, SearchRow
