@@ -8,7 +8,6 @@ same figures, under the same keys, as one built here.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from latency_models.base import LatencyBackend
 from latency_models.errors import LatencyError, MeasurementError
 from latency_models.predictors.features import LayerFeatures
-from latency_models.predictors.lookup import layer_graph
+from latency_models.predictors.lookup import entry_key, time_layers
 
 
 class BatchStopped(LatencyError):
@@ -49,8 +48,6 @@ def measure_batch(backend: LatencyBackend, base: Path, layers: Sequence[LayerFea
     ``progress(n)`` is told how many of ``len(layers) + len(plans)`` are done; ``stop()`` is asked
     before each measurement and, when true, abandons the batch (``BatchStopped``).
     """
-    import onnx
-
     def step(done: int) -> None:
         if progress is not None:
             progress(done)
@@ -58,13 +55,8 @@ def measure_batch(backend: LatencyBackend, base: Path, layers: Sequence[LayerFea
             raise BatchStopped(f"batch abandoned after {done} of {len(layers) + len(plans)} measurements")
 
     step(0)
-    layers_us: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "layer.onnx"
-        for layer in layers:
-            onnx.save(layer_graph(layer), str(path))
-            layers_us.append(backend.measure(path).median_us)
-            step(len(layers_us))
+    table = time_layers(backend, layers, progress=step)
+    layers_us = [table[entry_key(layer)] for layer in layers]
     figures: list[PairedFigure] = []
     for plan in plans:
         result = backend.measure_paired(plan, base).result()
