@@ -77,20 +77,29 @@ def _study(url: str, name: str) -> optuna.Study:
         return optuna.load_study(study_name=f"hwprune:{name}", storage=url)
 
 
+def _screened_search(tmp_path: Path, env: dict[str, str], fast_profile_path: Path, *, name: str, trials: int,
+                     mode: str, screening_yaml: str) -> tuple[optuna.Study, str]:
+    """A random-sampler digits search on the fast profile with ``--latency mode`` and the given
+    screening settings; returns its study, once the search (and its confirmation) has ended, and
+    its database URL."""
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"screening: {screening_yaml}\nsampler: random\n")
+    args = ["--profiles-dir", str(fast_profile_path.parent), "search", "start", "--name", name, "--example",
+            "digits", "--recovery-steps", "0", "--trials", str(trials), "-p", "fast", "--latency", mode,
+            "--config", str(config), "--db", url, "--json"]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    return _study(url, name), url
+
+
 @pytest.mark.parametrize("mode", ["hybrid", "predicted"])
 def test_screened_search_never_leaves_a_prediction_on_a_front(
     tmp_path: Path, env: dict[str, str], fast_profile_path: Path, mode: str
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'h.db'}"
-    config = tmp_path / "search.yaml"
     # Loose thresholds so that predictions happen on this small search; the front rule still holds.
-    config.write_text("screening: {min_measured: 5, max_mape: 0.5, max_rel_halfwidth: 10}\nsampler: random\n")
-    args = ["--profiles-dir", str(fast_profile_path.parent), "search", "start", "--name", "hy", "--example",
-            "digits", "--recovery-steps", "0", "--trials", "32", "-p", "fast", "--latency", mode,
-            "--config", str(config), "--db", url, "--json"]
-    result = runner.invoke(app, args, env=env)
-    assert result.exit_code == 0, result.output
-    study = _study(url, "hy")
+    study, url = _screened_search(tmp_path, env, fast_profile_path, name="hy", trials=32, mode=mode,
+                                  screening_yaml="{min_measured: 5, max_mape: 0.5, max_rel_halfwidth: 10}")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     sources = [t.user_attrs["latency_source"]["fast"] for t in trials]
     assert set(sources) <= {"measured", "predicted"}
@@ -170,16 +179,9 @@ def test_hybrid_stores_why_and_confirms_what_the_margin_let_through(
     """The relaxed front rule (prediction minus a margin of the held-out error, here no margin)
     predicts trials the interval rule would have measured; any of them that lands on the front is
     measured in fresh sessions before the search ends, and every trial says which rule decided."""
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    config = tmp_path / "search.yaml"
-    config.write_text("screening: {min_measured: 5, max_mape: 0.5, max_rel_halfwidth: 10, front_margin: 0}\n"
-                      "sampler: random\n")
-    args = ["--profiles-dir", str(fast_profile_path.parent), "search", "start", "--name", "mg", "--example",
-            "digits", "--recovery-steps", "0", "--trials", "30", "-p", "fast", "--latency", "hybrid",
-            "--config", str(config), "--db", url, "--json"]
-    result = runner.invoke(app, args, env=env)
-    assert result.exit_code == 0, result.output
-    study = _study(url, "mg")
+    study, url = _screened_search(
+        tmp_path, env, fast_profile_path, name="mg", trials=30, mode="hybrid",
+        screening_yaml="{min_measured: 5, max_mape: 0.5, max_rel_halfwidth: 10, front_margin: 0}")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     reasons = [t.user_attrs["latency_reason"]["fast"] for t in trials]
     assert set(reasons) <= set(screening.REASONS), reasons
