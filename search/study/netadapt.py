@@ -6,7 +6,8 @@ measured latency. For each group, the smallest cut (the widest option) that the 
 candidate plan; the candidates are enqueued and run as ordinary trials (short recovery, error,
 export, paired measurement, stored like every other trial). Of the candidates whose *measured*
 latency meets the target, the most accurate becomes the next step's model (the fastest when
-none meets it). The loop ends at the trial budget or when no group can be cut further.
+none meets it). The loop ends at the trial budget or when no group can be cut further; a
+resumed search continues the stored walk.
 
 The steps run one after another in one worker (each depends on the previous step's results).
 """
@@ -78,12 +79,18 @@ def run(
 ) -> int:
     """Drive NetAdapt's steps until ``budget`` completed trials (``None``: until nothing can be
     cut). ``run_batch(n)`` runs trials until the study holds ``n`` completed ones (it claims the
-    enqueued ones first). A resumed search walks again from the dense model (its measurements
-    are cached by then). Returns the steps run."""
+    enqueued ones first). A resumed search continues its stored walk from the last model it
+    kept, so a walk that had nothing left to cut ends at once instead of starting over (which
+    added trials repeating its first steps). Returns the steps run by this call."""
     current = {g.name: len(g.kept) - 1 for g in space.groups}
-    study.set_user_attr(WALK_KEY, [])
     current_ratio = 1.0
     steps = 0
+    walked = study.user_attrs.get(WALK_KEY) or []
+    if walked:
+        last = walked[-1]
+        current = _indices(space, study.get_trials(deepcopy=False)[int(last["trial"])].params)
+        current_ratio, steps = float(last["latency_ratio"]), int(last["step"])
+    resumed_at = steps
     while True:
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if budget is not None and len(done) >= budget:
@@ -117,4 +124,4 @@ def run(
         study.set_user_attr(WALK_KEY, walk)
         logger.info("netadapt step %d: target %.3f, kept trial %d (latency %.3f, error %.4f)", steps,
                     target_ratio, chosen.number, _latency_ratio(chosen, target), chosen.user_attrs["error"])
-    return steps
+    return steps - resumed_at

@@ -115,11 +115,18 @@ def test_sensitivity_scan_is_stored_shown_and_enqueued(setup: dict[str, Any]) ->
     assert "latency on fast from" in text
 
 
-def test_netadapt_walks_to_lower_latency(setup: dict[str, Any]) -> None:
+def test_netadapt_walks_to_lower_latency_and_a_resume_continues_the_walk(setup: dict[str, Any]) -> None:
     _run(setup, ["search", "start", "--name", "na", *setup["model"], "--sampler", "netadapt",
-                 "--trials", "8", "--db", setup["db"], "--json"])
+                 "--trials", "5", "--db", setup["db"], "--json"])
+    first = _study(setup["db"], "na").user_attrs[WALK_KEY]
+    assert first
+    # A resume with a larger budget carries on from the last kept model; it does not start over
+    # from the dense model (which repeated the first steps' plans as new trials).
+    _run(setup, ["search", "resume", "na", "--trials", "8", "--db", setup["db"], "--json"])
     study = _study(setup["db"], "na")
     walk = study.user_attrs[WALK_KEY]
+    assert walk[:len(first)] == first
+    assert [step["step"] for step in walk] == list(range(1, len(walk) + 1))
     assert len(walk) >= 2
     targets = [step["target_ratio"] for step in walk]
     assert targets == sorted(targets, reverse=True)
