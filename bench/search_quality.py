@@ -50,7 +50,7 @@ from _report import write_section  # noqa: E402
 from search.config import cache_dir, load_search_config  # noqa: E402
 from search.study.controller import prepare, run_worker  # noqa: E402
 from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
-from search.study.read import trial_points  # noqa: E402
+from search.study.read import trial_points, trial_seconds  # noqa: E402
 from search.study.runtime import Runtime, load_study  # noqa: E402
 from search.study.sensitivity import stored as stored_scan  # noqa: E402
 from search.study.sensitivity import to_params, uniform_indices  # noqa: E402
@@ -121,8 +121,7 @@ def search_seconds(study: optuna.Study) -> float:
     """The time a search spent, read from its storage (so the same for a search run at once or
     resumed over several runs): its trials' own durations plus its sensitivity scan's. The base
     measurement before trial 0 is left out; it is the same for every method."""
-    trials = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
-                 if t.datetime_complete is not None and t.datetime_start is not None)
+    trials = sum(seconds for t in study.get_trials(deepcopy=False) if (seconds := trial_seconds(t)) is not None)
     scanned = stored_scan(study)
     return trials + (scanned.elapsed_s if scanned is not None else 0.0)
 

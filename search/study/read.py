@@ -181,6 +181,13 @@ def infeasible_by_constraint(points: list[TrialPoint]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    """How long a finished trial ran (None while it runs or if it never started)."""
+    if trial.datetime_complete is None or trial.datetime_start is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def trial_rows(record: SearchRecord, study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial of a search as plain data: state, plan as kept channel counts, figures as shown
     (confirmed where confirmed), constraint values and feasibility, and why a failed trial failed."""
@@ -195,8 +202,7 @@ def trial_rows(record: SearchRecord, study: optuna.Study) -> list[dict[str, Any]
             "state": trial.state.name.lower(),
             "base": attrs.get("signature") == base_signature or bool(attrs.get("base")),
             "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
-            "seconds": ((trial.datetime_complete - trial.datetime_start).total_seconds()
-                        if trial.datetime_complete and trial.datetime_start else None),
+            "seconds": trial_seconds(trial),
             "plan": attrs.get("plan"),
             "kept": attrs.get("kept"),
         }
