@@ -162,17 +162,13 @@ def _geomean(logs: list[float]) -> float:
     return math.exp(statistics.mean(logs)) if logs else float("nan")
 
 
-def _past(until: str | None) -> bool:
-    return until is not None and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= until
-
-
 def _seconds_left(until: str | None) -> float | None:
-    """Seconds from now to ``until`` (HH:MM UTC, today), None without a deadline."""
+    """Seconds from now to ``until`` (HH:MM UTC, today; negative once past), None without one."""
     if until is None:
         return None
     now = dt.datetime.now(dt.timezone.utc)
     hour, minute = map(int, until.split(":"))
-    return max(1.0, (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds())
+    return (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
 
 
 def _spread(values: list[float], digits: int = 3) -> str:
@@ -213,7 +209,8 @@ def main() -> None:
         for seed in args.seeds:
             results: dict[str, list[TrialPoint]] = {}
             for method in ["uniform", *(m for m in args.methods if m != "uniform")]:
-                if _past(args.until):
+                left = _seconds_left(args.until)
+                if left is not None and left <= 0:
                     complete = False
                     break
                 results[method], walls[seed, method] = run_method(
@@ -231,7 +228,7 @@ def main() -> None:
             # so the next run with the same --db resumes it).
             left = _seconds_left(args.until)
             oracle_points, wall = run_method("random", 10_000, oracle_trials, runtime, spec, args.recovery_steps,
-                                             name="oracle-random", timeout_s=left)
+                                             name="oracle-random", timeout_s=None if left is None else max(1.0, left))
             print(f"oracle random: {len(oracle_points)} trials, {wall:.0f} s of search", flush=True)
             complete = len(oracle_points) >= oracle_trials
     if not complete:
@@ -239,10 +236,11 @@ def main() -> None:
         return
     # The oracle front: every trial of every method and seed, plus the long random search. Each
     # search is read as latency ratios to its own base measurement.
-    pooled = [(p.error, _relative(points)[p.trial])
-              for results in per_seed.values() for points in results.values() for p in points]
-    if oracle_points:
-        pooled += [(p.error, _relative(oracle_points)[p.trial]) for p in oracle_points]
+    pooled: list[tuple[float, float]] = []
+    for points in [*(points for results in per_seed.values() for points in results.values()), oracle_points]:
+        if points:
+            ratios = _relative(points)
+            pooled += [(p.error, ratios[p.trial]) for p in points]
     dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
     reference = (dense_error + 0.10, 1.05)
     oracle = hypervolume(pooled, reference)
