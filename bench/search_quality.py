@@ -25,6 +25,12 @@ Reported per method, as median and range over seeds:
   of the oracle front (every trial of every method and seed pooled, plus one random search of
   ``--oracle-random`` times the budget), to the reference point (dense error + 0.10, 1.05).
 
+With ``--final-steps N`` the same figures are also taken after the final recovery a user gets at
+the end of a search (NetAdapt's long-term fine-tune): every search's Pareto front, the uniform
+sweep's and the oracle's included, is recovered for N more steps and scored again
+(``search.study.final_recovery``), and the fronts are compared on those errors. The short
+per-trial error is noisy by about a point; the long one is what a user deploys.
+
 A seed varies everything random in a search: the sampler, the recovery's held-out slice, batch
 order and torch's generator. Two seeds are two independent searches.
 
@@ -36,6 +42,7 @@ Ctrl-C) resumes where it stopped, and finished searches are only read again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import math
 import statistics
@@ -48,7 +55,9 @@ import optuna  # noqa: E402
 from _report import write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
-from search.study.controller import prepare, run_worker  # noqa: E402
+from search.study.controller import Prepared, prepare, run_worker  # noqa: E402
+from search.study.final_recovery import FinalScore, recover_front  # noqa: E402
+from search.study.final_recovery import stored as stored_final  # noqa: E402
 from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
 from search.study.read import trial_points, trial_seconds  # noqa: E402
 from search.study.runtime import Runtime, load_study  # noqa: E402
@@ -95,8 +104,9 @@ METHODS = {
 
 def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: dict[str, str],
                recovery_steps: int | None, name: str | None = None,
-               timeout_s: float | None = None) -> tuple[list[TrialPoint], float]:
-    """Run (or resume, or just read) one search: its points and its search time."""
+               timeout_s: float | None = None) -> tuple[list[TrialPoint], float, Prepared]:
+    """Run (or resume, or just read) one search: its points, its search time and the prepared
+    search (for the final recovery)."""
     sampler, objective, start = METHODS[method]
     config = load_search_config(None, {
         "name": name or f"{method}-s{seed}", **source, "targets": [TARGET],
@@ -114,7 +124,16 @@ def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: di
         prepared.config = config
     run_worker(config.name, runtime, prepared=prepared)
     study = load_study(prepared.record, runtime)
-    return trial_points(study), search_seconds(study)
+    return trial_points(study), search_seconds(study), prepared
+
+
+def final_view(points: list[TrialPoint], scores: list[FinalScore]) -> list[TrialPoint]:
+    """A search's front after its final recovery: the re-scored points with their final error.
+    The dense trial 0 stays in (with its own error when it was not on the front): it is every
+    search's latency base."""
+    final = {score.trial: score.error for score in scores}
+    return [dataclasses.replace(p, error=final[p.trial]) if p.trial in final else p
+            for p in points if p.trial in final or p.trial == 0]
 
 
 def search_seconds(study: optuna.Study) -> float:
@@ -139,10 +158,17 @@ def _fastest(points: list[TrialPoint], bar: float) -> float | None:
     return min(meeting) if meeting else None
 
 
-def versus_uniform(points: list[TrialPoint], uniform: list[TrialPoint]) -> tuple[float, float, float]:
+def deployable_rungs(uniform: list[TrialPoint]) -> set[int]:
+    """The uniform sweep's pruned rungs at most DEPLOYABLE below the dense model (chosen on the
+    search-time errors, so both tables compare the same rungs)."""
+    dense = next(p for p in uniform if p.trial == 0).accuracy
+    return {p.trial for p in uniform if p.trial != 0 and p.accuracy >= dense - DEPLOYABLE}
+
+
+def versus_uniform(points: list[TrialPoint], uniform: list[TrialPoint],
+                   deployable_trials: set[int]) -> tuple[float, float, float]:
     """Latency vs uniform at equal accuracy: (geometric mean over the deployable rungs, over every
     rung, at the best uniform model's bar)."""
-    dense = next(p for p in uniform if p.trial == 0).accuracy
     every, deployable = [], []
     for rung in uniform:
         if rung.trial == 0:
@@ -151,7 +177,7 @@ def versus_uniform(points: list[TrialPoint], uniform: list[TrialPoint]) -> tuple
         if theirs is not None:
             log = math.log((mine if mine is not None else 1.0) / theirs)
             every.append(log)
-            if rung.accuracy >= dense - DEPLOYABLE:
+            if rung.trial in deployable_trials:
                 deployable.append(log)
     top = max(p.accuracy for p in uniform) - BAR
     mine, theirs = _fastest(points, top), _fastest(uniform, top)
@@ -175,6 +201,47 @@ def _spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def compare(per_seed: dict[int, dict[str, list[TrialPoint]]], oracle_points: list[TrialPoint],
+            deployable: dict[int, set[int]], reference: tuple[float, float],
+            walls: dict[tuple[int, str], float]) -> tuple[list[str], list[str]]:
+    """The median table's and the per-seed table's rows, for one view of the searches (search-time
+    or final errors)."""
+    # The oracle front: every trial of every method and seed, plus the long random search. Each
+    # search is read as latency ratios to its own base measurement.
+    pooled: list[tuple[float, float]] = []
+    for points in [*(points for results in per_seed.values() for points in results.values()), oracle_points]:
+        if points:
+            ratios = _relative(points)
+            pooled += [(p.error, ratios[p.trial]) for p in points]
+    oracle = hypervolume(pooled, reference)
+    rows = []
+    summary: dict[str, list[tuple[float, ...]]] = {}
+    for seed, results in per_seed.items():
+        uniform = results["uniform"]
+        for method, points in results.items():
+            rungs, every, at_best = versus_uniform(points, uniform, deployable[seed])
+            ratios = _relative(points)
+            front = pareto_front(points, TARGET)
+            volume = hypervolume([(p.error, ratios[p.trial]) for p in front], reference)
+            share = volume / oracle if oracle > 0 else float("nan")
+            summary.setdefault(method, []).append((rungs, every, at_best, 100 * share))
+            best = max(p.accuracy for p in points)
+            rows.append(f"| {seed} | {method} | {len(points)} | {100 * best:.2f}% | {rungs:.3f} | "
+                        f"{every:.3f} | {at_best:.3f} | {100 * share:.1f}% | {walls[seed, method]:.0f} |")
+    medians = [
+        f"| {m} | " + " | ".join(_spread([row[column] for row in v], 1 if column == 3 else 3) for column in range(4))
+        + f" | {statistics.median(walls[seed, m] for seed in per_seed):.0f} |"
+        for m, v in summary.items()
+    ]
+    return medians, rows
+
+
+MEDIAN_HEADER = ("| method | vs uniform, deployable | vs uniform, every rung | @best | HV share % | {seconds} |\n"
+                 "|---|---|---|---|---|---|\n")
+SEED_HEADER = ("| seed | method | trials | best accuracy | deployable | every rung | @best | HV share | {seconds} |\n"
+               "|---|---|---|---|---|---|---|---|---|\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     source = parser.add_mutually_exclusive_group()
@@ -184,12 +251,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--recovery-steps", type=int, default=None, help="Default: the search default.")
+    parser.add_argument("--final-steps", type=int, default=0,
+                        help="Also compare the fronts after a final recovery of this many steps (0: not).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--oracle-random", type=int, default=10,
                         help="The oracle also pools one random search of this many times --trials (0: none).")
     parser.add_argument("--until", default=None,
-                        help="HH:MM UTC: start no search after this time, and stop the oracle's long search "
-                             "there; with --db, the same command run again continues.")
+                        help="HH:MM UTC: start no search (or final recovery) after this time, and stop the "
+                             "oracle's long search there; with --db, the same command run again continues.")
     parser.add_argument("--db", type=Path, default=None,
                         help="Keep the searches in this SQLite file (default: a temporary one). A run "
                              "stopped part-way resumes from it: finished searches are read, not re-run.")
@@ -202,6 +271,10 @@ def main() -> None:
     label = args.model or spec["example"]
     per_seed: dict[int, dict[str, list[TrialPoint]]] = {}
     walls: dict[tuple[int, str], float] = {}
+    prepared: dict[tuple[int, str], Prepared] = {}
+    final_per_seed: dict[int, dict[str, list[TrialPoint]]] = {}
+    final_walls: dict[tuple[int, str], float] = {}
+    oracle_final: list[TrialPoint] = []
     complete = True
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db.resolve() if args.db is not None else Path(tmp) / "quality.db"
@@ -213,7 +286,7 @@ def main() -> None:
                 if left is not None and left <= 0:
                     complete = False
                     break
-                results[method], walls[seed, method] = run_method(
+                results[method], walls[seed, method], prepared[seed, method] = run_method(
                     method, seed, args.trials, runtime, spec, args.recovery_steps)
                 print(f"seed {seed} {method}: {len(results[method])} trials, "
                       f"{walls[seed, method]:.0f} s of search", flush=True)
@@ -227,43 +300,43 @@ def main() -> None:
             # The long search stops at the deadline too (its budget is not part of its identity,
             # so the next run with the same --db resumes it).
             left = _seconds_left(args.until)
-            oracle_points, wall = run_method("random", 10_000, oracle_trials, runtime, spec, args.recovery_steps,
-                                             name="oracle-random", timeout_s=None if left is None else max(1.0, left))
+            oracle_points, wall, oracle_prepared = run_method(
+                "random", 10_000, oracle_trials, runtime, spec, args.recovery_steps,
+                name="oracle-random", timeout_s=None if left is None else max(1.0, left))
             print(f"oracle random: {len(oracle_points)} trials, {wall:.0f} s of search", flush=True)
             complete = len(oracle_points) >= oracle_trials
+        if args.final_steps and complete:
+            # Every front, the oracle's included, recovered for --final-steps and scored again.
+            # Scores already stored with the same steps are read, not made again.
+            searches = [((seed, method), points) for seed, results in per_seed.items()
+                        for method, points in results.items()]
+            if oracle_points:
+                searches.append(((10_000, "oracle"), oracle_points))
+            for (seed, method), points in searches:
+                left = _seconds_left(args.until)
+                if left is not None and left <= 0:
+                    complete = False
+                    print(f"deadline {args.until}: final recovery from seed {seed} {method} not run", flush=True)
+                    break
+                search = oracle_prepared if method == "oracle" else prepared[seed, method]
+                recover_front(search, runtime, steps=args.final_steps)
+                study = load_study(search.record, runtime)
+                scores = [s for s in stored_final(study.user_attrs).values() if s.steps == args.final_steps]
+                view = final_view(points, scores)
+                if method == "oracle":
+                    oracle_final = view
+                else:
+                    final_per_seed.setdefault(seed, {})[method] = view
+                    final_walls[seed, method] = sum(s.elapsed_s for s in scores)
+                print(f"seed {seed} {method}: {len(scores)} front models recovered for {args.final_steps} steps, "
+                      f"{sum(s.elapsed_s for s in scores):.0f} s", flush=True)
     if not complete:
         print("incomplete: nothing written; run the same command again (with --db) to continue", flush=True)
         return
-    # The oracle front: every trial of every method and seed, plus the long random search. Each
-    # search is read as latency ratios to its own base measurement.
-    pooled: list[tuple[float, float]] = []
-    for points in [*(points for results in per_seed.values() for points in results.values()), oracle_points]:
-        if points:
-            ratios = _relative(points)
-            pooled += [(p.error, ratios[p.trial]) for p in points]
     dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
     reference = (dense_error + 0.10, 1.05)
-    oracle = hypervolume(pooled, reference)
-    rows = []
-    summary: dict[str, list[tuple[float, ...]]] = {}
-    for seed, results in per_seed.items():
-        uniform = results["uniform"]
-        for method, points in results.items():
-            deployable, every, at_best = versus_uniform(points, uniform)
-            ratios = _relative(points)
-            front = pareto_front(points, TARGET)
-            volume = hypervolume([(p.error, ratios[p.trial]) for p in front], reference)
-            share = volume / oracle if oracle > 0 else float("nan")
-            summary.setdefault(method, []).append((deployable, every, at_best, 100 * share))
-            best = max(p.accuracy for p in points)
-            wall = walls[seed, method]
-            rows.append(f"| {seed} | {method} | {len(points)} | {100 * best:.2f}% | {deployable:.3f} | "
-                        f"{every:.3f} | {at_best:.3f} | {100 * share:.1f}% | {wall:.0f} |")
-    medians = [
-        f"| {m} | " + " | ".join(_spread([row[column] for row in v], 1 if column == 3 else 3) for column in range(4))
-        + f" | {statistics.median(walls[seed, m] for seed in per_seed):.0f} |"
-        for m, v in summary.items()
-    ]
+    deployable = {seed: deployable_rungs(results["uniform"]) for seed, results in per_seed.items()}
+    medians, rows = compare(per_seed, oracle_points, deployable, reference, walls)
     oracle_text = (f"plus one random search of {len(oracle_points)} trials (seed 10000)" if oracle_points
                    else "no extra random search")
     body = (
@@ -278,18 +351,26 @@ def main() -> None:
         "hypervolume of the method's (error, latency/base) front over that of the oracle front: every "
         f"trial of every method and seed pooled, {oracle_text}; reference (dense error + 0.10, 1.05). "
         "Median (min-max) over seeds. *search s*: the search's trials' durations plus its sensitivity scan.\n\n"
-        "| method | vs uniform, deployable | vs uniform, every rung | @best | HV share % | search s |\n"
-        "|---|---|---|---|---|---|\n"
-        + "\n".join(medians) + "\n\nPer seed:\n\n"
-        "| seed | method | trials | best accuracy | deployable | every rung | @best | HV share | search s |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        + MEDIAN_HEADER.format(seconds="search s") + "\n".join(medians) + "\n\nPer seed:\n\n"
+        + SEED_HEADER.format(seconds="search s") + "\n".join(rows) + "\n"
     )
+    if args.final_steps:
+        medians, rows = compare(final_per_seed, oracle_final, deployable, reference, final_walls)
+        body += (
+            f"\nAfter the final recovery ({args.final_steps} more steps for every model on a search's "
+            "Pareto front, the uniform sweep's and the oracle's included, then scored again): the same "
+            "figures on those errors, for the same rungs (deployable as chosen above). Models off a "
+            "front are not recovered again and take no part. *final s*: the search's final recovery.\n\n"
+            + MEDIAN_HEADER.format(seconds="final s") + "\n".join(medians) + "\n\nPer seed:\n\n"
+            + SEED_HEADER.format(seconds="final s") + "\n".join(rows) + "\n"
+        )
     print(body, flush=True)
     command = " ".join([".venv/bin/python bench/search_quality.py",
                         f"--model {args.model}" if args.model else f"--example {spec['example']}",
                         f"--trials {args.trials}", "--seeds", *map(str, args.seeds),
                         "--methods", *args.methods, f"--oracle-random {args.oracle_random}"]
                        + ([f"--recovery-steps {args.recovery_steps}"] if args.recovery_steps is not None else [])
+                       + ([f"--final-steps {args.final_steps}"] if args.final_steps else [])
                        + ([f"--until {args.until}"] if args.until is not None else [])
                        + ([f"--db {args.db}"] if args.db is not None else [])
                        + ([f"--tag {args.tag}"] if args.tag else []))
