@@ -238,7 +238,7 @@ def compare(per_seed: dict[int, dict[str, list[TrialPoint]]], oracle_points: lis
 
 MEDIAN_HEADER = ("| method | vs uniform, deployable | vs uniform, every rung | @best | HV share % | {seconds} |\n"
                  "|---|---|---|---|---|---|\n")
-SEED_HEADER = ("| seed | method | trials | best accuracy | deployable | every rung | @best | HV share | {seconds} |\n"
+SEED_HEADER = ("| seed | method | {count} | best accuracy | deployable | every rung | @best | HV share | {seconds} |\n"
                "|---|---|---|---|---|---|---|---|---|\n")
 
 
@@ -308,28 +308,32 @@ def main() -> None:
         if args.final_steps and complete:
             # Every front, the oracle's included, recovered for --final-steps and scored again.
             # Scores already stored with the same steps are read, not made again.
-            searches = [((seed, method), points) for seed, results in per_seed.items()
-                        for method, points in results.items()]
-            if oracle_points:
-                searches.append(((10_000, "oracle"), oracle_points))
-            for (seed, method), points in searches:
+            def recover(search: Prepared, points: list[TrialPoint], name: str) -> tuple[list[TrialPoint], float] | None:
+                """The front's final view and its seconds of recovery; None past the deadline."""
                 left = _seconds_left(args.until)
                 if left is not None and left <= 0:
-                    complete = False
-                    print(f"deadline {args.until}: final recovery from seed {seed} {method} not run", flush=True)
-                    break
-                search = oracle_prepared if method == "oracle" else prepared[seed, method]
+                    print(f"deadline {args.until}: final recovery from {name} not run", flush=True)
+                    return None
                 recover_front(search, runtime, steps=args.final_steps)
-                study = load_study(search.record, runtime)
-                scores = [s for s in stored_final(study.user_attrs).values() if s.steps == args.final_steps]
-                view = final_view(points, scores)
-                if method == "oracle":
-                    oracle_final = view
-                else:
-                    final_per_seed.setdefault(seed, {})[method] = view
-                    final_walls[seed, method] = sum(s.elapsed_s for s in scores)
-                print(f"seed {seed} {method}: {len(scores)} front models recovered for {args.final_steps} steps, "
-                      f"{sum(s.elapsed_s for s in scores):.0f} s", flush=True)
+                scores = [s for s in stored_final(load_study(search.record, runtime).user_attrs).values()
+                          if s.steps == args.final_steps]
+                seconds = sum(s.elapsed_s for s in scores)
+                print(f"{name}: {len(scores)} front models recovered for {args.final_steps} steps, "
+                      f"{seconds:.0f} s", flush=True)
+                return final_view(points, scores), seconds
+
+            fronts = [(seed, method, points) for seed, results in per_seed.items()
+                      for method, points in results.items()]
+            for seed, method, points in fronts:
+                done = recover(prepared[seed, method], points, f"seed {seed} {method}")
+                if done is None:
+                    complete = False
+                    break
+                final_per_seed.setdefault(seed, {})[method], final_walls[seed, method] = done
+            if complete and oracle_points:
+                done = recover(oracle_prepared, oracle_points, "oracle")
+                complete = done is not None
+                oracle_final = done[0] if done is not None else []
     if not complete:
         print("incomplete: nothing written; run the same command again (with --db) to continue", flush=True)
         return
@@ -352,7 +356,7 @@ def main() -> None:
         f"trial of every method and seed pooled, {oracle_text}; reference (dense error + 0.10, 1.05). "
         "Median (min-max) over seeds. *search s*: the search's trials' durations plus its sensitivity scan.\n\n"
         + MEDIAN_HEADER.format(seconds="search s") + "\n".join(medians) + "\n\nPer seed:\n\n"
-        + SEED_HEADER.format(seconds="search s") + "\n".join(rows) + "\n"
+        + SEED_HEADER.format(count="trials", seconds="search s") + "\n".join(rows) + "\n"
     )
     if args.final_steps:
         medians, rows = compare(final_per_seed, oracle_final, deployable, reference, final_walls)
@@ -360,9 +364,10 @@ def main() -> None:
             f"\nAfter the final recovery ({args.final_steps} more steps for every model on a search's "
             "Pareto front, the uniform sweep's and the oracle's included, then scored again): the same "
             "figures on those errors, for the same rungs (deployable as chosen above). Models off a "
-            "front are not recovered again and take no part. *final s*: the search's final recovery.\n\n"
+            "front are not recovered again and take no part. *models*: the front's models (and the dense "
+            "base). *final s*: the search's final recovery.\n\n"
             + MEDIAN_HEADER.format(seconds="final s") + "\n".join(medians) + "\n\nPer seed:\n\n"
-            + SEED_HEADER.format(seconds="final s") + "\n".join(rows) + "\n"
+            + SEED_HEADER.format(count="models", seconds="final s") + "\n".join(rows) + "\n"
         )
     print(body, flush=True)
     command = " ".join([".venv/bin/python bench/search_quality.py",
