@@ -8,6 +8,9 @@ shared by all methods and seeds (the latency cache). Methods:
 * ``uniform``: every keep-ratio of the grid applied to all groups (a sweep: fewer trials);
 * ``random``, ``tpe``, ``amc``: the scalar reward; ``nsga2``: (error, latency) as two objectives;
 * ``tpe-sens``: ``tpe`` started from the sensitivity scan (``--sensitivity-start``);
+* ``tpe-prune``: ``tpe`` with Optuna's median pruning before fine-tuning (``--trial-pruning
+  median``); its pruned trials count toward the budget, so it differs from ``tpe`` in search time
+  and in how many trials reach the end;
 * ``netadapt``: NetAdapt's greedy walk (``--sampler netadapt``) on the same scan.
 
 The scans (one per search of ``tpe-sens``/``netadapt``: each group alone at each option, no
@@ -90,15 +93,16 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
     return area
 
 
-# method -> (sampler, objective, sensitivity start). "uniform" runs the grid as enqueued trials.
-METHODS = {
-    "uniform": ("random", "reward", False),
-    "random": ("random", "reward", False),
-    "tpe": ("tpe", "reward", False),
-    "tpe-sens": ("tpe", "reward", True),
-    "amc": ("amc", "reward", False),
-    "nsga2": ("nsga2", "pareto", False),
-    "netadapt": ("netadapt", "reward", False),
+# method -> its search settings; the rest are the defaults. "uniform" runs the grid as enqueued trials.
+METHODS: dict[str, dict[str, object]] = {
+    "uniform": {"sampler": "random"},
+    "random": {"sampler": "random"},
+    "tpe": {"sampler": "tpe"},
+    "tpe-sens": {"sampler": "tpe", "sensitivity_start": True},
+    "tpe-prune": {"sampler": "tpe", "trial_pruning": "median"},
+    "amc": {"sampler": "amc"},
+    "nsga2": {"sampler": "nsga2", "objective": "pareto"},
+    "netadapt": {"sampler": "netadapt"},
 }
 
 
@@ -107,11 +111,9 @@ def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: di
                timeout_s: float | None = None) -> tuple[list[TrialPoint], float, Prepared]:
     """Run (or resume, or just read) one search: its points, its search time and the prepared
     search (for the final recovery)."""
-    sampler, objective, start = METHODS[method]
     config = load_search_config(None, {
-        "name": name or f"{method}-s{seed}", **source, "targets": [TARGET],
-        "sampler": sampler, "objective": objective, "trials": trials, "seed": seed,
-        "recovery": {"steps": recovery_steps}, "sensitivity_start": start, "timeout_s": timeout_s,
+        "name": name or f"{method}-s{seed}", **source, "targets": [TARGET], **METHODS[method],
+        "trials": trials, "seed": seed, "recovery": {"steps": recovery_steps}, "timeout_s": timeout_s,
     })
     prepared = prepare(config, runtime)
     if method == "uniform":

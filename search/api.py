@@ -66,7 +66,7 @@ __all__ = [
     "trials",
 ]
 
-TrialCallback = Callable[[int, int | None], None]  # (completed trials, trials asked for)
+TrialCallback = Callable[[int, int | None], None]  # (trials counted toward the budget, trials asked for)
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def run_search(
     """Start a search (or resume one of that name with a compatible config) in this process,
     run it to its budget, confirm its front and return its ``status``.
 
-    ``on_trial(completed, asked)`` is called after each trial.
+    ``on_trial(counted, asked)`` is called after each trial (counted: completed and pruned).
     """
     runtime = settings.runtime(wait_for_agents=wait_for_agents)
     prepared = prepare(search_config(config), runtime)
@@ -349,11 +349,11 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
 
 def run_prepared(prepared: Prepared, runtime: Runtime, *, on_trial: TrialCallback | None = None) -> None:
     from search.study.controller import run_worker
-    from search.study.runtime import completed
+    from search.study.runtime import counted
 
     def called(study: optuna.Study, _trial: Any = None) -> None:
         if on_trial is not None:
-            on_trial(completed(study), prepared.config.trials)
+            on_trial(counted(study), prepared.config.trials)
 
     run_worker(prepared.config.name, runtime, on_trial=called, prepared=prepared)
 
@@ -487,7 +487,8 @@ def export_trials(
                                 "extra_finetune_steps": finetune_steps,
                                 "recovery": rebuilt.recovery,
                                 "targets": list(config.targets),
-                                "measured_onnx_sha256": attrs["artifact_sha256"],
+                                # With trial pruning the file measured held the weights before recovery.
+                                "measured_onnx_sha256": attrs.get("measured_sha256", attrs["artifact_sha256"]),
                                 "error_after_extra_finetune": rebuilt.error,
                                 # Multi-fidelity: the search-time error beside the final one.
                                 "search_error": attrs["error"],

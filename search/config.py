@@ -176,6 +176,10 @@ class SearchConfig(_Section):
     sensitivity_start: bool = False
     # Fine-tuning steps of the final recovery of the Pareto set when a search ends (0: none).
     final_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    # Optuna's pruning of trials (not of the model): latency is measured before recovery, and a
+    # trial whose reward before fine-tuning is below the median of earlier trials' is stopped
+    # there (stored PRUNED, counted in ``trials``; see search.study.objective).
+    trial_pruning: Literal["none", "median"] = "none"
     trials: Annotated[int, Field(ge=1, le=1_000_000)] | None = 20
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     constraints: ConstraintsConfig = ConstraintsConfig()
@@ -205,7 +209,23 @@ class SearchConfig(_Section):
             raise ValueError("give a budget: 'trials', 'timeout_s' or both")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets repeat: {self.targets}")
+        if self.trial_pruning != "none":
+            problem = self._why_trials_cannot_be_pruned()
+            if problem is not None:
+                raise ValueError(f"trial_pruning {self.trial_pruning}: {problem}; or use trial_pruning none")
         return self
+
+    def _why_trials_cannot_be_pruned(self) -> str | None:
+        if self.objective != "reward":
+            return "Optuna prunes single-objective trials only; use objective reward"
+        if self.sampler == "netadapt":
+            return "netadapt keeps the most accurate candidate of each step after recovery; use another sampler"
+        if self.latency != "measured":
+            return "hybrid and predicted latency decide what to measure by the recovered error; use latency measured"
+        if self.recovery.version != 2 or self.recovery.steps == 0 or self.recovery.holdout_batches == 0:
+            return ("a trial is judged on its held-out error before fine-tuning; it needs recovery version 2 "
+                    "with steps >= 1 and holdout_batches >= 1")
+        return None
 
     @property
     def model_spec(self) -> str:
@@ -237,7 +257,8 @@ model: mypkg.models:bundle    # a plugin returning a ModelBundle; or `example: d
 targets: [cpu-ort-fp32]       # hardware profiles; the first is primary (the reward's latency)
 objective: reward             # reward (one number) or pareto (error and each target's latency)
 sampler: tpe                  # tpe, amc, nsga2 or random
-trials: 100                   # completed trials to reach, trial 0 (the dense base model) included
+trials: 100                   # completed (or pruned) trials to reach, trial 0 (the dense base model) included
+trial_pruning: none           # median: measure latency first, stop a trial before fine-tuning if hopeless
 timeout_s: 3600               # and/or a time budget for one run, seconds
 constraints:                  # limits, not penalties: a trial over one is infeasible
   latency_budget_ratio: 0.5   # at most half the base model's latency on the primary target

@@ -140,7 +140,7 @@ def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
     from search.study.controller import run_worker
-    from search.study.runtime import completed
+    from search.study.runtime import counted
 
     _quiet_optuna()
     config: SearchConfig = prepared.config
@@ -167,7 +167,7 @@ def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
             rewards = [p.reward for p in points if p.reward is not None and p.feasible]
             front = pareto_front(points, config.targets[0])
             best = f"best reward {max(rewards):.4f}" if rewards else "no result yet"
-            progress.update(task, completed=completed(study),
+            progress.update(task, completed=counted(study),
                             status=f"{best}, Pareto {len(front)}")
 
         if workers == 1:
@@ -306,9 +306,12 @@ def search_start(
                                     "and greedy plans from it.")] = None,
     final_steps: Annotated[int | None, typer.Option(
         "--final-steps", min=0, help="Fine-tuning steps of the final recovery of the Pareto set. Default: 0.")] = None,
+    trial_pruning: Annotated[str | None, typer.Option(
+        "--trial-pruning", help="none or median: measure latency first and stop a trial before fine-tuning "
+                                "when its reward is below the median of completed trials'. Default: none.")] = None,
     trials: Annotated[int | None, typer.Option(
-        help="Completed trials to reach, trial 0 (the dense base model) included: N trials are the base "
-             "and N-1 pruned candidates. Default: 20.")] = None,
+        help="Trials to reach, trial 0 (the dense base model) included: N trials are the base "
+             "and N-1 pruned candidates; a trial stopped by --trial-pruning counts. Default: 20.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Time budget of this run, seconds. Default: none.")] = None,
     latency_budget_us: Annotated[float | None, typer.Option(
         help="Constraint: latency on the primary target, us. Default: none.")] = None,
@@ -350,7 +353,7 @@ def search_start(
             "recovery": {"steps": recovery_steps}, "importance": importance,
             "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
-            "sensitivity_start": sensitivity_start, "final_steps": final_steps,
+            "sensitivity_start": sensitivity_start, "final_steps": final_steps, "trial_pruning": trial_pruning,
         })
         runtime = _runtime(db, wait_for_agents=wait_for_agents)
         _quiet_optuna()
@@ -464,7 +467,8 @@ def _print_status(info: dict[str, Any]) -> None:
     lines = [
         f"search {info['name']} ({info['objective']}, sampler {info['sampler']}, targets "
         f"{', '.join(info['targets'])}; created {info['created_at'][:19]})",
-        f"trials: {_states(info)}; asked for {asked} completed (trial 0 is the base model)",
+        f"trials: {_states(info)}; asked for {asked} completed{' or pruned' if 'PRUNED' in info['trials'] else ''} "
+        "(trial 0 is the base model)",
         _feasibility_line(info) or f"constraints: none ({info['completed']} completed trials, all feasible)",
         f"confirmed by a second session: {info['confirmed_trials']} trials",
         f"base model: error {info['base_error']:.4g}, latency "

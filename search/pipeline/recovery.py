@@ -33,7 +33,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -356,16 +356,20 @@ def recover_with_report(
     config: RecoveryConfig,
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
+    before_finetune: Callable[[float], None] | None = None,
 ) -> RecoveryReport:
     """Like ``recover``, and say which model was kept and what each step cost.
 
+    ``before_finetune`` is called with the held-out error of the model about to be fine-tuned
+    (after adaptive batch-norm, else as pruned) when there is a held-out slice and steps to run;
+    an exception it raises stops the recovery there (a search prunes hopeless trials this way).
     The returned ``report.model`` is ``model`` itself, holding the kept weights.
     """
     previous_threads = torch.get_num_threads()
     # Float reductions split differently across thread counts; fix it for bit-identical replays.
     torch.set_num_threads(config.threads)
     try:
-        return _recover(model, bundle, config, masks)
+        return _recover(model, bundle, config, masks, before_finetune)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -375,6 +379,7 @@ def _recover(
     bundle: ModelBundle,
     config: RecoveryConfig,
     masks: Mapping[str, torch.Tensor] | None,
+    before_finetune: Callable[[float], None] | None = None,
 ) -> RecoveryReport:
     model.eval()
     if config.version == 1:
@@ -410,6 +415,8 @@ def _recover(
         judge("bn")
         snapshot("bn")
     finetune_s = 0.0
+    if config.steps > 0 and before_finetune is not None and scores:
+        before_finetune(scores["bn" if adapt else "raw"][0])
     if config.steps > 0:
         started = time.perf_counter()
         fine_tune(model, bundle, split.batches(), config, masks=masks)

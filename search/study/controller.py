@@ -42,8 +42,10 @@ from search.study.read import error_floor_of, trial_points
 from search.study.runtime import (
     Runtime,
     completed,
+    counted,
     find_record,
     load_study,
+    make_pruner,
     make_sampler,
     optuna_storage,
     package_versions,
@@ -268,8 +270,8 @@ def run_worker(
     record = prepared.record
     storage = optuna_storage(runtime, worker=True)
     study = optuna.load_study(study_name=record.study_name, storage=storage,
-                              sampler=make_sampler(config, runtime.worker_index))
-    if config.trials is not None and completed(study) >= config.trials:
+                              sampler=make_sampler(config, runtime.worker_index), pruner=make_pruner(config))
+    if config.trials is not None and counted(study) >= config.trials:
         return study
     repo = runtime.repository()
     with ExitStack() as stack:
@@ -303,8 +305,8 @@ def run_worker(
             logger.info("netadapt: %d trials completed", completed(study))
             return study
         result = run_trials(study, storage, objective, limits, callbacks=callbacks)
-        logger.info("worker %d: %d trials completed, %d failed, %d finished by other workers",
-                    runtime.worker_index, result.completed, result.failed, result.taken_over)
+        logger.info("worker %d: %d trials completed, %d pruned, %d failed, %d finished by other workers",
+                    runtime.worker_index, result.completed, result.pruned, result.failed, result.taken_over)
     return study
 
 

@@ -1,6 +1,8 @@
 """One trial, end to end: the one place where the stages are chained.
 
 plan -> prune -> recover -> error -> ONNX -> latency per target -> reward -> Optuna trial.
+With trial pruning the ONNX export and the latency come before recovery, and a trial whose reward
+before fine-tuning is below the median is stored PRUNED there (``SearchConfig.trial_pruning``).
 A stage that raises a known error (``SearchError``, ``LatencyError``) fails the trial with its
 stage and reason stored as user attributes; the search goes on. Anything else is a bug: the trial
 is recorded the same way and the exception propagates.
@@ -11,9 +13,9 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,13 @@ import optuna
 
 from latency_models import LatencyError, Meter
 from latency_models.meter import Pending, TargetLatency
+from latency_models.predictors import ArchitectureFeatures
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
 from search.pipeline.features import architecture_features
 from search.pipeline.onnx_export import export_onnx
+from search.pipeline.pruning import PrunedModel
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
@@ -70,6 +74,8 @@ def _stage(trial: optuna.Trial, name: str, times: dict[str, float]) -> Iterator[
     started = time.perf_counter()
     try:
         yield
+    except optuna.TrialPruned:
+        raise  # not a failure: the trial loop stores it PRUNED
     except KNOWN_ERRORS as exc:
         _record_failure(trial, name, exc, times)
         logger.warning("Trial %d failed at %s, params %s: %s", trial.number, name, trial.params, exc)
@@ -92,8 +98,26 @@ def _record_failure(trial: optuna.Trial, stage: str, exc: BaseException, times: 
     trial.set_user_attr("stage_s", dict(times))
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A trial's latency per target, where each figure came from, and the exported artifact."""
+
+    latencies: dict[str, TargetLatency]
+    sources: dict[str, str]
+    artifact_sha256: str
+    features: ArchitectureFeatures | None = None
+    screened: dict[str, str] = field(default_factory=dict)
+    rules: dict[str, str] = field(default_factory=dict)
+
+
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
-    """Evaluate one plan. Returns the reward, or (error, latency per target) for ``pareto``."""
+    """Evaluate one plan. Returns the reward, or (error, latency per target) for ``pareto``.
+
+    With trial pruning the latency is measured before recovery (it is a function of the
+    architecture, which recovery does not change), so that a trial whose reward before
+    fine-tuning is hopeless is stopped there; it raises ``optuna.TrialPruned`` with its latency
+    and its held-out error stored.
+    """
     times: dict[str, float] = {}
     with _stage(trial, "suggest", times):
         plan = ctx.space.suggest(trial)
@@ -106,12 +130,62 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
             trial.set_user_attr("pruning_warnings", list(pruned.warnings))
     # The dense plan is the base model itself: trial 0, the reference of every figure.
     is_base = pruned.signature == ctx.base_signature
-    with _stage(trial, "recover", times):
-        if not is_base:
-            report = recover_with_report(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks)
-            trial.set_user_attr("recovery", report.to_dict())
+    measured: Measured | None = None
+    if ctx.config.trial_pruning != "none":
+        measured = _export_and_measure(trial, ctx, pruned, None, times)
+    try:
+        with _stage(trial, "recover", times):
+            if not is_base:
+                check = None if measured is None else _pruning_check(trial, ctx, measured, pruned)
+                report = recover_with_report(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks,
+                                             before_finetune=check)
+                trial.set_user_attr("recovery", report.to_dict())
+    except optuna.TrialPruned:
+        trial.set_user_attr("stage_s", times)
+        raise
     with _stage(trial, "evaluate", times):
         error = ctx.base_error if is_base else seeded_error(ctx.bundle, pruned.model, ctx.config.seed)
+    extra: dict[str, Any] = {}
+    if measured is None:
+        measured = _export_and_measure(trial, ctx, pruned, error, times)
+    elif not is_base:
+        # The measured file holds the weights before recovery. The recovered model is exported and
+        # stored too: its sha256 is what `export` must reproduce (search.study.materialize).
+        with _stage(trial, "export", times):
+            recovered = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
+                                    batch_size=ctx.batch_size)
+            ctx.repo.put_artifact_file(recovered.path, recovered.sha256)
+            recovered.path.unlink(missing_ok=True)
+        extra = {"artifact_sha256": recovered.sha256, "measured_sha256": measured.artifact_sha256}
+    latencies = measured.latencies
+    primary = latencies[ctx.config.targets[0]]
+    with _stage(trial, "reward", times):
+        score = _reward(ctx, error, primary.latency_us)
+    attrs: dict[str, Any] = {
+        "error": error,
+        "accuracy": 1.0 - error,
+        "reward": score,
+        **_latency_attrs(measured, pruned),
+        **extra,
+        "stage_s": times,
+    }
+    if measured.features is not None:
+        # The predictor's training data: shared by every worker through the study.
+        attrs["features"] = measured.features.to_dict()
+        attrs["screening"] = measured.screened
+        attrs["latency_reason"] = measured.rules  # the deciding rule per target (screening.REASONS)
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    _set_constraints(trial, ctx, error, primary.latency_us)
+    if ctx.config.objective == "pareto":
+        return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
+    return score
+
+
+def _export_and_measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, error: float | None,
+                        times: dict[str, float]) -> Measured:
+    """Export the model to ONNX and time it on every target (``error`` feeds screening; None
+    before recovery, where screening is not used)."""
     with _stage(trial, "export", times):
         artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
                                batch_size=ctx.batch_size)
@@ -131,7 +205,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
         for meter in sorted(ctx.meters, key=lambda m: not m.background):
             name = meter.profile.name
             with _stage(trial, f"measure:{name}", times):
-                if ctx.screening is not None and features is not None:
+                if ctx.screening is not None and features is not None and error is not None:
                     decision = ctx.screening.decide(trial, name, features, pruned.signature, error)
                     screened[name] = decision.reason
                     rules[name] = decision.rule
@@ -147,35 +221,48 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
                 latencies[name] = waiting.result()
     finally:
         artifact.path.unlink(missing_ok=True)  # the worker's copy; the store keeps its own
-    primary = latencies[ctx.config.targets[0]]
-    with _stage(trial, "reward", times):
-        score = reward(error, primary.latency_us, error_floor=ctx.error_floor,
-                       resource_constrained=ctx.config.constraints.has_latency_budget)
-    attrs: dict[str, Any] = {
-        "error": error,
-        "accuracy": 1.0 - error,
-        "reward": score,
-        "latency_us": {name: t.latency_us for name, t in latencies.items()},
-        "latency": {name: t.to_dict() | {"source": sources[name]} for name, t in latencies.items()},
-        "latency_source": sources,
+    return Measured(latencies, sources, artifact.sha256, features, screened, rules)
+
+
+def _latency_attrs(measured: Measured, pruned: PrunedModel) -> dict[str, Any]:
+    return {
+        "latency_us": {name: t.latency_us for name, t in measured.latencies.items()},
+        "latency": {name: t.to_dict() | {"source": measured.sources[name]}
+                    for name, t in measured.latencies.items()},
+        "latency_source": measured.sources,
         "macs": pruned.macs,
         "params": pruned.params,
         "kept": dict(pruned.kept),
         "signature": pruned.signature,
-        "artifact_sha256": artifact.sha256,
-        "stage_s": times,
+        "artifact_sha256": measured.artifact_sha256,
     }
-    if features is not None:
-        # The predictor's training data: shared by every worker through the study.
-        attrs["features"] = features.to_dict()
-        attrs["screening"] = screened
-        attrs["latency_reason"] = rules  # the deciding rule per target (screening.REASONS)
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    _set_constraints(trial, ctx, error, primary.latency_us)
-    if ctx.config.objective == "pareto":
-        return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
-    return score
+
+
+def _reward(ctx: SearchContext, error: float, latency_us: float) -> float:
+    return reward(error, latency_us, error_floor=ctx.error_floor,
+                  resource_constrained=ctx.config.constraints.has_latency_budget)
+
+
+def _pruning_check(trial: optuna.Trial, ctx: SearchContext, measured: Measured,
+                   pruned: PrunedModel) -> Callable[[float], None]:
+    """Called by recovery before fine-tuning: report the reward on the held-out error so far as
+    step 0, and stop the trial if Optuna's pruner finds it below the others'."""
+    latency_us = measured.latencies[ctx.config.targets[0]].latency_us
+
+    def check(holdout_error: float) -> None:
+        value = _reward(ctx, holdout_error, latency_us)
+        trial.report(value, step=0)
+        if trial.should_prune():
+            trial.set_user_attr("pruned", {"stage": "before fine-tuning", "holdout_error": holdout_error,
+                                           "reward": value})
+            for key, attr in _latency_attrs(measured, pruned).items():
+                trial.set_user_attr(key, attr)
+            message = (f"trial {trial.number}: reward {value:.4f} before fine-tuning is below the completed "
+                       "trials' median")
+            logger.info("pruned %s", message)
+            raise optuna.TrialPruned(message)
+
+    return check
 
 
 def _predicted(meter: Meter, ratio: float, interval: tuple[float, float]) -> Pending:

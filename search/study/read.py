@@ -190,7 +190,8 @@ def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
 
 def trial_rows(record: SearchRecord, study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial of a search as plain data: state, plan as kept channel counts, figures as shown
-    (confirmed where confirmed), constraint values and feasibility, and why a failed trial failed."""
+    (confirmed where confirmed), constraint values and feasibility, why a failed trial failed and
+    where a pruned one was stopped."""
     points = {p.trial: p for p in trial_points(study, record)}
     base_latency = base_latency_us(record, study)
     base_signature = record.base["signature"]
@@ -223,6 +224,11 @@ def trial_rows(record: SearchRecord, study: optuna.Study) -> list[dict[str, Any]
             }
         if trial.state == TrialState.FAIL:
             row |= {"fail_stage": attrs.get("fail_stage"), "fail_reason": attrs.get("fail_reason")}
+        if trial.state == TrialState.PRUNED and "pruned" in attrs:
+            # Stopped before fine-tuning: its latency (measured first) and why it was stopped.
+            latency_us = dict(attrs.get("latency_us", {}))
+            row |= {"pruned": attrs["pruned"], "latency_us": latency_us,
+                    "speedup": {k: base_latency[k] / v for k, v in latency_us.items() if v > 0 and k in base_latency}}
         rows.append(row)
     return rows
 

@@ -1,5 +1,5 @@
 """Where a search lives and how Optuna is set up for it: the runtime settings, the study's storage
-and name, the sampler a config names. No torch: the hub and the read side import this."""
+and name, the sampler and the trial pruner a config names. No torch: the hub and the read side import this."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def optuna_storage(runtime: Runtime, *, worker: bool = False) -> optuna.storages
                               worker=worker)
 
 
+def startup_trials(config: SearchConfig) -> int:
+    """Trials TPE samples at random before modelling (a quarter of the budget, 5 to 10)."""
+    return max(5, min(10, (config.trials or 40) // 4))
+
+
 def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler the config names; each parallel worker gets its own seed."""
     seed = config.seed + worker_index
@@ -69,7 +74,7 @@ def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers
         if config.sampler == "nsga2":
             population = max(4, min(50, (config.trials or 40) // 4))
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
-        startup = max(5, min(10, (config.trials or 40) // 4))
+        startup = startup_trials(config)
         if config.sampler == "amc":
             # AMC-style: decisions are made layer by layer within one trial; a multivariate TPE
             # (grouped by the parameters that appear together) models their interactions.
@@ -79,6 +84,18 @@ def make_sampler(config: SearchConfig, worker_index: int = 0) -> optuna.samplers
         # make `tpe` and `amc` propose the very same plans.
         return optuna.samplers.TPESampler(seed=seed, multivariate=False, constant_liar=True,
                                           n_startup_trials=startup)
+
+
+def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    """The trial pruner the config names (see ``SearchConfig.trial_pruning``).
+
+    The median of completed trials' rewards before fine-tuning is compared only once as many
+    trials as TPE's random start have completed, so the first comparisons are not against noise.
+    """
+    if config.trial_pruning == "none":
+        return optuna.pruners.NopPruner()
+    startup = startup_trials(config)
+    return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0, n_min_trials=startup)
 
 
 def find_record(name: str, runtime: Runtime) -> SearchRecord:
@@ -92,6 +109,15 @@ def find_record(name: str, runtime: Runtime) -> SearchRecord:
 
 def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count toward ``trials``: completed ones and pruned ones (a pruned trial ran until
+    it was judged hopeless; a failed one is retried)."""
+    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
 
 
 def load_study(record: SearchRecord, runtime: Runtime, *,

@@ -4,7 +4,8 @@ Optuna's ``study.optimize`` ends the worker when a trial it ran was finished els
 tell a COMPLETE trial``): another worker failed it as stale while this one was slow, or completed
 it. Here such a trial is logged once and the worker goes on. Every other failure of a trial is
 stored FAIL (the objective records its stage and reason) and the search goes on; it stops only
-after ``max_consecutive_failures`` failures in a row, naming the first one.
+after ``max_consecutive_failures`` failures in a row, naming the first one. A trial the objective
+prunes (``optuna.TrialPruned``) is stored PRUNED and, like a completed one, counts toward the budget.
 
 The claim of an enqueued (WAITING) trial is made safe by the storage (see
 ``search.storage.study_storage``), not retried around here.
@@ -28,6 +29,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the heartbeat protocol; 
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import TrialsKeepFailing
+from search.study.runtime import counted
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 @dataclass(frozen=True, slots=True)
 class LoopLimits:
-    """When a worker stops: completed trials in the study, this run's time, failures in a row."""
+    """When a worker stops: completed and pruned trials in the study, this run's time, failures in a row."""
 
     trials: int | None = None
     timeout_s: float | None = None
@@ -51,6 +53,7 @@ class LoopResult:
     completed: int
     failed: int
     taken_over: int
+    pruned: int = 0
 
 
 class Heartbeat:
@@ -97,10 +100,6 @@ class Heartbeat:
             self._thread.join()
 
 
-def _completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat: experimental, wanted
@@ -121,7 +120,7 @@ def run_trials(
     *,
     callbacks: Sequence[TrialCallback] = (),
 ) -> LoopResult:
-    """Run trials until the study holds ``limits.trials`` completed ones or time runs out.
+    """Run trials until the study holds ``limits.trials`` completed or pruned ones or time runs out.
 
     ``storage`` is the storage ``study`` was loaded with; with a heartbeat (``RDBStorage``) each
     running trial's heartbeat is recorded in a thread.
@@ -131,10 +130,10 @@ def run_trials(
             message names the first one's stage and error. Every failed trial is stored FAIL.
     """
     started = time.monotonic()
-    completed = failed = taken_over = 0
+    completed = failed = taken_over = pruned = 0
     failures_in_row: list[str] = []
     while True:
-        if limits.trials is not None and _completed(study) >= limits.trials:
+        if limits.trials is not None and counted(study) >= limits.trials:
             break
         if limits.timeout_s is not None and time.monotonic() - started >= limits.timeout_s:
             break
@@ -146,12 +145,15 @@ def run_trials(
         trial_id = trial._trial_id  # the storage key; Optuna's Trial exposes only the number
         values: float | Sequence[float] | None = None
         error: Exception | None = None
+        stopped = False
         with Heartbeat(storage, trial_id) if isinstance(storage, BaseHeartbeat) else nullcontext():
             try:
                 values = objective(trial)
             except UpdateFinishedTrialError:
                 error = None
                 values = None
+            except optuna.TrialPruned:
+                stopped = True
             except Exception as exc:
                 error = exc
                 logger.debug("trial %d raised", trial.number, exc_info=exc)
@@ -161,16 +163,21 @@ def run_trials(
             logger.warning("trial %d was finished by another worker (now %s); going on with the next",
                            trial.number, frozen.state.name)
             continue
-        told = TrialState.COMPLETE if error is None and values is not None else TrialState.FAIL
+        if stopped:
+            told = TrialState.PRUNED
+        else:
+            told = TrialState.COMPLETE if error is None and values is not None else TrialState.FAIL
         try:
             if told == TrialState.COMPLETE:
                 study.tell(trial, values, skip_if_finished=True)
+            elif told == TrialState.PRUNED:
+                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             else:
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:
             pass  # finished elsewhere between our check and our write: the storage refused it
         frozen = storage.get_trial(trial_id)
-        if told == TrialState.COMPLETE and frozen.state != TrialState.COMPLETE:
+        if told != TrialState.FAIL and frozen.state != told:
             # Another worker failed it as stale just before our tell, which Optuna then skipped.
             taken_over += 1
             logger.warning("trial %d was finished by another worker while being told (now %s); going on",
@@ -178,6 +185,9 @@ def run_trials(
             continue
         if frozen.state == TrialState.COMPLETE:
             completed += 1
+            failures_in_row.clear()
+        elif frozen.state == TrialState.PRUNED:
+            pruned += 1
             failures_in_row.clear()
         elif frozen.state == TrialState.FAIL:
             failed += 1
@@ -190,4 +200,4 @@ def run_trials(
                 f"stopping: {len(failures_in_row)} trials failed in a row; the first was {failures_in_row[0]} "
                 "(see `hwprune search status NAME` for failures by stage; `--debug` logs each traceback)"
             )
-    return LoopResult(completed=completed, failed=failed, taken_over=taken_over)
+    return LoopResult(completed=completed, failed=failed, taken_over=taken_over, pruned=pruned)

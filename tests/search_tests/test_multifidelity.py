@@ -158,3 +158,76 @@ def test_final_recovery_is_stored_beside_the_search_error(setup: dict[str, Any],
         assert manifest["final_steps"] == 6 and manifest["search_error"] == row["error"]
         # The export repeats the final recovery: the same seed, so the same error.
         assert manifest["final_error"] == pytest.approx(row["final_error"])
+
+
+def test_trial_pruning_stops_a_hopeless_trial_before_fine_tuning(setup: dict[str, Any]) -> None:
+    _run(setup, ["search", "start", "--name", "tp", *setup["model"], "--trial-pruning", "median",
+                 "--trials", "1", "--db", setup["db"], "--json"])
+    study = _study(setup["db"], "tp")
+    # Five reference trials that scored the best reward there is (0: no error) before fine-tuning,
+    # added by hand so that the median pruner's verdict on the next trials is known: any real
+    # trial (error above the floor) is below it. They carry no figures, so no front shows them.
+    for _ in range(5):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.0, intermediate_values={0: 0.0}))
+    _run(setup, ["search", "resume", "tp", "--trials", "8", "--db", setup["db"], "--json"])
+    study = _study(setup["db"], "tp")
+    stopped = study.get_trials(states=(TrialState.PRUNED,))
+    assert len(stopped) == 2 and len(study.trials) == 8  # pruned trials count toward --trials
+    for trial in stopped:
+        pruned = trial.user_attrs["pruned"]
+        assert pruned["stage"] == "before fine-tuning" and 0.0 <= pruned["holdout_error"] <= 1.0
+        assert trial.intermediate_values == {0: pruned["reward"]} and pruned["reward"] < 0.0
+        # Measured before recovery (real ONNX Runtime timing), stopped before the error on validation.
+        assert trial.user_attrs["latency_us"]["fast"] > 1.0
+        assert trial.user_attrs["latency"]["fast"]["source"] == "measured"
+        stages = trial.user_attrs["stage_s"]
+        assert {"export", "measure:fast", "recover"} <= stages.keys() and "evaluate" not in stages
+        assert "recovery" not in trial.user_attrs and "error" not in trial.user_attrs
+    text = _run(setup, ["search", "status", "tp", "--db", setup["db"]]).stdout
+    assert "2 pruned" in text and "asked for 8 completed or pruned" in text
+    rows = json.loads(_run(setup, ["search", "trials", "tp", "--db", setup["db"], "--json"]).stdout)
+    shown = [row for row in rows if row["state"] == "pruned"]
+    assert [row["pruned"] for row in shown] == [t.user_attrs["pruned"] for t in stopped]
+    assert all(row["speedup"]["fast"] > 0 for row in shown)
+    assert "pruned" in _run(setup, ["search", "trials", "tp", "--db", setup["db"]]).stdout
+
+
+def test_trial_pruning_measures_first_and_completes_trials_that_are_not_hopeless(
+        setup: dict[str, Any], tmp_path: Path) -> None:
+    result = _run(setup, ["search", "start", "--name", "tq", *setup["model"], "--trial-pruning", "median",
+                          "--trials", "4", "--db", setup["db"], "--json"])
+    study = _study(setup["db"], "tq")
+    # Fewer completed trials than the pruner's start: every trial runs to the end, measured first.
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 4
+    for trial in done[1:]:
+        stages = list(trial.user_attrs["stage_s"])
+        assert stages.index("measure:fast") < stages.index("recover") < stages.index("evaluate")
+        assert trial.intermediate_values[0] <= 0.0 and trial.user_attrs["recovery"]["kept"]
+        # The file timed held the weights before recovery; the recovered model's is stored beside
+        # it (the same file when recovery kept the raw model).
+        assert {"measured_sha256", "artifact_sha256"} <= trial.user_attrs.keys()
+    # The export rebuilds each front model and reproduces the recovered file (the fastest trial is
+    # always on the front, so at least one pruned model is checked).
+    rows = [row for row in json.loads(result.stdout)["pareto"] if row["trial"] != 0]
+    assert rows
+    out = tmp_path / "front"
+    _run(setup, ["export", "tq", "--pareto", "--out", str(out), "--db", setup["db"]])
+    for row in rows:
+        attrs = study.trials[row["trial"]].user_attrs
+        manifest = json.loads((out / f"trial-{row['trial']}" / "manifest.json").read_text())
+        assert manifest["onnx_sha256"] == attrs["artifact_sha256"]
+        assert manifest["measured_onnx_sha256"] == attrs["measured_sha256"]
+
+
+@pytest.mark.parametrize(("flags", "reason"), [
+    (["--objective", "pareto"], "single-objective"),
+    (["--sampler", "netadapt"], "netadapt"),
+    (["--recovery-steps", "0"], "steps >= 1"),
+    (["--latency", "hybrid"], "latency measured"),
+])
+def test_trial_pruning_refuses_what_it_cannot_judge(setup: dict[str, Any], flags: list[str], reason: str) -> None:
+    result = runner.invoke(app, [*setup["pre"], "search", "start", "--name", "bad", *setup["model"],
+                                 "--trial-pruning", "median", *flags, "--db", setup["db"]], env=setup["env"])
+    assert result.exit_code == 2, result.output
+    assert "trial_pruning median" in result.output and reason in result.output

@@ -231,3 +231,32 @@ def test_recovery_version_1_is_plain_sgd_on_the_loaders_order() -> None:
         assert torch.equal(got, want)
     version_2 = recover_with_report(copy.deepcopy(model), bundle, RecoveryConfig(steps=5, lr=0.05))
     assert not torch.equal(next(version_2.model.parameters()), next(expected.parameters()))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_before_finetune_sees_the_held_out_error_and_can_stop_the_recovery(digits_bundle: ModelBundle) -> None:
+    space = _space(digits_bundle)
+    config = RecoveryConfig(steps=4, bn_batches=2, holdout_batches=2, seed=3)
+    seen: list[float] = []
+    pruned = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5))
+    report = recover_with_report(pruned.model, digits_bundle, config, masks=pruned.masks,
+                                 before_finetune=seen.append)
+    # Called once, with the error of the model about to be fine-tuned: the BN-adapted one.
+    assert seen == [report.holdout_error["bn"]]
+
+    def stop(error: float) -> None:
+        raise _Stop(error)
+
+    again = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5))
+    threads = torch.get_num_threads()
+    with pytest.raises(_Stop):
+        recover_with_report(again.model, digits_bundle, config, masks=again.masks, before_finetune=stop)
+    assert torch.get_num_threads() == threads
+    # Stopped before any fine-tuning step: the weights are the BN-adapted model's, not trained.
+    adapted = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5)).model
+    adapt_batchnorm(adapted, training_split(digits_bundle.train_loader, holdout_batches=2, seed=3).batches(), count=2)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                   adapted.state_dict().values(), strict=True))
