@@ -28,7 +28,7 @@ from search.config import SearchConfig
 from search.errors import SearchError
 from search.pipeline.bundle import ModelBundle, seeded_error
 from search.pipeline.features import architecture_features
-from search.pipeline.onnx_export import export_onnx
+from search.pipeline.onnx_export import OnnxArtifact, export_onnx
 from search.pipeline.pruning import PrunedModel
 from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
 from search.pipeline.space import SearchSpace, apply
@@ -151,11 +151,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     elif not is_base:
         # The measured file holds the weights before recovery. The recovered model is exported and
         # stored too: its sha256 is what `export` must reproduce (search.study.materialize).
-        with _stage(trial, "export", times):
-            recovered = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
-                                    batch_size=ctx.batch_size)
-            ctx.repo.put_artifact_file(recovered.path, recovered.sha256)
-            recovered.path.unlink(missing_ok=True)
+        recovered = _export(trial, ctx, pruned, times)
+        recovered.path.unlink(missing_ok=True)
         extra = {"artifact_sha256": recovered.sha256, "measured_sha256": measured.artifact_sha256}
     latencies = measured.latencies
     primary = latencies[ctx.config.targets[0]]
@@ -182,15 +179,22 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     return score
 
 
+def _export(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel,
+            times: dict[str, float]) -> OnnxArtifact:
+    """Export the model to ONNX into the artifact store (the hub serves remote jobs from it; the
+    database gets its name). The returned file is the worker's copy, for the caller to remove."""
+    with _stage(trial, "export", times):
+        artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
+                               batch_size=ctx.batch_size)
+        ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
+    return artifact
+
+
 def _export_and_measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, error: float | None,
                         times: dict[str, float]) -> Measured:
     """Export the model to ONNX and time it on every target (``error`` feeds screening; None
     before recovery, where screening is not used)."""
-    with _stage(trial, "export", times):
-        artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
-                               batch_size=ctx.batch_size)
-        # Into the artifact store (the hub serves remote jobs from it); the database gets its name.
-        ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
+    artifact = _export(trial, ctx, pruned, times)
     features = None
     if ctx.screening is not None:
         with _stage(trial, "features", times):
