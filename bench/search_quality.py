@@ -39,7 +39,14 @@ order and torch's generator. Two seeds are two independent searches.
 
 Run by hand: ``.venv/bin/python bench/search_quality.py --example digits-distorted --trials 16
 --seeds 0 1 2 3 4``. With ``--db FILE`` the searches are kept: a run stopped part-way (``--until``,
-Ctrl-C) resumes where it stopped, and finished searches are only read again.
+Ctrl-C) resumes where it stopped, and finished searches are only read again. With ``--keep DIR``
+each finished search's points are also written to ``DIR/<search>.json`` and read from there on
+the next run, so a benchmark longer than one sitting (ResNet-18 at 224: about 7 hours here)
+survives losing the machine, its database and its cache; commit the folder as it fills.
+
+The oracle's long random search is run as ``--oracle-random`` random searches of ``--trials``
+trials each (seeds 10000, 10001, ...): random trials are independent draws, so the pooled trials
+are the same kind of sample as one long search, and each part is a search that can be kept.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import math
 import statistics
 import sys
@@ -55,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import optuna  # noqa: E402
-from _report import write_section  # noqa: E402
+from _report import machine, write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
 from search.study.controller import Prepared, prepare, run_worker  # noqa: E402
@@ -107,13 +115,12 @@ METHODS: dict[str, dict[str, object]] = {
 
 
 def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: dict[str, str],
-               recovery_steps: int | None, name: str | None = None,
-               timeout_s: float | None = None) -> tuple[list[TrialPoint], float, Prepared]:
+               recovery_steps: int | None, name: str | None = None) -> tuple[list[TrialPoint], float, Prepared]:
     """Run (or resume, or just read) one search: its points, its search time and the prepared
     search (for the final recovery)."""
     config = load_search_config(None, {
         "name": name or f"{method}-s{seed}", **source, "targets": [TARGET], **METHODS[method],
-        "trials": trials, "seed": seed, "recovery": {"steps": recovery_steps}, "timeout_s": timeout_s,
+        "trials": trials, "seed": seed, "recovery": {"steps": recovery_steps},
     })
     prepared = prepare(config, runtime)
     if method == "uniform":
@@ -127,6 +134,35 @@ def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: di
     run_worker(config.name, runtime, prepared=prepared)
     study = load_study(prepared.record, runtime)
     return trial_points(study), search_seconds(study), prepared
+
+
+def _identity(method: str, seed: int, trials: int, source: dict[str, str],
+              recovery_steps: int | None) -> dict[str, object]:
+    """What makes a kept search the one asked for: a kept file that differs is refused."""
+    return {"method": method, "settings": METHODS[method], "seed": seed, "trials": trials,
+            "source": source, "target": TARGET, "recovery_steps": recovery_steps}
+
+
+def keep(path: Path, identity: dict[str, object], points: list[TrialPoint], seconds: float) -> None:
+    """Write a finished search's points (what the comparison reads) to ``path``."""
+    fields = ("trial", "error", "latency_us", "macs", "params", "reward", "feasible", "plan")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        **identity, "search_s": seconds, "machine": machine(),
+        "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "points": [{name: getattr(p, name) for name in fields} for p in points],
+    }, indent=1, sort_keys=True) + "\n")
+
+
+def read_kept(path: Path, identity: dict[str, object]) -> tuple[list[TrialPoint], float] | None:
+    """A kept search's points and search time; None when none is kept."""
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    differs = {k: (kept.get(k), v) for k, v in identity.items() if kept.get(k) != v}
+    if differs:
+        sys.exit(f"{path}: kept for other settings {differs} (kept, asked); move it away or use another --keep")
+    return [TrialPoint(**p) for p in kept["points"]], float(kept["search_s"])
 
 
 def final_view(points: list[TrialPoint], scores: list[FinalScore]) -> list[TrialPoint]:
@@ -203,7 +239,7 @@ def _spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def compare(per_seed: dict[int, dict[str, list[TrialPoint]]], oracle_points: list[TrialPoint],
+def compare(per_seed: dict[int, dict[str, list[TrialPoint]]], oracle_parts: list[list[TrialPoint]],
             deployable: dict[int, set[int]], reference: tuple[float, float],
             walls: dict[tuple[int, str], float]) -> tuple[list[str], list[str]]:
     """The median table's and the per-seed table's rows, for one view of the searches (search-time
@@ -211,7 +247,7 @@ def compare(per_seed: dict[int, dict[str, list[TrialPoint]]], oracle_points: lis
     # The oracle front: every trial of every method and seed, plus the long random search. Each
     # search is read as latency ratios to its own base measurement.
     pooled: list[tuple[float, float]] = []
-    for points in [*(points for results in per_seed.values() for points in results.values()), oracle_points]:
+    for points in [*(points for results in per_seed.values() for points in results.values()), *oracle_parts]:
         if points:
             ratios = _relative(points)
             pooled += [(p.error, ratios[p.trial]) for p in points]
@@ -264,10 +300,16 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=None,
                         help="Keep the searches in this SQLite file (default: a temporary one). A run "
                              "stopped part-way resumes from it: finished searches are read, not re-run.")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="Also write each finished search's points to DIR/<search>.json and read "
+                             "them from there next time (survives losing --db). Not with --final-steps, "
+                             "which needs every search in --db.")
     parser.add_argument("--tag", default=None,
                         help="Write to the section search-quality-<label>-<tag> (e.g. 'tuning' for runs "
                              "on unreported seeds that choose a default).")
     args = parser.parse_args()
+    if args.keep is not None and args.final_steps:
+        parser.error("--keep keeps the search-time points only; --final-steps needs every search in --db")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = {"model": args.model} if args.model else {"example": args.example or "digits-distorted"}
     label = args.model or spec["example"]
@@ -276,37 +318,51 @@ def main() -> None:
     prepared: dict[tuple[int, str], Prepared] = {}
     final_per_seed: dict[int, dict[str, list[TrialPoint]]] = {}
     final_walls: dict[tuple[int, str], float] = {}
-    oracle_final: list[TrialPoint] = []
+    oracle_final: list[list[TrialPoint]] = []
     complete = True
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db.resolve() if args.db is not None else Path(tmp) / "quality.db"
         runtime = Runtime(db_url=f"sqlite:///{db}", cache_dir=cache_dir())
+
+        def search(method: str, seed: int, name: str) -> tuple[list[TrialPoint], float] | None:
+            """One search's points and search time: read from --keep, or run (or resumed) in
+            --db and then kept; None past the deadline."""
+            identity = _identity(method, seed, args.trials, spec, args.recovery_steps)
+            path = args.keep / f"{name}.json" if args.keep is not None else None
+            kept = read_kept(path, identity) if path is not None else None
+            if kept is not None:
+                print(f"{name}: {len(kept[0])} trials, {kept[1]:.0f} s of search (kept in {path})", flush=True)
+                return kept
+            left = _seconds_left(args.until)
+            if left is not None and left <= 0:
+                print(f"deadline {args.until}: {name} and later not run", flush=True)
+                return None
+            points, seconds, prepared[seed, method] = run_method(
+                method, seed, args.trials, runtime, spec, args.recovery_steps, name=name)
+            print(f"{name}: {len(points)} trials, {seconds:.0f} s of search", flush=True)
+            if path is not None:
+                keep(path, identity, points, seconds)
+            return points, seconds
+
         for seed in args.seeds:
             results: dict[str, list[TrialPoint]] = {}
             for method in ["uniform", *(m for m in args.methods if m != "uniform")]:
-                left = _seconds_left(args.until)
-                if left is not None and left <= 0:
+                done = search(method, seed, f"{method}-s{seed}")
+                if done is None:
                     complete = False
                     break
-                results[method], walls[seed, method], prepared[seed, method] = run_method(
-                    method, seed, args.trials, runtime, spec, args.recovery_steps)
-                print(f"seed {seed} {method}: {len(results[method])} trials, "
-                      f"{walls[seed, method]:.0f} s of search", flush=True)
+                results[method], walls[seed, method] = done
             if not complete:
-                print(f"deadline {args.until}: seed {seed} (from {method}) and later not run", flush=True)
                 break
             per_seed[seed] = results
-        oracle_points: list[TrialPoint] = []
-        oracle_trials = args.oracle_random * args.trials
-        if oracle_trials and complete:
-            # The long search stops at the deadline too (its budget is not part of its identity,
-            # so the next run with the same --db resumes it).
-            left = _seconds_left(args.until)
-            oracle_points, wall, oracle_prepared = run_method(
-                "random", 10_000, oracle_trials, runtime, spec, args.recovery_steps,
-                name="oracle-random", timeout_s=None if left is None else max(1.0, left))
-            print(f"oracle random: {len(oracle_points)} trials, {wall:.0f} s of search", flush=True)
-            complete = len(oracle_points) >= oracle_trials
+        # The oracle's random search, in parts of --trials trials (seeds 10000, 10001, ...).
+        oracle_parts: list[list[TrialPoint]] = []
+        for part in range(args.oracle_random if complete else 0):
+            done = search("random", 10_000 + part, f"oracle-random-{part}")
+            if done is None:
+                complete = False
+                break
+            oracle_parts.append(done[0])
         if args.final_steps and complete:
             # Every front, the oracle's included, recovered for --final-steps and scored again.
             # Scores already stored with the same steps are read, not made again.
@@ -332,19 +388,21 @@ def main() -> None:
                     complete = False
                     break
                 final_per_seed.setdefault(seed, {})[method], final_walls[seed, method] = done
-            if complete and oracle_points:
-                done = recover(oracle_prepared, oracle_points, "oracle")
-                complete = done is not None
-                oracle_final = done[0] if done is not None else []
+            for part, points in enumerate(oracle_parts if complete else []):
+                done = recover(prepared[10_000 + part, "random"], points, f"oracle part {part}")
+                if done is None:
+                    complete = False
+                    break
+                oracle_final.append(done[0])
     if not complete:
         print("incomplete: nothing written; run the same command again (with --db) to continue", flush=True)
         return
     dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
     reference = (dense_error + 0.10, 1.05)
     deployable = {seed: deployable_rungs(results["uniform"]) for seed, results in per_seed.items()}
-    medians, rows = compare(per_seed, oracle_points, deployable, reference, walls)
-    oracle_text = (f"plus one random search of {len(oracle_points)} trials (seed 10000)" if oracle_points
-                   else "no extra random search")
+    medians, rows = compare(per_seed, oracle_parts, deployable, reference, walls)
+    oracle_text = (f"plus {len(oracle_parts)} random searches of {args.trials} trials (seeds 10000-"
+                   f"{10_000 + len(oracle_parts) - 1})" if oracle_parts else "no extra random search")
     body = (
         f"Model `{label}`, target `{TARGET}`, {args.trials} completed trials per searched method "
         "(trial 0, the dense model, included; the uniform sweep: the grid's ratios below 1 plus dense), "
@@ -380,6 +438,7 @@ def main() -> None:
                        + ([f"--final-steps {args.final_steps}"] if args.final_steps else [])
                        + ([f"--until {args.until}"] if args.until is not None else [])
                        + ([f"--db {args.db}"] if args.db is not None else [])
+                       + ([f"--keep {args.keep}"] if args.keep is not None else [])
                        + ([f"--tag {args.tag}"] if args.tag else []))
     key = label.replace(":", "-").replace("_", "-") + (f"-{args.tag}" if args.tag else "")
     title = f"Search quality on {label}" + (f", {args.tag}" if args.tag else "") + " (bench/search_quality.py)"
