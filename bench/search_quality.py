@@ -146,12 +146,13 @@ def _identity(method: str, seed: int, trials: int, source: dict[str, str],
 def keep(path: Path, identity: dict[str, object], points: list[TrialPoint], seconds: float) -> None:
     """Write a finished search's points (what the comparison reads) to ``path``."""
     fields = ("trial", "error", "latency_us", "macs", "params", "reward", "feasible", "plan")
+    header = json.dumps({**identity, "search_s": seconds, "machine": machine(),
+                         "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+                        indent=1, sort_keys=True)
+    # One point per line: small, and a diff shows which trials changed.
+    lines = ",\n".join(json.dumps({name: getattr(p, name) for name in fields}, sort_keys=True) for p in points)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        **identity, "search_s": seconds, "machine": machine(),
-        "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "points": [{name: getattr(p, name) for name in fields} for p in points],
-    }, indent=1, sort_keys=True) + "\n")
+    path.write_text(header[:-2] + f',\n "points": [\n{lines}\n ]\n}}\n')
 
 
 def read_kept(path: Path, identity: dict[str, object]) -> tuple[list[TrialPoint], float] | None:
