@@ -406,7 +406,9 @@ def main() -> None:
                    f"{10_000 + len(oracle_parts) - 1})" if oracle_parts else "no extra random search")
     body = (
         f"Model `{label}`, target `{TARGET}`, {args.trials} completed trials per searched method "
-        "(trial 0, the dense model, included; the uniform sweep: the grid's ratios below 1 plus dense), "
+        + ("(`tpe-prune`: completed or pruned; its *trials* column counts the completed ones; "
+           if "tpe-prune" in args.methods else "(")
+        + "trial 0, the dense model, included; the uniform sweep: the grid's ratios below 1 plus dense), "
         f"recovery {'default (30 steps)' if args.recovery_steps is None else f'{args.recovery_steps} steps'} "
         f"per trial, seeds {list(per_seed)}. *vs uniform*: latency of the fastest model within 0.5 point "
         "of a uniform rung's accuracy (or better) over the fastest uniform model at that bar; geometric "
