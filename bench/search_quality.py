@@ -396,7 +396,7 @@ def main() -> None:
                     break
                 oracle_final.append(done[0])
     if not complete:
-        print("incomplete: nothing written; run the same command again (with --db) to continue", flush=True)
+        print("incomplete: nothing written; run the same command again (with --db or --keep) to continue", flush=True)
         return
     dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
     reference = (dense_error + 0.10, 1.05)
