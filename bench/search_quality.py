@@ -56,6 +56,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -227,13 +228,22 @@ def _geomean(logs: list[float]) -> float:
     return math.exp(statistics.mean(logs)) if logs else float("nan")
 
 
-def _seconds_left(until: str | None) -> float | None:
-    """Seconds from now to ``until`` (HH:MM UTC, today; negative once past), None without one."""
+def deadline(until: str, now: dt.datetime | None = None) -> dt.datetime:
+    """The next time the UTC clock reads ``until`` (HH:MM) after ``now``: fixed once at the start,
+    so that 01:40 given at 23:38 means tomorrow and a run going past it still stops there."""
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", until)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"--until {until!r}: expected HH:MM (UTC), for example 01:40")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    at = now.replace(hour=int(match[1]), minute=int(match[2]), second=0, microsecond=0)
+    return at if at > now else at + dt.timedelta(days=1)
+
+
+def _seconds_left(until: dt.datetime | None) -> float | None:
+    """Seconds from now to the deadline (negative once past), None without one."""
     if until is None:
         return None
-    now = dt.datetime.now(dt.timezone.utc)
-    hour, minute = map(int, until.split(":"))
-    return (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
+    return (until - dt.datetime.now(dt.timezone.utc)).total_seconds()
 
 
 def _spread(values: list[float], digits: int = 3) -> str:
@@ -295,9 +305,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--oracle-random", type=int, default=10,
                         help="The oracle also pools one random search of this many times --trials (0: none).")
-    parser.add_argument("--until", default=None,
-                        help="HH:MM UTC: start no search (or final recovery) after this time, and stop the "
-                             "oracle's long search there; with --db, the same command run again continues.")
+    parser.add_argument("--until", default=None, type=deadline,
+                        help="HH:MM UTC, the next time the clock reads it: start no search (or final "
+                             "recovery) after it; with --db or --keep, the same command run again continues.")
     parser.add_argument("--db", type=Path, default=None,
                         help="Keep the searches in this SQLite file (default: a temporary one). A run "
                              "stopped part-way resumes from it: finished searches are read, not re-run.")
@@ -336,7 +346,7 @@ def main() -> None:
                 return kept
             left = _seconds_left(args.until)
             if left is not None and left <= 0:
-                print(f"deadline {args.until}: {name} and later not run", flush=True)
+                print(f"deadline {args.until:%H:%M} UTC: {name} and later not run", flush=True)
                 return None
             points, seconds, prepared[seed, method] = run_method(
                 method, seed, args.trials, runtime, spec, args.recovery_steps, name=name)
@@ -371,7 +381,7 @@ def main() -> None:
                 """The front's final view and its seconds of recovery; None past the deadline."""
                 left = _seconds_left(args.until)
                 if left is not None and left <= 0:
-                    print(f"deadline {args.until}: final recovery from {name} not run", flush=True)
+                    print(f"deadline {args.until:%H:%M} UTC: final recovery from {name} not run", flush=True)
                     return None
                 recover_front(search, runtime, steps=args.final_steps)
                 scores = [s for s in stored_final(load_study(search.record, runtime).user_attrs).values()
@@ -439,7 +449,7 @@ def main() -> None:
                         "--methods", *args.methods, f"--oracle-random {args.oracle_random}"]
                        + ([f"--recovery-steps {args.recovery_steps}"] if args.recovery_steps is not None else [])
                        + ([f"--final-steps {args.final_steps}"] if args.final_steps else [])
-                       + ([f"--until {args.until}"] if args.until is not None else [])
+                       + ([f"--until {args.until:%H:%M}"] if args.until is not None else [])
                        + ([f"--db {args.db}"] if args.db is not None else [])
                        + ([f"--keep {args.keep}"] if args.keep is not None else [])
                        + ([f"--tag {args.tag}"] if args.tag else []))
