@@ -239,11 +239,9 @@ def deadline(until: str, now: dt.datetime | None = None) -> dt.datetime:
     return at if at > now else at + dt.timedelta(days=1)
 
 
-def _seconds_left(until: dt.datetime | None) -> float | None:
-    """Seconds from now to the deadline (negative once past), None without one."""
-    if until is None:
-        return None
-    return (until - dt.datetime.now(dt.timezone.utc)).total_seconds()
+def _past(until: dt.datetime | None) -> bool:
+    """Whether the deadline (None: no deadline) has come."""
+    return until is not None and dt.datetime.now(dt.timezone.utc) >= until
 
 
 def _spread(values: list[float], digits: int = 3) -> str:
@@ -344,8 +342,7 @@ def main() -> None:
             if kept is not None:
                 print(f"{name}: {len(kept[0])} trials, {kept[1]:.0f} s of search (kept in {path})", flush=True)
                 return kept
-            left = _seconds_left(args.until)
-            if left is not None and left <= 0:
+            if _past(args.until):
                 print(f"deadline {args.until:%H:%M} UTC: {name} and later not run", flush=True)
                 return None
             points, seconds, prepared[seed, method] = run_method(
@@ -379,8 +376,7 @@ def main() -> None:
             # Scores already stored with the same steps are read, not made again.
             def recover(search: Prepared, points: list[TrialPoint], name: str) -> tuple[list[TrialPoint], float] | None:
                 """The front's final view and its seconds of recovery; None past the deadline."""
-                left = _seconds_left(args.until)
-                if left is not None and left <= 0:
+                if _past(args.until):
                     print(f"deadline {args.until:%H:%M} UTC: final recovery from {name} not run", flush=True)
                     return None
                 recover_front(search, runtime, steps=args.final_steps)
