@@ -302,7 +302,8 @@ def main() -> None:
                         help="Also compare the fronts after a final recovery of this many steps (0: not).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--oracle-random", type=int, default=10,
-                        help="The oracle also pools one random search of this many times --trials (0: none).")
+                        help="The oracle also pools this many random searches of --trials trials each (seeds "
+                             "10000, ...): one random search of that many times the budget (0: none).")
     parser.add_argument("--until", default=None, type=deadline,
                         help="HH:MM UTC, the next time the clock reads it: start no search (or final "
                              "recovery) after it; with --db or --keep, the same command run again continues.")
