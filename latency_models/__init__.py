@@ -17,6 +17,7 @@ from latency_models.base import (
     cpu_name,
     file_sha256,
 )
+from latency_models.device_lock import DeviceLock, measurement_device
 from latency_models.errors import (
     ArtifactError,
     BackendUnavailable,
@@ -36,6 +37,7 @@ __all__ = [
     "ArtifactError",
     "BackendUnavailable",
     "BaseArtifact",
+    "DeviceLock",
     "JobState",
     "JobStatus",
     "LatencyBackend",
@@ -61,6 +63,7 @@ __all__ = [
     "file_sha256",
     "get",
     "make_meter",
+    "measurement_device",
     "names",
     "register",
     "summarize",

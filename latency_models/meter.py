@@ -17,6 +17,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 from hardware_profiles import HardwareProfile
 from latency_models import registry
 from latency_models.base import LatencyBackend, Measurement, MeasurementResult
+from latency_models.device_lock import DeviceLock
 from latency_models.errors import MeasurementError, MeasurementTimeout
 from latency_models.store import JobStatus, MeasurementKey, MeasurementStore
 
@@ -150,12 +152,15 @@ class Meter(abc.ABC):
 
 class LocalMeter(Meter):
     """Measures with the target's backend in this process, here and now (the local CPU or GPU
-    is not shared between targets)."""
+    is not shared between targets). With a ``lock`` (the device's, see
+    ``latency_models.device_lock``) every timing holds the device exclusively, so that model work
+    of other workers on the same device never runs inside the timing window."""
 
     def __init__(self, profile: HardwareProfile, store: MeasurementStore, base: BaseArtifact, *,
-                 base_median_us: float | None = None) -> None:
+                 base_median_us: float | None = None, lock: DeviceLock | None = None) -> None:
         super().__init__(profile, store, base, base_median_us=base_median_us)
         self._backend: LatencyBackend | None = None
+        self.lock = lock
 
     def __enter__(self) -> LocalMeter:
         self._backend = registry.get(self.profile.backend)(self.profile)
@@ -177,16 +182,26 @@ class LocalMeter(Meter):
             raise RuntimeError("LocalMeter used outside its context")
         return self._backend
 
+    @property
+    def lock_waited_s(self) -> float:
+        """Seconds this meter's measurements waited for the device (0 without a lock)."""
+        return 0.0 if self.lock is None else self.lock.waited_s
+
+    def _holding(self) -> AbstractContextManager[None]:
+        return nullcontext() if self.lock is None else self.lock.exclusive()
+
     def measure_base(self) -> Measurement:
         backend = self._opened()
         # Every trial's latency is a ratio times this median: take the middle of three
         # measurements so that one disturbed run does not scale the whole search.
-        runs = sorted((backend.measure(self.base.path) for _ in range(3)), key=lambda m: m.median_us)
+        with self._holding():
+            runs = sorted((backend.measure(self.base.path) for _ in range(3)), key=lambda m: m.median_us)
         return runs[1]
 
     def _start_paired(self, artifact: Path, sha256: str, key: MeasurementKey, *, confirmation: int) -> Pending:
         # Each call loads both models into new sessions: a confirmation is an independent session.
-        result = self._opened().measure_paired(artifact, self.base.path).result()
+        with self._holding():
+            result = self._opened().measure_paired(artifact, self.base.path).result()
         if not confirmation:
             result = self.store.put_measurement(key, result)
         return _done(self._paired_latency(result, cached=False, source="local measurement"))
@@ -243,7 +258,8 @@ class RemoteMeter(Meter):
 
 
 def make_meter(profile: HardwareProfile, store: MeasurementStore, base: BaseArtifact, *,
-               base_median_us: float | None = None, poll_s: float = 0.2) -> Meter:
+               base_median_us: float | None = None, poll_s: float = 0.2,
+               lock: DeviceLock | None = None) -> Meter:
     """The meter for ``profile``: measured here when the profile's location is ``local``, by a
     remote agent through the store's job queue when it is ``remote``. Enter it before use.
 
@@ -254,7 +270,9 @@ def make_meter(profile: HardwareProfile, store: MeasurementStore, base: BaseArti
         base_median_us: the base model's median on this target (from ``measure_base`` when the
             search was created); needed by ``start`` and ``confirm``, not by ``measure_base``.
         poll_s: how often a remote meter looks for its job's result.
+        lock: the lock of the device a local profile measures on (``measurement_device``); its
+            measurements then hold the device exclusively. Ignored for a remote profile.
     """
     if profile.location == "remote":
         return RemoteMeter(profile, store, base, base_median_us=base_median_us, poll_s=poll_s)
-    return LocalMeter(profile, store, base, base_median_us=base_median_us)
+    return LocalMeter(profile, store, base, base_median_us=base_median_us, lock=lock)

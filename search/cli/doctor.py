@@ -91,21 +91,28 @@ def doctor(
     profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",
     as_json: JsonOpt = False,
 ) -> None:
-    """Show versions and which latency backends run here; with --gpu, verify TensorRT and 2:4."""
+    """Show versions, the devices model work can run on and which latency backends run here;
+    with --gpu, verify TensorRT and 2:4."""
     with handle_errors():
         from hardware_profiles import discover, load_profile_file
+        from search.pipeline.device import available_devices
         from search.study.runtime import package_versions
 
         profiles = [load_profile_file(s.path) for s in discover(state.profile_dirs).values()]
         if not gpu:
+            devices = available_devices()
             if as_json:
-                echo_json({"versions": package_versions(),
+                echo_json({"versions": package_versions(), "devices": [asdict(device) for device in devices],
                            "backends": [asdict(status) for status in backend_statuses(profiles)]})
                 return
             out = stdout()
             for package, version in package_versions().items():
                 out.print(f"{package}: {version}", highlight=False)
-            table = Table("backend", "runs here", "detail")
+            devices_table = Table("device (--device)", "detail", title="Model work: recovery, calibration, scoring")
+            for device in devices:
+                devices_table.add_row(device.name, escape(device.detail))
+            out.print(devices_table)
+            table = Table("backend", "runs here", "detail", title="Measurement")
             for status in backend_statuses(profiles):
                 table.add_row(status.name, "yes" if status.available else "no", escape(status.detail))
             out.print(table)

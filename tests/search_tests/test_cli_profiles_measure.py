@@ -152,6 +152,16 @@ def test_doctor_lists_backends() -> None:
     assert "hwprune[tensorrt]" in result.stdout  # rich markup must not eat the extra's brackets
 
 
+def test_doctor_lists_the_devices_model_work_can_run_on() -> None:
+    import torch
+
+    result = runner.invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    names = [device["name"] for device in json.loads(result.stdout)["devices"]]
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert names == ["cpu", *cuda, *(["mps"] if torch.backends.mps.is_available() else [])]
+
+
 def test_doctor_gpu_refuses_without_tensorrt() -> None:
     from latency_models.trt import cuda_device_count
 
