@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from search.errors import ModelLoadError
+from search.pipeline.device import CPU, ModelDevice, on_device, teacher_on
 from search.pipeline.inputs import ModelInput, primary, run, shapes
 
 # Inputs may be a tensor, a tuple of tensors or a mapping of named tensors (``input_ids``,
@@ -47,7 +48,9 @@ class ModelBundle:
             profile's ``batch_size`` and ``dim_values`` (else the example's own sizes).
         train_loader: batches ``(inputs, targets)`` for recovery fine-tuning and calibration.
         val_loader: batches for the error function.
-        error_fn: ``error_fn(model, val_loader) -> error`` in [0, 1] (lower is better).
+        error_fn: ``error_fn(model, val_loader) -> error`` in [0, 1] (lower is better). With
+            ``--device`` naming a GPU the model is on it and the batches arrive moved there, so
+            the function should create any tensor of its own on the inputs' device.
         loss_fn: training loss on ``(outputs, targets)``; cross-entropy by default. ``outputs``
             is the model's tensor, or its ``logits`` (else first tensor) when it returns a
             ``ModelOutput``, tuple or dict.
@@ -98,12 +101,13 @@ def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
     return wrong / total
 
 
-def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int) -> float:
+def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int, device: ModelDevice = CPU) -> float:
     """``bundle.error_fn`` on the validation loader with every source of sampling seeded.
 
     torch's generator, a ``Reseedable`` loader and a loader's ``torch.Generator`` (e.g. a
     shuffling ``DataLoader``) take ``seed``, so an error function that samples (a random subset,
-    test-time augmentation) gives the same figure for the same seed.
+    test-time augmentation) gives the same figure for the same seed. ``model`` is on ``device``
+    and the error function reads the batches moved there.
     """
     torch.manual_seed(seed)
     loader = bundle.val_loader
@@ -112,7 +116,8 @@ def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int) -> float:
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed)
-    return float(bundle.error_fn(model, loader))
+    with device.work():
+        return float(bundle.error_fn(model, on_device(loader, device)))
 
 
 def fidelity_error(reference: nn.Module) -> ErrorFn:
@@ -127,10 +132,12 @@ def fidelity_error(reference: nn.Module) -> ErrorFn:
     def error(model: nn.Module, batches: Iterable[Batch]) -> float:
         model.eval()
         total = similarity = 0.0
+        where = next(model.parameters()).device
+        dense = reference if where.type == "cpu" else teacher_on(reference, ModelDevice(str(where), str(where)))
         with torch.no_grad():
             for inputs, _targets in batches:
                 ours = primary(run(model, inputs)).flatten(1).double()
-                theirs = primary(run(reference, inputs)).flatten(1).double()
+                theirs = primary(run(dense, inputs)).flatten(1).double()
                 similarity += float(nn.functional.cosine_similarity(ours, theirs, dim=1).sum())
                 total += ours.shape[0]
         if total == 0:

@@ -14,8 +14,10 @@ searches replay unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -186,6 +188,21 @@ def on_device(batches: Iterable[Any], device: ModelDevice) -> Iterable[Any]:
 def move_model(model: nn.Module, device: ModelDevice) -> nn.Module:
     """``model`` on ``device`` (in place; a no-op on the CPU, where every model starts)."""
     return model if device.kind == "cpu" else model.to(device.torch)
+
+
+# The dense model on each device, copied once per process: distillation's teacher and the
+# reference of output-fidelity errors. The user's model itself never moves.
+_TEACHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def teacher_on(model: nn.Module, device: ModelDevice) -> nn.Module:
+    """``model`` itself on the CPU; elsewhere a copy of it on ``device``, made once."""
+    if device.kind == "cpu":
+        return model
+    copies = _TEACHERS.setdefault(model, {})
+    if device.name not in copies:
+        copies[device.name] = copy.deepcopy(model).to(device.torch).eval()
+    return copies[device.name]
 
 
 @dataclass(frozen=True, slots=True)

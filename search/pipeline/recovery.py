@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from search.config import SearchConfig
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
+from search.pipeline.device import CPU, ModelDevice, teacher_on, to_device
 from search.pipeline.inputs import primary, run
 
 logger = logging.getLogger(__name__)
@@ -231,12 +232,12 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
-def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int) -> int:
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int, device: ModelDevice = CPU) -> int:
     """Re-estimate every BatchNorm's running mean and variance on ``count`` batches, in place.
 
     Only ``running_mean`` and ``running_var`` change: weights, biases, momentum and
     ``num_batches_tracked`` are restored, and every other module runs in eval mode (dropout off).
-    Returns the number of batches used. The model is left in eval mode.
+    Returns the number of batches used. The model (already on ``device``) is left in eval mode.
     """
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     model.eval()
@@ -250,9 +251,9 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int) -
         norm.train()
     used = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), device.work():
             for inputs, _ in batches:
-                run(model, inputs)
+                run(model, to_device(inputs, device.torch))
                 used += 1
                 if used >= count:
                     break
@@ -293,8 +294,11 @@ def fine_tune(
     config: RecoveryConfig,
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
+    device: ModelDevice = CPU,
 ) -> nn.Module:
-    """Train ``model`` in place for ``config.steps`` batches; returns it in eval mode."""
+    """Train ``model`` (already on ``device``) in place for ``config.steps`` batches; returns it in
+    eval mode. Each step holds the device for model work (``ModelDevice.work``), so a measurement
+    on the same device waits for the step in flight and the next step waits for it."""
     modules = dict(model.named_modules())
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
@@ -302,34 +306,38 @@ def fine_tune(
         optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=1e-4)
     else:
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-4)
-    teacher = bundle.model.eval() if config.distill > 0 else None
+    teacher = teacher_on(bundle.model, device).eval() if config.distill > 0 else None
     model.train()
     for step in range(config.steps):
-        inputs, targets = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _schedule(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        outputs = primary(run(model, inputs))
-        teacher_outputs = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_outputs = primary(run(teacher, inputs))
-        _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        if masks:
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    modules[name].weight.mul_(mask)  # type: ignore[operator]
+        inputs, targets = to_device(next(batches), device.torch)
+        with device.work():
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _schedule(step, config)
+            optimizer.zero_grad(set_to_none=True)
+            outputs = primary(run(model, inputs))
+            teacher_outputs = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_outputs = primary(run(teacher, inputs))
+            _loss(outputs, targets, teacher_outputs, bundle, config).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            if masks:
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        modules[name].weight.mul_(mask.to(device.torch))  # type: ignore[operator]
     return model.eval()
 
 
-def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch]) -> tuple[float, float]:
-    """(error, mean loss) on the held-out training batches: the bundle's error function decides,
-    the loss breaks ties (a small slice often gives two models the same error)."""
+def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch],
+                  device: ModelDevice = CPU) -> tuple[float, float]:
+    """(error, mean loss) on the held-out training batches (already on the model's device): the
+    bundle's error function decides, the loss breaks ties (a small slice often gives two models
+    the same error)."""
     model.eval()
-    error = float(bundle.error_fn(model, holdout))
+    with device.work():
+        error = float(bundle.error_fn(model, holdout))
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), device.work():
         for inputs, targets in holdout:
             total += float(bundle.loss_fn(primary(run(model, inputs)), targets)) * len(targets)
             count += len(targets)
@@ -345,9 +353,10 @@ def recover(
     config: RecoveryConfig,
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
+    device: ModelDevice = CPU,
 ) -> nn.Module:
     """Recover ``model`` in place (see the module docstring) and return it in eval mode."""
-    return recover_with_report(model, bundle, config, masks=masks).model
+    return recover_with_report(model, bundle, config, masks=masks, device=device).model
 
 
 def recover_with_report(
@@ -357,8 +366,13 @@ def recover_with_report(
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
     before_finetune: Callable[[float], None] | None = None,
+    device: ModelDevice = CPU,
 ) -> RecoveryReport:
     """Like ``recover``, and say which model was kept and what each step cost.
+
+    ``model`` must already be on ``device`` (``search.pipeline.device.move_model``); batches are
+    moved there as they are read, and every piece of model work holds the device (see
+    ``ModelDevice.work``).
 
     ``before_finetune`` is called with the held-out error of the model about to be fine-tuned
     (after adaptive batch-norm, else as pruned) when there is a held-out slice and steps to run;
@@ -369,7 +383,7 @@ def recover_with_report(
     # Float reductions split differently across thread counts; fix it for bit-identical replays.
     torch.set_num_threads(config.threads)
     try:
-        return _recover(model, bundle, config, masks, before_finetune)
+        return _recover(model, bundle, config, masks, before_finetune, device)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -380,29 +394,31 @@ def _recover(
     config: RecoveryConfig,
     masks: Mapping[str, torch.Tensor] | None,
     before_finetune: Callable[[float], None] | None = None,
+    device: ModelDevice = CPU,
 ) -> RecoveryReport:
     model.eval()
     if config.version == 1:
-        return _recover_version_1(model, bundle, config, masks)
+        return _recover_version_1(model, bundle, config, masks, device)
     adapt = config.bn_batches > 0 and has_batchnorm(model)
     if not adapt and config.steps <= 0:
         return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
     torch.manual_seed(config.seed)
     split = training_split(bundle.train_loader, holdout_batches=config.holdout_batches, seed=config.seed)
+    holdout = to_device(split.holdout, device.torch)
     scores: dict[Kept, tuple[float, float]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     holdout_s = 0.0
 
     def judge(name: Kept) -> None:
         nonlocal holdout_s
-        if not split.holdout:
+        if not holdout:
             return
         started = time.perf_counter()
-        scores[name] = holdout_score(model, bundle, split.holdout)
+        scores[name] = holdout_score(model, bundle, holdout, device)
         holdout_s += time.perf_counter() - started
 
     def snapshot(name: Kept) -> None:
-        if split.holdout:
+        if holdout:
             states[name] = copy.deepcopy(model.state_dict())
 
     judge("raw")
@@ -410,7 +426,7 @@ def _recover(
     bn_s = 0.0
     if adapt:
         started = time.perf_counter()
-        adapt_batchnorm(model, split.batches(), count=config.bn_batches)
+        adapt_batchnorm(model, split.batches(), count=config.bn_batches, device=device)
         bn_s = time.perf_counter() - started
         judge("bn")
         snapshot("bn")
@@ -419,13 +435,13 @@ def _recover(
         before_finetune(scores["bn" if adapt else "raw"][0])
     if config.steps > 0:
         started = time.perf_counter()
-        fine_tune(model, bundle, split.batches(), config, masks=masks)
+        fine_tune(model, bundle, split.batches(), config, masks=masks, device=device)
         finetune_s = time.perf_counter() - started
         if adapt:
             # Training moved the weights under statistics averaged with momentum over a few
             # batches; statistics of the final weights score it fairly.
             started = time.perf_counter()
-            adapt_batchnorm(model, split.batches(), count=config.bn_batches)
+            adapt_batchnorm(model, split.batches(), count=config.bn_batches, device=device)
             bn_s += time.perf_counter() - started
         judge("finetuned")
     last: Kept = "finetuned" if config.steps > 0 else "bn"
@@ -447,6 +463,7 @@ def _recover_version_1(
     bundle: ModelBundle,
     config: RecoveryConfig,
     masks: Mapping[str, torch.Tensor] | None,
+    device: ModelDevice = CPU,
 ) -> RecoveryReport:
     """hwprune's first recovery, step for step, so that searches stored with it replay."""
     if config.steps <= 0:
@@ -456,7 +473,8 @@ def _recover_version_1(
     generator = getattr(bundle.train_loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(config.seed)
-    fine_tune(model, bundle, _loader_order(bundle.train_loader), replace(config, optimizer="sgd"), masks=masks)
+    fine_tune(model, bundle, _loader_order(bundle.train_loader), replace(config, optimizer="sgd"), masks=masks,
+              device=device)
     return RecoveryReport(model.eval(), "finetuned", 0.0, time.perf_counter() - started, 0.0, {})
 
 
