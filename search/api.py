@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from search.config import (
     SearchConfig,
     cache_dir,
+    cpu_count,
     db_url,
     heartbeat_settings,
     load_search_config,
@@ -199,7 +200,7 @@ def apply_plan(
     report = recover_with_report(pruned.model, bundle, RecoveryConfig(
         steps=finetune_steps, lr=defaults.lr, optimizer=defaults.optimizer, warmup=defaults.warmup,
         distill=defaults.distill, bn_batches=defaults.bn_batches, holdout_batches=defaults.holdout_batches,
-        threads=defaults.threads), masks=pruned.masks)
+        threads=defaults.threads or cpu_count()), masks=pruned.masks)
     error = seeded_error(bundle, pruned.model, 0)
     return Materialized(pruned, chosen, error, [{"steps": finetune_steps, "kept": report.kept}])
 

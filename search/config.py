@@ -7,11 +7,12 @@ results on as arguments.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hardware_profiles import HardwareProfile, load_profile
 from hardware_profiles.loader import YamlInputError, describe_validation_error, read_yaml_file
@@ -103,6 +104,18 @@ def artifacts_url(database: str, environ: Mapping[str, str] = os.environ) -> str
     return str(cache_dir(environ) / "artifacts" / hashlib.sha256(safe.encode()).hexdigest()[:16])
 
 
+# The devices model work can run on (search.pipeline.device resolves them).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -140,7 +153,9 @@ class RecoverySettings(_Section):
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
-    threads: Annotated[int, Field(ge=1, le=256)] = 1
+    # None: the cores this process is given, fixed when the search is created and stored, so that
+    # a replay on any machine uses the same count (float reductions split by it).
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
     version: Literal[1, 2] = 2
 
 
@@ -200,6 +215,16 @@ class SearchConfig(_Section):
     # predictor alone once trusted (fronts are measured at confirmation).
     latency: Literal["measured", "hybrid", "predicted"] = "measured"
     screening: ScreeningSettings = ScreeningSettings()
+    # Where model work runs (recovery, calibration, scoring): auto, cpu, cuda, cuda:N or mps
+    # (search.pipeline.device). Measurement stays with each target's backend.
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_known(cls, value: str) -> str:
+        if not re.match(DEVICE_PATTERN, value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
 
     @model_validator(mode="after")
     def _one_model_and_a_budget(self) -> SearchConfig:
@@ -244,8 +269,19 @@ class SearchConfig(_Section):
         recovery = dict(stored.get("recovery") or {})
         if "version" not in recovery and "optimizer" not in recovery:
             recovery = {"version": 1, "lr": LEGACY_RECOVERY_LR, **recovery}
+        # Searches stored before these settings existed recovered with one thread on the CPU.
+        recovery.setdefault("threads", 1)
         stored["recovery"] = recovery
+        stored.setdefault("device", "cpu")
         return cls.model_validate(stored)
+
+    def for_this_machine(self) -> SearchConfig:
+        """This configuration with what was left to the machine fixed: the recovery's thread
+        count (the cores this process is given). A search stores this, never the open value."""
+        if self.recovery.threads is not None:
+            return self
+        recovery = self.recovery.model_copy(update={"threads": cpu_count()})
+        return self.model_copy(update={"recovery": recovery})
 
 
 # The commented example of a search config file (the README shows it; a test checks it validates).
@@ -292,12 +328,15 @@ def resolve_error_floor(config: SearchConfig, base_error: float) -> float:
     return min(0.99, base_error + DEFAULT_ERROR_TOLERANCE)
 
 
-RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures", "final_steps"})
+# ``device`` may change: each trial records the device it was recovered on, and re-materialises there.
+RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures", "final_steps", "device"})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:
     """Fields whose values differ between a stored search and a new request, as ``a: x -> y``."""
     old, now = stored.model_dump(), new.model_dump()
+    if now["recovery"]["threads"] is None:  # left open: the stored count stands
+        now["recovery"]["threads"] = old["recovery"]["threads"]
     return [
         f"{key}: {old[key]!r} -> {now[key]!r}"
         for key in old

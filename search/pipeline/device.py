@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from latency_models import DeviceLock
+from search.config import DEVICE_PATTERN, cpu_count
 from search.errors import ConfigError
 
 Kind = Literal["cpu", "cuda", "mps"]
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
-_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
+_PATTERN = re.compile(DEVICE_PATTERN)
 # cuBLAS's documented setting for reproducible results (CUDA 10.2 and later).
 CUBLAS_WORKSPACE = ":4096:8"
 
@@ -42,14 +43,6 @@ def check_device_name(text: str) -> str:
     if not _PATTERN.match(text):
         raise ConfigError(f"device must be {DEVICE_HELP}, got {text!r}")
     return text
-
-
-def cpu_count() -> int:
-    """The cores this process may run on (its affinity, which a container or taskset limits)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity call
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

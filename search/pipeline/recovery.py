@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 
-from search.config import SearchConfig
+from search.config import SearchConfig, cpu_count
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
 from search.pipeline.device import CPU, ModelDevice, teacher_on, to_device
@@ -117,7 +117,7 @@ def recovery_for(config: SearchConfig) -> RecoveryConfig:
     return RecoveryConfig(steps=settings.steps, lr=settings.lr, optimizer=settings.optimizer,
                           warmup=settings.warmup, distill=settings.distill,
                           bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
-                          seed=config.seed, threads=settings.threads, version=settings.version)
+                          seed=config.seed, threads=settings.threads or cpu_count(), version=settings.version)
 
 
 # --- training data: a held-out slice and a seeded order ------------------------------------------

@@ -101,3 +101,32 @@ def test_available_devices_lists_the_cpu_first() -> None:
     assert devices[0].name == "cpu" and "cores" in devices[0].detail
     assert len(devices) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0) + int(
         torch.backends.mps.is_available())
+
+
+def test_a_search_config_names_its_device_and_refuses_others_in_one_line() -> None:
+    from search.config import load_search_config
+
+    assert load_search_config(None, {"name": "s", "example": "digits"}).device == "auto"
+    assert load_search_config(None, {"name": "s", "example": "digits", "device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ConfigError, match="field 'device': must be auto, cpu, cuda, cuda:N or mps") as caught:
+        load_search_config(None, {"name": "s", "example": "digits", "device": "gpu"})
+    assert "\n" not in str(caught.value)
+
+
+def test_thread_count_is_fixed_when_a_search_is_made_and_kept_on_resume() -> None:
+    from search.config import SearchConfig, cpu_count, incompatibilities, load_search_config
+
+    requested = load_search_config(None, {"name": "s", "example": "digits"})
+    assert requested.recovery.threads is None
+    stored = requested.for_this_machine()
+    assert stored.recovery.threads == cpu_count() == len(os.sched_getaffinity(0))
+    # Resumed on a machine of another size with the count left open: the stored count stands.
+    assert incompatibilities(stored.model_copy(update={"recovery": stored.recovery.model_copy(
+        update={"threads": 7})}), requested) == []
+    # The device may change on resume (each trial records its own); other fields may not.
+    assert incompatibilities(stored, requested.model_copy(update={"device": "cpu"})) == []
+    assert incompatibilities(stored, requested.model_copy(update={"seed": 3})) == ["seed: 0 -> 3"]
+    # A search stored before these settings existed recovered on the CPU with one thread.
+    old = SearchConfig.from_stored({"name": "s", "example": "digits",
+                                    "recovery": {"version": 2, "optimizer": "adamw"}})
+    assert (old.device, old.recovery.threads) == ("cpu", 1)
