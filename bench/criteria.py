@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ def _error_after_adaptive_bn(case: Case, model: nn.Module) -> str:
     return f"{case.error(model):.4f}"
 
 
-def _timed_apply(case: Case, space: SearchSpace, plan: Plan, **options: str) -> tuple[nn.Module, float]:
+def _timed_apply(case: Case, space: SearchSpace, plan: Plan, **options: Any) -> tuple[nn.Module, float]:
     seconds = []
     for _ in range(REPEATS):
         start = time.perf_counter()

@@ -239,7 +239,7 @@ def export_plan(
     done = apply_plan(loaded, space, plan, importance=importance, finetune_steps=finetune_steps)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_onnx(done.model, loaded.example_input, Path(tmp),
-                               batch_size=chosen_profiles[0].batch_size, dynamo=dynamo)
+                               batch_size=chosen_profiles[0].batch_size, dynamo=dynamo, dynamic_check=True)
         write_model_dir(folder, bundle=loaded, plan=done.plan, pruned=done.pruned, artifact=artifact,
                         importance=importance, model_spec=spec, ignored_layers=list(ignored),
                         extra={"error": done.error, "finetune_steps": finetune_steps,

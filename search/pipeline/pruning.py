@@ -20,6 +20,7 @@ import copy
 import hashlib
 import logging
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,7 +32,8 @@ from torch import nn
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
 from search.pipeline.features import macs_per_output
-from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
+from search.pipeline.inputs import ModelInput, flat_outputs, primary, rebuild, run
+from search.pipeline.inputs import tensors as tensors_of
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -304,6 +306,112 @@ def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
         )
     except Exception as exc:
         raise PruningError(f"torch-pruning could not trace the model: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Traced:
+    """torch-pruning's dependency graph of a base model, traced once and copied per plan.
+
+    ``key`` is what the graph depends on (parameter and buffer names, shapes and
+    ``requires_grad``, and the example's bytes: Hugging Face code branches on the mask's values);
+    ``shared`` are the objects a copy of the graph must share, not copy (torch-pruning compares
+    pruning functions by their pruner instance; autograd nodes hold the traced shapes).
+    """
+
+    key: str
+    graph: tp.DependencyGraph
+    shared: tuple[Any, ...]
+    warnings: tuple[str, ...]  # what torch-pruning warned while tracing, reported with every plan
+
+
+_TRACED: weakref.WeakKeyDictionary[nn.Module, _Traced] = weakref.WeakKeyDictionary()
+
+
+def _trace_key(base: nn.Module, example: ModelInput) -> str:
+    digest = hashlib.sha256()
+    for name, parameter in base.named_parameters():
+        digest.update(f"p{name}:{tuple(parameter.shape)}:{parameter.requires_grad};".encode())
+    for name, buffer in base.named_buffers():
+        digest.update(f"b{name}:{tuple(buffer.shape)};".encode())
+    for tensor in tensors_of(example):
+        digest.update(f"x{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _traced(base: nn.Module, example: ModelInput) -> _Traced:
+    """The graph of ``base`` for ``example``, traced on the first call (in eval mode, as a fresh
+    trace runs on an eval copy) and again only when the base's structure or the example changes."""
+    key = _trace_key(base, example)
+    cached = _TRACED.get(base)
+    if cached is not None and cached.key == key:
+        return cached
+    modes = {module: module.training for module in base.modules()}
+    base.eval()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = _build_graph(base, example)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    shared: list[Any] = [graph.ops, *graph.REGISTERED_PRUNERS.values(), *graph.CUSTOMIZED_PRUNERS.values()]
+    for node in graph.module2node.values():
+        shared.append(node.grad_fn)
+        for dep in node.dependencies:
+            shared.extend(getattr(fn, "__self__", None) for fn in (dep.trigger, dep.handler))
+    cached = _Traced(key, graph, tuple(obj for obj in shared if obj is not None),
+                     tuple(str(w.message) for w in caught))
+    _TRACED[base] = cached
+    return cached
+
+
+def _copy_with_graph(base: nn.Module, traced: _Traced) -> tuple[nn.Module, tp.DependencyGraph]:
+    """An eval copy of ``base`` and a copy of its graph that points at the copy's modules.
+
+    One ``deepcopy`` memo maps every base module to its copy, so the graph copy is what tracing
+    the copy would build. The copy's tensors share the base's storage (torch-pruning replaces
+    pruned tensors by new ones); ``_unshare`` clones what is left before anything writes in place.
+    """
+    memo: dict[int, Any] = {}
+    for parameter in base.parameters():
+        memo[id(parameter)] = type(parameter)(parameter.data, parameter.requires_grad)
+    for buffer in base.buffers():
+        memo[id(buffer)] = buffer.detach()
+    model = copy.deepcopy(base, memo).eval()
+    for obj in traced.shared:
+        memo[id(obj)] = obj
+    return model, copy.deepcopy(traced.graph, memo)
+
+
+def _unshare(model: nn.Module, base: nn.Module) -> None:
+    """Clone every tensor of ``model`` still sharing storage with ``base`` (bit-identical values)."""
+    storages = {t.untyped_storage().data_ptr() for t in (*base.parameters(), *base.buffers()) if t.numel()}
+    for parameter in model.parameters():
+        if parameter.numel() and parameter.untyped_storage().data_ptr() in storages:
+            parameter.data = parameter.data.clone(memory_format=torch.preserve_format)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.numel() and buffer.untyped_storage().data_ptr() in storages:
+                module._buffers[name] = buffer.clone(memory_format=torch.preserve_format)
+
+
+def _count_ops(model: nn.Module, example: ModelInput) -> tuple[int, int]:
+    """torch-pruning's MAC and parameter count, run on a meta-device copy: the counts come from
+    shapes only, so no weight is copied or multiplied. Falls back to the real model where the
+    forward needs values (data-dependent branches)."""
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = type(parameter)(torch.empty_like(parameter, device="meta"), parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    try:
+        meta = copy.deepcopy(model, memo)
+        meta_example = rebuild(example, [t.to("meta") for t in tensors_of(example)])
+        macs, params = tp.utils.count_ops_and_params(meta, meta_example)
+    except Exception:  # noqa: BLE001  # any failure on meta: count on the real weights
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
 
 
 def _output_layers(model: nn.Module, example: ModelInput) -> tuple[list[str], set[str]]:
@@ -640,6 +748,7 @@ def apply_pruning(
     nm_criterion: str = "magnitude",
     calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None = None,
     loss_fn: Any = nn.functional.cross_entropy,
+    retrace: bool = False,
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.
 
@@ -647,12 +756,16 @@ def apply_pruning(
     lowest importance go; ties are broken by index (stable sort). N:M masks follow
     ``nm_criterion`` (see ``search.pipeline.sparsity.sparsify``) on the channel-pruned model.
 
+    torch-pruning's dependency graph is traced once per base model and example and copied with
+    the model for each plan (``_copy_with_graph``); importance is computed on the copy as each
+    group is pruned, since a group's scores read layers earlier groups have already pruned.
+    ``retrace`` traces a fresh graph on the copy instead (the slower path; the results are
+    bit-identical, which tests/search_tests/test_replay.py checks).
+
     Raises:
         PlanError: a data-dependent importance or N:M criterion without calibration data.
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
-    model = copy.deepcopy(base).eval()
-    modules = dict(model.named_modules())
     estimator = _importance(importance)
     needs_data = importance in _GRADIENT_IMPORTANCES or (nm_criterion != "magnitude" and patterns)
     if needs_data and calibration is None:
@@ -666,7 +779,15 @@ def apply_pruning(
         few = calibration_batches(calibration) if needs_data and calibration is not None else []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            graph = _build_graph(model, example)
+            if retrace:
+                model = copy.deepcopy(base).eval()
+                graph = _build_graph(model, example)
+                trace_warnings: tuple[str, ...] = ()
+            else:
+                traced = _traced(base, example)
+                model, graph = _copy_with_graph(base, traced)
+                trace_warnings = traced.warnings
+            modules = dict(model.named_modules())
             # nn.MultiheadAttention heads last: their module is replaced, which the graph
             # (built on the original) would not know about for the groups after them.
             mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
@@ -690,7 +811,9 @@ def apply_pruning(
                     continue
                 _prune_group(graph, modules, info, target, importance, estimator)
             model.zero_grad(set_to_none=True)
-        tp_warnings = tuple(str(w.message) for w in caught)
+        tp_warnings = trace_warnings + tuple(str(w.message) for w in caught)
+        if not retrace:
+            _unshare(model, base)  # before N:M masks are written in place
         masks = sparsify(model, patterns, criterion=nm_criterion, calibration=[x for x, _ in few])
     finally:
         torch.set_num_threads(previous_threads)
@@ -702,7 +825,7 @@ def apply_pruning(
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
         pattern_names[layer] = f"{n}:{m}"
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    macs, params = tp.utils.count_ops_and_params(model, example) if retrace else _count_ops(model, example)
     kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,

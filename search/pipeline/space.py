@@ -359,12 +359,14 @@ def apply(
     importance: str = "magnitude",
     nm_criterion: str = "magnitude",
     calibration: Any = None,
+    retrace: bool = False,
 ) -> PrunedModel:
     """Validate ``plan`` against ``space`` and apply it to a copy of ``base``.
 
     Deterministic: the same plan on the same base gives bit-identical weights. ``nm_criterion``
     chooses the N:M masks (magnitude, wanda or sparsegpt; the last two calibrate on
-    ``calibration``, the training loader).
+    ``calibration``, the training loader). ``retrace`` traces torch-pruning's graph afresh
+    instead of copying the one traced at the first apply (same result, slower).
     """
     plan = space.resolve(plan)
     space.validate(plan)
@@ -382,4 +384,5 @@ def apply(
         importance=importance,
         nm_criterion=nm_criterion,
         calibration=calibration,
+        retrace=retrace,
     )

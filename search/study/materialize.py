@@ -260,7 +260,8 @@ def rebuild_trial(
     if pruned.signature != base_signature:
         report = recover_with_report(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
         passes.append({"steps": config.recovery.steps, "kept": report.kept})
-    artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
+    artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size,
+                           dynamic_check=True)
     expected = attrs.get("artifact_sha256")
     if expected and artifact.sha256 != expected:
         raise SearchError(
@@ -273,6 +274,7 @@ def rebuild_trial(
         report = recover_with_report(pruned.model, bundle, with_steps(extra, finetune_steps, seed=extra.seed + 1),
                                      masks=pruned.masks)
         passes.append({"steps": finetune_steps, "kept": report.kept})
-        artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size)
+        artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size,
+                               dynamic_check=True)
         error = seeded_error(bundle, pruned.model, config.seed)
     return Rebuilt(plan, pruned, artifact, sum(p["steps"] for p in passes), passes, error)

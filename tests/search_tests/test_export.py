@@ -50,8 +50,9 @@ class _Unexportable(nn.Module):
 
 
 def test_export_failure_is_an_export_error(tmp_path: Path) -> None:
+    # The base model's export at a search's start and a file handed out take the full check.
     with pytest.raises(ExportError, match="ONNX export failed|differs from torch|baked into the graph"):
-        export_onnx(_Unexportable(), torch.randn(1, 4), tmp_path)
+        export_onnx(_Unexportable(), torch.randn(1, 4), tmp_path, dynamic_check=True)
 
 
 def test_any_batch_runs_and_is_measured_at_the_profile_batch(
@@ -96,3 +97,43 @@ batch_size: 8
 warmup: {runs: 1, min_seconds: 0}
 repeat: {min_runs: 5, max_runs: 10, max_seconds: 0.3, check_every: 5, target_rel_precision: 0.05}
 """
+
+
+class _BakedBatch(nn.Module):
+    """Flattens to one row: traced at batch 1, the graph cannot run at batch 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.fc(x.reshape(1, 8))
+        return result
+
+
+def test_the_batch_axis_is_checked_for_a_file_handed_out_not_per_trial(tmp_path: Path) -> None:
+    model, example = _BakedBatch().eval(), torch.randn(1, 8)
+    trial = export_onnx(model, example, tmp_path)  # a trial's check: ORT agrees at the profile's shapes
+    assert trial.max_abs_diff <= 1e-4
+    with pytest.raises(ExportError, match="batch 2"):
+        export_onnx(model, example, tmp_path, dynamic_check=True)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:Exporting aten.{2}index operator:UserWarning")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "transformer", "llama"])
+def test_example_shapes_appended_as_protobuf_would_write_them(
+    build_architecture: Factory, name: str, tmp_path: Path
+) -> None:
+    from search.pipeline.onnx_export import EXAMPLE_SHAPES_KEY
+
+    model, example = build_architecture(name, 0)
+    artifact = export_onnx(model, example, tmp_path, check=False)
+    proto = onnx.load(str(artifact.path))
+    entry = proto.metadata_props.pop()
+    assert entry.key == EXAMPLE_SHAPES_KEY
+    # What the export wrote before the entry was appended to the bytes: parse, add, serialize.
+    again = onnx.load_from_string(proto.SerializeToString())
+    added = again.metadata_props.add()
+    added.key, added.value = entry.key, entry.value
+    assert again.SerializeToString() == artifact.path.read_bytes()
