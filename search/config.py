@@ -68,6 +68,8 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
 # --- search configuration ---------------------------------------------------------------------
 
 DB_ENV = "HWPRUNE_DB"
+# The target of a search, a measurement or a space when none is named.
+DEFAULT_PROFILE = "cpu-ort-fp32"
 # The share of each group's channels a plan may keep, unless a search names its own grid.
 DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 DEFAULT_DB = "sqlite:///hwprune.db"
@@ -126,7 +128,10 @@ LEGACY_RECOVERY_LR = 0.01  # recovery version 1's default learning rate (SGD)
 class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
-    and after, judged on ``holdout_batches`` held-out training batches.
+    and after, judged on ``holdout_batches`` held-out training batches. ``distill`` weighs the KL
+    divergence to the dense model's outputs (at ``temperature``) in the loss; ``threads`` is fixed
+    so that replays are bit-identical. The one recovery settings type: the search's trials, its
+    final recovery, an export and ``search.api.apply_plan`` all take it (with a seed).
 
     ``version`` 2 is that recovery. Version 1 is hwprune's first (SGD with momentum at a constant
     ``lr``, the loader's own batch order, no adaptive batch-norm, nothing held out): searches stored
@@ -138,6 +143,7 @@ class RecoverySettings(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.25
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
+    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     threads: Annotated[int, Field(ge=1, le=256)] = 1
@@ -168,7 +174,7 @@ class SearchConfig(_Section):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     example: str | None = None
     model: Annotated[str, Field(pattern=r"^[\w.]+:\w+$")] | None = None
-    targets: Annotated[list[str], Field(min_length=1)] = ["cpu-ort-fp32"]
+    targets: Annotated[list[str], Field(min_length=1)] = [DEFAULT_PROFILE]
     objective: Literal["reward", "pareto"] = "reward"
     sampler: Literal["tpe", "nsga2", "random", "amc", "netadapt"] = "tpe"
     # Scan each group's sensitivity first and enqueue the uniform ladder and greedy plans from it

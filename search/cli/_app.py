@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from hardware_profiles import ProfileError
 from latency_models import LatencyError
-from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
+from search.config import DB_ENV, DEFAULT_DB, DEFAULT_PROFILE, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
 # Global options a user may also put after the subcommand (`hwprune search status x --debug`);
@@ -247,7 +247,7 @@ def api_settings(db: str | None = None) -> Any:
 
 
 def profiles_from_options(names: list[str] | None) -> list[Any]:
-    return [resolve_profile(n, state.profile_dirs) for n in (names or ["cpu-ort-fp32"])]
+    return [resolve_profile(n, state.profile_dirs) for n in (names or [DEFAULT_PROFILE])]
 
 
 def writable_folder(out: Path) -> None:

@@ -189,11 +189,9 @@ def _show_sensitivity(example: str | None, model: str | None, profile: list[str]
     from search.study import sensitivity
 
     if search_name is not None:
-        from search.config import cache_dir, db_url
-        from search.study.runtime import Runtime, find_record, load_study
+        from search.api import sensitivity_scan
 
-        runtime = Runtime(db_url=db_url(db), profile_dirs=state.profile_dirs, cache_dir=cache_dir())
-        found = sensitivity.stored(load_study(find_record(search_name, runtime), runtime))
+        found = sensitivity_scan(search_name, settings=api_settings(db))
         if found is None:
             raise ConfigError(f"search {search_name!r} has no sensitivity scan: searches scan when started with "
                               "--sensitivity-start or --sampler netadapt")

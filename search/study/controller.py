@@ -24,15 +24,16 @@ import search.progress as progress
 from hardware_profiles import HardwareProfile
 from latency_models import BaseArtifact, Measurement, Meter, file_sha256, make_meter, registry
 from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
-from search.errors import ConfigError, StorageError
+from search.errors import ConfigError, SearchError, StorageError
 from search.examples import load_bundle
-from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.chain import ChainSettings, run_chain
 from search.pipeline.features import architecture_features
-from search.pipeline.onnx_export import export_onnx
-from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
+from search.storage import record as trial_record
 from search.storage.models import utcnow
+from search.storage.record import BaseFigures
 from search.study import confirmation, netadapt, sensitivity
 from search.study.confirmation import Confirmation
 from search.study.materialize import rebuild_trial
@@ -92,8 +93,7 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
     try:
         existing = repo.find_search(config.name)
         if existing is not None:
-            stored = SearchConfig.from_stored(existing.config)
-            differences = incompatibilities(stored, config)
+            differences = incompatibilities(existing.config, config)
             if differences:
                 raise ConfigError(
                     f"search {config.name!r} exists with another configuration ({'; '.join(differences)}): "
@@ -155,11 +155,13 @@ def _create(
     space: SearchSpace,
     profiles: list[HardwareProfile],
 ) -> SearchRecord:
-    base_error = seeded_error(bundle, bundle.model, config.seed)
-    signature = architecture_signature(bundle.model, {})
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
-                               batch_size=profiles[0].batch_size)
+        # The base model through the trial chain: nothing applied or recovered, scored, exported.
+        chained = run_chain(bundle, None, None, ChainSettings.for_search(config, batch_size=profiles[0].batch_size),
+                            out=Path(tmp))
+        artifact, base_error, signature = chained.artifact, chained.error, chained.signature
+        if artifact is None or base_error is None:
+            raise SearchError("the trial chain returned no ONNX file or error for the base model")  # out was given
         repo.put_artifact_file(artifact.path, artifact.sha256)
         base = BaseArtifact(artifact.path, artifact.sha256, signature)
         measurements = {}
@@ -170,19 +172,13 @@ def _create(
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
-        config=config.model_dump(mode="json"),
+        config=config,
         base_fingerprint=bundle.fingerprint(),
         space_fingerprint=space.fingerprint(),
         space=space.to_dict(),
-        base={
-            "error": base_error,
-            "macs": space.base_macs,
-            "params": space.base_params,
-            "signature": signature,
-            "artifact_sha256": artifact.sha256,
-            "measurements": measurements,
-            "error_floor": resolve_error_floor(config, base_error),
-        },
+        base=BaseFigures(error=base_error, macs=space.base_macs, params=space.base_params, signature=signature,
+                         artifact_sha256=artifact.sha256, measurements=measurements,
+                         error_floor=resolve_error_floor(config, base_error)),
         versions=package_versions(),
         created_at=utcnow(),
     )
@@ -194,7 +190,7 @@ def _create(
     study = optuna.create_study(study_name=record.study_name, storage=storage,
                                 directions=directions, load_if_exists=True)
     if not study.trials:
-        study.enqueue_trial(space.dense_params(), user_attrs={"base": True})
+        trial_record.enqueue(study, space.dense_params(), base=True)
     repo.add_search(record)
     logger.info("created search %s (%d groups, %d N:M layers)", config.name, len(space.groups), len(space.sparsity))
     return record
@@ -209,7 +205,7 @@ def _measure_base(profile: HardwareProfile, repo: Repository, base: BaseArtifact
 def load_prepared(name: str, runtime: Runtime) -> Prepared:
     """A stored search with its model and space rebuilt and checked against what was stored."""
     record = find_record(name, runtime)
-    config = SearchConfig.from_stored(record.config)
+    config = record.config
     bundle, space, profiles = _load_model_and_space(config, runtime)
     _check_same_base(record, bundle, space)
     return Prepared(record, config, bundle, space, profiles)
@@ -220,7 +216,7 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
     exported again from the base model (checked against the stored sha256) and stored back, since
     remote agents fetch it through the hub."""
     record = prepared.record
-    sha256 = record.base["artifact_sha256"]
+    sha256 = record.base.artifact_sha256
     artifact_dir = runtime.cache_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
     base_path = artifact_dir / f"{sha256}.onnx"
@@ -230,12 +226,12 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
         return artifact_dir, base_path
     if not repo.artifacts.fetch_to(sha256, base_path):
         with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
-            remade = export_onnx(prepared.bundle.model, prepared.bundle.example_input, Path(tmp),
-                                 batch_size=prepared.profiles[0].batch_size)
-            if remade.sha256 != sha256:
+            settings = ChainSettings.for_search(prepared.config, batch_size=prepared.profiles[0].batch_size)
+            remade = run_chain(prepared.bundle, None, None, settings, out=Path(tmp), score=False).artifact
+            if remade is None or remade.sha256 != sha256:
                 raise StorageError(
                     f"the base model's ONNX of search {record.name!r} is not in the artifact store "
-                    f"{repo.artifacts.url} and exporting it again gives {remade.sha256[:12]}, not "
+                    f"{repo.artifacts.url} and exporting it again gives {remade and remade.sha256[:12]}, not "
                     f"{sha256[:12]}: torch or onnx versions changed since the search began"
                 )
             repo.put_artifact_file(remade.path, sha256)
@@ -244,7 +240,7 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
 
 
 def _base_of(record: SearchRecord, base_path: Path) -> BaseArtifact:
-    return BaseArtifact(base_path, record.base["artifact_sha256"], record.base["signature"])
+    return BaseArtifact(base_path, record.base.artifact_sha256, record.base.signature)
 
 
 def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
@@ -252,7 +248,7 @@ def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: E
     record = prepared.record
     base = _base_of(record, base_path)
     return [stack.enter_context(make_meter(profile, repo, base,
-                                           base_median_us=record.base["measurements"][profile.name]["median_us"]))
+                                           base_median_us=record.base.median_us(profile.name)))
             for profile in prepared.profiles]
 
 
@@ -285,7 +281,7 @@ def run_worker(
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=scratch, batch_size=prepared.profiles[0].batch_size,
-            base_error=record.base["error"], base_signature=record.base["signature"],
+            base_error=record.base.error, base_signature=record.base.signature,
             error_floor=error_floor_of(record),
             screening=_screening(prepared, meters, repo),
         )
@@ -342,12 +338,12 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
     with ExitStack() as stack:
         stack.callback(repo.close)
         artifact_dir, base_path = _base_artifact(prepared, repo, runtime)
-        base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
+        base_now = trial_record.read_base_now(study)
         for profile in prepared.profiles:
             # Remote targets keep the base figure their agent measured when the search began.
             if profile.location == "local":
                 base_now[profile.name] = _measure_base(profile, repo, _base_of(record, base_path)).median_us
-        study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
+        trial_record.write_base_now(study, base_now)
         meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
         for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one
             todo = [(t, p) for t, p in _unconfirmed_front(record, study) if (t, p.signature) not in failed]
@@ -362,7 +358,7 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
                     continue
                 # A measured trial's first session is its own timing; a predicted trial's are all new.
                 sessions += len(verdict.sessions) - (0 if point.predicted.get(target) else 1)
-                study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
+                trial_record.write_confirmation(study, target, point.signature, verdict)
                 if on_confirmed is not None:
                     on_confirmed(point.trial, target, verdict)
     return sessions
@@ -376,8 +372,8 @@ def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
         with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
             remade = rebuild_trial(
                 bundle=prepared.bundle, space=prepared.space, config=prepared.config,
-                attrs={"plan": point.plan, "artifact_sha256": point.artifact_sha256},
-                base_signature=prepared.record.base["signature"], artifact_dir=Path(tmp),
+                plan=point.plan, artifact_sha256=point.artifact_sha256,
+                base_signature=prepared.record.base.signature, artifact_dir=Path(tmp),
                 batch_size=prepared.profiles[0].batch_size).artifact
             repo.put_artifact_file(remade.path, point.artifact_sha256)  # a remote job needs it
             os.replace(remade.path, path)
@@ -399,7 +395,7 @@ def _unconfirmed_front(record: SearchRecord, study: optuna.Study) -> list[tuple[
     """Unconfirmed architectures on any target's front (mixed figures), one trial each."""
     points = trial_points(study, record)
     todo: dict[tuple[str, str], TrialPoint] = {}
-    for target in record.config["targets"]:
+    for target in record.config.targets:
         for point in pareto_front(points, target):
             if not point.confirmed.get(target):
                 todo.setdefault((target, point.signature), point)
