@@ -69,7 +69,7 @@ def run_model(label: str, spec: str, args: argparse.Namespace, folder: Path) -> 
     search_s = time.perf_counter() - started
     record = prepared.record
     study = load_study(record, runtime)
-    base_signature = record.base["signature"]
+    base_signature = record.base.signature
 
     def front(points: list[TrialPoint]) -> dict[int, TrialPoint]:
         return {p.trial: p for p in pareto_front(points, TARGET) if p.signature != base_signature}
@@ -83,7 +83,7 @@ def run_model(label: str, spec: str, args: argparse.Namespace, folder: Path) -> 
     artifacts = folder / "artifacts"
     artifacts.mkdir(exist_ok=True)
     base_path = artifacts / "base.onnx"
-    base_path.write_bytes(repo.get_artifact(record.base["artifact_sha256"]) or b"")
+    base_path.write_bytes(repo.get_artifact(record.base.artifact_sha256) or b"")
     paths = {}
     for number, point in {**before, **after}.items():
         paths[number] = artifacts / f"{number}.onnx"

@@ -23,7 +23,7 @@ from hardware_profiles import load_profile  # noqa: E402
 from search.config import load_search_config  # noqa: E402
 from search.examples import load_example  # noqa: E402
 from search.pipeline.bundle import seeded_error  # noqa: E402
-from search.pipeline.recovery import recover, recovery_for  # noqa: E402
+from search.pipeline.recovery import recover  # noqa: E402
 from search.pipeline.space import apply, build_space  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
             cells = [f"{name}", f"{train_s:.0f} s", f"{100 * dense:.2f}%"]
             for ratio in args.ratios:
                 pruned = apply(bundle.model, bundle.example_input, space, space.uniform_plan(ratio))
-                recover(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
+                recover(pruned.model, bundle, config.recovery, seed=config.seed, masks=pruned.masks)
                 accuracy = 1 - seeded_error(bundle, pruned.model, config.seed)
                 cells.append(f"{100 * accuracy:.2f}% ({100 * (accuracy - dense):+.2f})")
             rows.append("| " + " | ".join(cells) + " |")

@@ -32,8 +32,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
@@ -50,7 +50,6 @@ from search.examples.zoo import make_architecture  # noqa: E402
 from search.pipeline.bundle import ModelBundle, classification_error  # noqa: E402
 from search.pipeline.plan import Plan  # noqa: E402
 from search.pipeline.recovery import (  # noqa: E402
-    RecoveryConfig,
     adapt_batchnorm,
     recover,
     training_split,
@@ -60,12 +59,12 @@ from search.pipeline.space import SearchSpace, apply, build_space  # noqa: E402
 THREADS = 1
 
 
-def default_recovery(steps: int) -> RecoveryConfig:
-    settings = RecoverySettings()
-    return RecoveryConfig(steps=steps, lr=settings.lr, optimizer=settings.optimizer,
-                          warmup=settings.warmup, distill=settings.distill,
-                          bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
-                          seed=0, threads=THREADS)
+def default_recovery(steps: int) -> RecoverySettings:
+    return RecoverySettings(steps=steps, threads=THREADS)  # recovered with seed 0
+
+
+def replace(config: RecoverySettings, **changes: Any) -> RecoverySettings:
+    return config.model_copy(update=changes)
 
 
 def zoo_bundle(name: str, resolution: int, *, epochs: int, batch: int) -> ModelBundle:
@@ -112,7 +111,7 @@ def timed(step: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def timed_recovery(model: nn.Module, bundle: ModelBundle, config: RecoveryConfig,
+def timed_recovery(model: nn.Module, bundle: ModelBundle, config: RecoverySettings,
                    masks: Mapping[str, torch.Tensor] | None = None) -> float:
     return timed(lambda: recover(model, bundle, config, masks=masks))
 

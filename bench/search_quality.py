@@ -67,9 +67,9 @@ import optuna  # noqa: E402
 from _report import machine, write_section  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
+from search.storage.record import read_final_scores  # noqa: E402
 from search.study.controller import Prepared, prepare, run_worker  # noqa: E402
 from search.study.final_recovery import FinalScore, recover_front  # noqa: E402
-from search.study.final_recovery import stored as stored_final  # noqa: E402
 from search.study.pareto import TrialPoint, pareto_front  # noqa: E402
 from search.study.read import trial_points, trial_seconds  # noqa: E402
 from search.study.runtime import Runtime, load_study  # noqa: E402
@@ -381,7 +381,7 @@ def main() -> None:
                     print(f"deadline {args.until:%H:%M} UTC: final recovery from {name} not run", flush=True)
                     return None
                 recover_front(search, runtime, steps=args.final_steps)
-                scores = [s for s in stored_final(load_study(search.record, runtime).user_attrs).values()
+                scores = [s for s in read_final_scores(load_study(search.record, runtime)).values()
                           if s.steps == args.final_steps]
                 seconds = sum(s.elapsed_s for s in scores)
                 print(f"{name}: {len(scores)} front models recovered for {args.final_steps} steps, "

@@ -30,6 +30,7 @@ from latency_models.base import LatencyBackend, MeasurementResult
 from latency_models.batch import measure_batch
 from latency_models.errors import ArtifactError, LatencyError
 from latency_models.remote import HubClient, HubRefused, HubUnavailable
+from latency_models.store import Outcome
 from latency_models.wire import BATCH, JOB_KINDS_KEY, MEASURE, BatchResultBody, JobSpec, ResultBody
 
 # The job kinds this agent runs, told to the hub in its environment.
@@ -197,10 +198,10 @@ class Agent:
             self._retry(lambda: self._client.post_failure(job.id, reason))
             self.jobs_failed += 1
             return
-        if outcome == "conflict":
+        if outcome == Outcome.CONFLICT:
             logger.warning("job %d: the hub gave it to another agent meanwhile", job.id)
             return
-        if outcome == "flagged":
+        if outcome == Outcome.FLAGGED:
             logger.error("job %d: the hub flagged the result as implausible; it will be measured again", job.id)
             self.jobs_failed += 1
             return

@@ -106,6 +106,11 @@ class Meter(abc.ABC):
         return None
 
     @property
+    def lock_waited_s(self) -> float:
+        """Seconds this meter's measurements waited for their device (a local meter's lock)."""
+        return 0.0
+
+    @property
     def base_median_us(self) -> float:
         """The base model's median on this target, which every trial's ratio multiplies."""
         if self._base_median_us is None:

@@ -8,6 +8,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from latency_models.errors import LatencyError
+from latency_models.store import Outcome
 from latency_models.wire import (
     API_PREFIX,
     BatchResultBody,
@@ -101,22 +102,22 @@ class HubClient:
     def artifact(self, sha256: str) -> bytes:
         return self._request("GET", f"/artifacts/{sha256}").content
 
-    def post_result(self, job_id: int, result: ResultBody) -> str:
-        """Returns ``accepted``, ``duplicate`` or ``conflict`` (another agent holds the job)."""
+    def post_result(self, job_id: int, result: ResultBody) -> Outcome:
+        """Returns ``accepted``, ``duplicate``, ``flagged`` or ``conflict`` (another agent holds the job)."""
         response = self._request("POST", f"/jobs/{job_id}/result", content=result.model_dump_json(),
                                  headers={"Content-Type": "application/json"})
-        return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
+        return Outcome.CONFLICT if response.status_code == 409 else self._parse(response, StatusBody).status
 
-    def post_batch_result(self, job_id: int, result: BatchResultBody) -> str:
+    def post_batch_result(self, job_id: int, result: BatchResultBody) -> Outcome:
         """As ``post_result``, for a batch job."""
         response = self._request("POST", f"/jobs/{job_id}/batch-result", content=result.model_dump_json(),
                                  headers={"Content-Type": "application/json"})
-        return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
+        return Outcome.CONFLICT if response.status_code == 409 else self._parse(response, StatusBody).status
 
-    def post_failure(self, job_id: int, error: str) -> str:
+    def post_failure(self, job_id: int, error: str) -> Outcome:
         response = self._request("POST", f"/jobs/{job_id}/failure", json=FailureBody(error=error[:2000]).model_dump())
-        return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
+        return Outcome.CONFLICT if response.status_code == 409 else self._parse(response, StatusBody).status
 
-    def release(self, job_id: int) -> str:
+    def release(self, job_id: int) -> Outcome:
         response = self._request("POST", f"/jobs/{job_id}/release")
-        return "conflict" if response.status_code == 409 else self._parse(response, StatusBody).status
+        return Outcome.CONFLICT if response.status_code == 409 else self._parse(response, StatusBody).status

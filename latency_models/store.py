@@ -2,25 +2,47 @@
 
 ``MeasurementStore`` is a protocol so that this package stays free of SQL (and of ``search``):
 ``search.storage.Repository`` implements it on SQLite or PostgreSQL. Results travel as
-``MeasurementResult`` both ways; a job's state is a ``JobStatus``, never a bare string.
+``MeasurementResult`` both ways; a job's state is a ``JobStatus``, never a bare string, and so are
+the hub's answers (``Outcome``) and a token's ``Role``: the hub, the queue, the client and the agent
+share these enums.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from latency_models.base import MeasurementResult
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """A remote measurement job: ``queued -> leased -> done``, or ``failed`` past its attempts."""
 
     QUEUED = "queued"
     LEASED = "leased"
     DONE = "done"
     FAILED = "failed"
+
+
+class Outcome(StrEnum):
+    """What the hub answers (``StatusBody.status``) to a posted result, failure or release, and
+    what the client makes of a refusal it expects."""
+
+    OK = "ok"  # /health
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # the same agent posted again: harmless
+    FLAGGED = "flagged"  # implausible: kept on the job for inspection, never cached; measured again
+    NOT_HOLDER = "not_holder"  # another agent holds (or finished) the job: HTTP 409
+    UNKNOWN = "unknown"  # no such job: HTTP 404
+    CONFLICT = "conflict"  # the client's name for a 409: the job went to another agent meanwhile
+
+
+class Role(StrEnum):
+    """What a hub token may do: an agent measures its profile's jobs; a reader reads searches."""
+
+    AGENT = "agent"
+    READER = "reader"
 
 
 @dataclass(frozen=True, slots=True)

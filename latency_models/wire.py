@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from latency_models.base import Measurement, MeasurementResult
 from latency_models.batch import PairedFigure
 from latency_models.predictors.features import LayerFeatures
+from latency_models.store import Outcome
 
 API_PREFIX = "/v1"
 MAX_RESULT_BYTES = 64 * 1024
@@ -238,7 +239,7 @@ class StatusBody(_Body):
     """``accepted``; ``duplicate`` (the holder posted again: harmless); ``flagged`` (a result
     too far from what the hub expects: kept for inspection, not cached, the job measured again)."""
 
-    status: str
+    status: Outcome
 
 
 class ErrorBody(_Body):

@@ -25,16 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.config import (
+    DEFAULT_PROFILE,
     SearchConfig,
+    artifacts_url,
     cache_dir,
-    cpu_count,
     db_url,
     heartbeat_settings,
     load_search_config,
     profile_dirs,
     resolve_profile,
 )
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchError
 
 if TYPE_CHECKING:
     import optuna
@@ -43,31 +44,43 @@ if TYPE_CHECKING:
     from hardware_profiles import HardwareProfile
     from latency_models import Measurement, PairedMeasurement
     from search.pipeline.bundle import ModelBundle
+    from search.pipeline.chain import Chained
     from search.pipeline.plan import Plan
     from search.pipeline.pruning import PrunedModel
     from search.pipeline.space import SearchSpace
+    from search.storage.artifacts import PruneReport
+    from search.storage.record import TrialRecord
     from search.study.controller import Prepared
+    from search.study.materialize import Rebuilt
+    from search.study.orchestration import ConfirmedCallback, ProgressCallback, SearchResult
+    from search.study.pareto import TrialPoint
+    from search.study.read import ParetoRow, SearchSummary, TrialRow
     from search.study.runtime import Runtime
+    from search.study.sensitivity import Sensitivity
 
 __all__ = [
     "Settings",
     "apply_plan",
     "build_space",
+    "confirm",
     "export_plan",
     "export_trials",
     "load",
+    "list_searches",
     "load_model",
     "measure",
     "pareto",
     "plan_template",
+    "prune_artifacts",
     "report",
     "resume_search",
     "run_search",
+    "run_worker",
+    "sensitivity_scan",
     "status",
     "trials",
 ]
 
-TrialCallback = Callable[[int, int | None], None]  # (trials counted toward the budget, trials asked for)
 
 
 @dataclass(frozen=True)
@@ -96,13 +109,14 @@ class Settings:
     def cache_dir(self) -> Path:
         return self.cache if self.cache is not None else cache_dir()
 
-    def runtime(self, *, worker_index: int = 0, wait_for_agents: bool = False) -> Runtime:
+    def runtime(self, *, worker_index: int = 0, wait_for_agents: bool = False, device: str | None = None) -> Runtime:
         from search.study.runtime import Runtime
 
         heartbeat, grace = heartbeat_settings()
+        # The environment is read here, where settings are made, and nowhere below.
         return Runtime(db_url=self.db_url, profile_dirs=tuple(self.profile_dirs), cache_dir=self.cache_dir,
                        heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
-                       wait_for_agents=wait_for_agents)
+                       wait_for_agents=wait_for_agents, artifacts_url=artifacts_url(self.db_url), device=device)
 
 
 DEFAULT = Settings()
@@ -127,7 +141,7 @@ def profiles(names: Sequence[Any] | None, *, settings: Settings = DEFAULT) -> li
     from hardware_profiles import HardwareProfile
 
     return [p if isinstance(p, HardwareProfile) else resolve_profile(str(p), settings.profile_dirs)
-            for p in (names or ["cpu-ort-fp32"])]
+            for p in (names or [DEFAULT_PROFILE])]
 
 
 def build_space(
@@ -188,21 +202,24 @@ def apply_plan(
     """Apply ``plan`` (a ``Plan``, a mapping as in a plan file, or a file path) to a copy of the
     base model, recover it as a search's trial would (adaptive BN, ``finetune_steps`` of
     fine-tuning, the better on held-out data) and score it on the validation data."""
-    from search.config import RecoverySettings
-    from search.pipeline.bundle import seeded_error
-    from search.pipeline.recovery import RecoveryConfig, recover_with_report
-    from search.pipeline.space import apply
+    done = _chain(bundle, space, plan, importance=importance, nm_criterion=nm_criterion,
+                  finetune_steps=finetune_steps, out=None)
+    if done.pruned is None or done.plan is None or done.error is None:
+        raise SearchError("the trial chain returned no pruned model or error for a plan")  # it always does
+    return Materialized(done.pruned, done.plan, done.error, [dict(p) for p in done.recovery])
 
-    chosen = space.resolve(_plan(plan))
-    pruned = apply(bundle.model, bundle.example_input, space, chosen, importance=importance,
-                   nm_criterion=nm_criterion, calibration=bundle.train_loader)
-    defaults = RecoverySettings()
-    report = recover_with_report(pruned.model, bundle, RecoveryConfig(
-        steps=finetune_steps, lr=defaults.lr, optimizer=defaults.optimizer, warmup=defaults.warmup,
-        distill=defaults.distill, bn_batches=defaults.bn_batches, holdout_batches=defaults.holdout_batches,
-        threads=defaults.threads or cpu_count()), masks=pruned.masks)
-    error = seeded_error(bundle, pruned.model, 0)
-    return Materialized(pruned, chosen, error, [{"steps": finetune_steps, "kept": report.kept}])
+
+def _chain(bundle: ModelBundle, space: SearchSpace, plan: Plan | Mapping[str, Any] | str | Path, *,
+           importance: str, nm_criterion: str, finetune_steps: int, out: Path | None, batch_size: int = 1,
+           dynamo: bool = False, device: str = "cpu") -> Chained:
+    from search.config import RecoverySettings
+    from search.pipeline.chain import ChainSettings, run_chain
+    from search.pipeline.device import resolve_device
+
+    settings = ChainSettings(importance=importance, nm_criterion=nm_criterion,
+                             recovery=RecoverySettings(steps=finetune_steps), batch_size=batch_size, dynamo=dynamo,
+                             dynamic_check=out is not None, device=resolve_device(device))
+    return run_chain(bundle, space, space.resolve(_plan(plan)), settings, out=out)
 
 
 def export_plan(
@@ -216,10 +233,12 @@ def export_plan(
     finetune_steps: int = 0,
     force: bool = False,
     dynamo: bool = False,
+    device: str = "cpu",
     settings: Settings = DEFAULT,
 ) -> dict[str, Any]:
     """Materialise ``plan`` on ``model`` and write the folder ``out`` (ONNX, weights, a
-    self-contained ``model.pt2``, the plan, a manifest). Returns the manifest.
+    self-contained ``model.pt2``, the plan, a manifest). Returns the manifest. ``device`` is
+    where the recovery's ``finetune_steps`` run (``auto``, ``cpu``, ``cuda:N``, ``mps``).
 
     Give ``model`` as a spec (``digits``, ``package.module:function``) for ``load(out)`` to
     find the base model by itself; a bundle object records no spec, and ``load`` then needs it.
@@ -227,7 +246,6 @@ def export_plan(
     Raises:
         ConfigError: ``out`` is not empty and ``force`` is false, or cannot be written.
     """
-    from search.pipeline.onnx_export import export_onnx
     from search.study.materialize import read_manifest, write_model_dir
 
     folder = Path(out)
@@ -236,14 +254,16 @@ def export_plan(
     loaded = _bundle(model, settings)
     chosen_profiles = profiles(targets, settings=settings)
     space = build_space(loaded, chosen_profiles, ignored=ignored, settings=settings)
-    done = apply_plan(loaded, space, plan, importance=importance, finetune_steps=finetune_steps)
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = export_onnx(done.model, loaded.example_input, Path(tmp),
-                               batch_size=chosen_profiles[0].batch_size, dynamo=dynamo, dynamic_check=True)
-        write_model_dir(folder, bundle=loaded, plan=done.plan, pruned=done.pruned, artifact=artifact,
+        done = _chain(loaded, space, plan, importance=importance, nm_criterion="magnitude",
+                      finetune_steps=finetune_steps, out=Path(tmp), batch_size=chosen_profiles[0].batch_size,
+                      dynamo=dynamo, device=device)
+        if done.pruned is None or done.plan is None or done.artifact is None:
+            raise SearchError("the trial chain exported no pruned model for a plan")  # it always does
+        write_model_dir(folder, bundle=loaded, plan=done.plan, pruned=done.pruned, artifact=done.artifact,
                         importance=importance, model_spec=spec, ignored_layers=list(ignored),
                         extra={"error": done.error, "finetune_steps": finetune_steps,
-                               "recovery": done.recovery, "targets": [p.name for p in chosen_profiles],
+                               "recovery": list(done.recovery), "targets": [p.name for p in chosen_profiles],
                                "base_macs": space.base_macs})
     return read_manifest(folder)
 
@@ -273,7 +293,7 @@ def load(folder: str | Path, *, bundle: ModelBundle | None = None, settings: Set
 
 
 def measure(
-    onnx_path: str | Path, profile: Any = "cpu-ort-fp32", *, vs: str | Path | None = None,
+    onnx_path: str | Path, profile: Any = DEFAULT_PROFILE, *, vs: str | Path | None = None,
     settings: Settings = DEFAULT,
 ) -> Measurement | PairedMeasurement:
     """Time an ONNX model on a local profile; with ``vs``, paired with that reference model."""
@@ -306,108 +326,173 @@ def search_config(config: SearchConfig | Mapping[str, Any] | str | Path | None =
 def run_search(
     config: SearchConfig | Mapping[str, Any] | str | Path,
     *,
-    on_trial: TrialCallback | None = None,
+    workers: int = 1,
     confirm: bool = True,
+    on_trial: ProgressCallback | None = None,
+    on_confirmed: ConfirmedCallback | None = None,
     settings: Settings = DEFAULT,
     wait_for_agents: bool = False,
-) -> dict[str, Any]:
-    """Start a search (or resume one of that name with a compatible config) in this process,
-    run it to its budget, confirm its front and return its ``status``.
+    debug: bool = False,
+) -> SearchResult:
+    """Start a search (or resume one of that name with a compatible config) and run it as
+    ``hwprune search start`` does: its trials (in ``workers`` processes), the confirmation of its
+    front, the final recovery (``final_steps``), and what a user is told at the end.
 
-    ``on_trial(counted, asked)`` is called after each trial (counted: completed and pruned).
+    ``on_trial(SearchProgress)`` is called after each trial, ``on_confirmed(trial, target,
+    Confirmation)`` after each confirmation. ``debug`` passes ``--debug`` on to worker processes.
+    Returns the search's summary, its primary front and the end-of-search warnings.
     """
-    runtime = settings.runtime(wait_for_agents=wait_for_agents)
-    prepared = prepare(search_config(config), runtime)
-    run_prepared(prepared, runtime, on_trial=on_trial)
-    if confirm:
-        confirm_prepared(prepared, runtime)
-    from search.study.retention import prune_artifacts
-
-    prune_artifacts(runtime)  # as the CLI does: the store keeps what jobs and fronts need
-    return status(prepared.config.name, settings=settings)
+    chosen = search_config(config)
+    # The config's device reaches this process and the workers it starts alike.
+    runtime = settings.runtime(wait_for_agents=wait_for_agents, device=chosen.device)
+    prepared = _prepare(chosen, runtime)
+    return _run(prepared, runtime, workers=workers, confirm=confirm, on_trial=on_trial,
+                on_confirmed=on_confirmed, debug=debug)
 
 
-def resume_search(name: str, *, trials: int | None = None, timeout_s: float | None = None,
-                  on_trial: TrialCallback | None = None, settings: Settings = DEFAULT) -> dict[str, Any]:
-    """Resume a stored search with its stored configuration and a new budget."""
+def resume_search(
+    name: str,
+    *,
+    trials: int | None = None,
+    timeout_s: float | None = None,
+    max_consecutive_failures: int | None = None,
+    workers: int = 1,
+    on_trial: ProgressCallback | None = None,
+    on_confirmed: ConfirmedCallback | None = None,
+    settings: Settings = DEFAULT,
+    wait_for_agents: bool = False,
+    debug: bool = False,
+    device: str | None = None,
+) -> SearchResult:
+    """Resume a stored search with its stored configuration and a new budget, as ``run_search``;
+    ``device`` runs this resumption's model work elsewhere than the stored config says (each
+    trial records where it ran)."""
     from search.storage.repository import require_database
     from search.study.controller import replace_budget
     from search.study.runtime import find_record
 
-    runtime = settings.runtime()
+    runtime = settings.runtime(wait_for_agents=wait_for_agents, device=device)
     require_database(runtime.db_url)
-    stored = SearchConfig.from_stored(find_record(name, runtime).config)
-    return run_search(replace_budget(stored, trials=trials, timeout_s=timeout_s), on_trial=on_trial,
-                      settings=settings)
+    stored = find_record(name, runtime).config
+    config = replace_budget(stored, trials=trials, timeout_s=timeout_s,
+                            max_consecutive_failures=max_consecutive_failures)
+    return _run(_prepare(config, runtime), runtime, workers=workers, confirm=True, on_trial=on_trial,
+                on_confirmed=on_confirmed, debug=debug)
 
 
-def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
+def run_worker(name: str, *, worker_index: int = 0, device: str | None = None, settings: Settings = DEFAULT) -> None:
+    """Join a stored search as one more worker until its budget is met (``hwprune search worker``);
+    ``device`` is this worker's device for model work (default: the search's)."""
+    from search.storage.repository import require_database
+    from search.study.controller import run_worker as run
+    from search.study.orchestration import quiet_optuna
+
+    runtime = settings.runtime(worker_index=worker_index, device=device)
+    require_database(runtime.db_url)
+    quiet_optuna()
+    run(name, runtime)
+
+
+def confirm(name: str, *, on_confirmed: ConfirmedCallback | None = None, settings: Settings = DEFAULT) -> SearchResult:
+    """Measure a stored search's unconfirmed front trials again (a search does this when it ends)."""
+    from search import progress
+    from search.study.controller import confirm_front, load_prepared
+    from search.study.orchestration import finish, quiet_optuna
+
+    runtime = settings.runtime()
+    quiet_optuna()
+    prepared = load_prepared(name, runtime)
+    with progress.task("confirming the Pareto front's latencies"):
+        confirm_front(prepared, runtime, on_confirmed=on_confirmed)
+    return finish(prepared, runtime)
+
+
+def _prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
     from search.study.controller import prepare as prepare_search
+    from search.study.orchestration import quiet_optuna
 
-    _quiet_optuna()
+    quiet_optuna()
     return prepare_search(config, runtime)
 
 
-def run_prepared(prepared: Prepared, runtime: Runtime, *, on_trial: TrialCallback | None = None) -> None:
-    from search.study.controller import run_worker
-    from search.study.runtime import counted
+def _run(prepared: Prepared, runtime: Runtime, **options: Any) -> SearchResult:
+    from search.study.orchestration import run_prepared
 
-    def called(study: optuna.Study, _trial: Any = None) -> None:
-        if on_trial is not None:
-            on_trial(counted(study), prepared.config.trials)
-
-    run_worker(prepared.config.name, runtime, on_trial=called, prepared=prepared)
+    return run_prepared(prepared, runtime, **options)
 
 
-def confirm_prepared(prepared: Prepared, runtime: Runtime,
-                     on_confirmed: Callable[[int, str, Any], None] | None = None) -> int:
-    from search.study.controller import confirm_front
+def list_searches(*, settings: Settings = DEFAULT) -> list[SearchSummary]:
+    """The summary of every search in the database (``hwprune search list``)."""
+    from search.storage.repository import require_database
+    from search.study.orchestration import quiet_optuna
+    from search.study.read import summary
+    from search.study.runtime import load_study, optuna_storage
 
-    return confirm_front(prepared, runtime, on_confirmed=on_confirmed)
+    runtime = settings.runtime()
+    require_database(runtime.db_url)
+    repo = runtime.repository()
+    try:
+        records = repo.list_searches()
+    finally:
+        repo.close()
+    quiet_optuna()
+    storage = optuna_storage(runtime)  # one connection for every search listed
+    return [summary(r, load_study(r, runtime, storage=storage)) for r in records]
 
 
-def _quiet_optuna() -> None:
-    import logging
+def prune_artifacts(*, min_age_s: float = 600.0, settings: Settings = DEFAULT) -> PruneReport:
+    """Remove ONNX artifacts that no queued job, base model or Pareto front needs."""
+    from search.storage.repository import require_database
+    from search.study.retention import prune_artifacts as prune
 
-    import optuna
-
-    if logging.getLogger().level > logging.DEBUG:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    runtime = settings.runtime()
+    require_database(runtime.db_url)
+    return prune(runtime, min_age_s=min_age_s)
 
 
 def _study(name: str, settings: Settings) -> tuple[Any, optuna.Study]:
     from search.storage.repository import require_database
+    from search.study.orchestration import quiet_optuna
     from search.study.runtime import find_record, load_study
 
     runtime = settings.runtime()
     require_database(runtime.db_url)
     record = find_record(name, runtime)
-    _quiet_optuna()
+    quiet_optuna()
     return record, load_study(record, runtime)
 
 
-def status(name: str, *, settings: Settings = DEFAULT) -> dict[str, Any]:
-    """A stored search's summary: trials by state, feasibility, failures, best trial, base figures."""
+def status(name: str, *, settings: Settings = DEFAULT) -> SearchSummary:
+    """A stored search's summary: trials by state, feasibility, failures, best trial, base figures
+    (``.to_dict()`` is what ``hwprune search status --json`` prints)."""
     from search.study.read import summary
 
     record, study = _study(name, settings)
     return summary(record, study)
 
 
-def trials(name: str, *, settings: Settings = DEFAULT) -> list[dict[str, Any]]:
-    """Every trial of a stored search, as plain data (see ``search.study.read.trial_rows``)."""
+def trials(name: str, *, settings: Settings = DEFAULT) -> list[TrialRow]:
+    """Every trial of a stored search (see ``search.study.read.trial_rows``; ``.to_dict()`` is a
+    row of ``hwprune search trials --json``)."""
     from search.study.read import trial_rows
 
     record, study = _study(name, settings)
     return trial_rows(record, study)
 
 
-def pareto(name: str, *, target: str | None = None, settings: Settings = DEFAULT) -> list[dict[str, Any]]:
+def pareto(name: str, *, target: str | None = None, settings: Settings = DEFAULT) -> list[ParetoRow]:
     """The Pareto front of a stored search on ``target`` (default: its primary target)."""
-    from search.study.read import pareto_rows
+    from search.study.read import check_target, pareto_rows
 
     record, study = _study(name, settings)
-    return pareto_rows(record, study, target or record.config["targets"][0])
+    return pareto_rows(record, study, check_target(record, target))
+
+
+def sensitivity_scan(name: str, *, settings: Settings = DEFAULT) -> Sensitivity | None:
+    """The sensitivity scan a stored search made (``--sensitivity-start`` or ``netadapt``), if any."""
+    from search.study.sensitivity import stored
+
+    return stored(_study(name, settings)[1])
 
 
 def export_trials(
@@ -421,20 +506,26 @@ def export_trials(
     on_trial: Callable[[int, Path], None] | None = None,
     on_confirmed: Callable[[int, str, Any], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    device: str | None = None,
     settings: Settings = DEFAULT,
 ) -> list[dict[str, Any]]:
     """Rebuild stored trials (``trial`` K, or the whole Pareto ``front``) bit-identically and
     write each to a folder; returns their manifests (with ``folder``). ``on_total(n)`` is called
     once the trials to export are known, ``on_trial(number, folder)`` after each is written.
+    Each trial is rebuilt on the kind of device it was recovered on (``device`` picks which one;
+    another kind is refused, since its weights would differ).
 
     Raises:
         ConfigError: neither or both of ``trial`` and ``front``; no such completed trial; a
             non-empty ``out`` without ``force``.
         SearchError: the rebuilt model's ONNX differs from the measured one.
     """
+    from search.pipeline.device import replay_device
+    from search.storage.record import read_trials
     from search.storage.repository import require_database
-    from search.study.controller import load_prepared
+    from search.study.controller import confirm_front, load_prepared
     from search.study.materialize import read_manifest, rebuild_trial, write_model_dir
+    from search.study.orchestration import quiet_optuna
     from search.study.read import base_latency_us, pareto_rows, trial_points
     from search.study.runtime import load_study
 
@@ -444,19 +535,19 @@ def export_trials(
     check_output_folder(folder_root, force=force)
     runtime = settings.runtime()
     require_database(runtime.db_url)
-    _quiet_optuna()
+    quiet_optuna()
     prepared = load_prepared(name, runtime)
     record, config = prepared.record, prepared.config
     study = load_study(record, runtime)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    by_number = {t.number: t for t in read_trials(study)}
     if trial is not None:
-        if trial not in by_number or by_number[trial].state.name != "COMPLETE":
-            done = sorted(n for n, t in by_number.items() if t.state.name == "COMPLETE")
+        if trial not in by_number or not by_number[trial].has_figures:
+            done = sorted(n for n, t in by_number.items() if t.has_figures)
             raise ConfigError(f"search {name!r} has no completed trial {trial}; completed: {done}")
         numbers = [trial]
     else:
-        confirm_prepared(prepared, runtime, on_confirmed)  # the front is exported with confirmed figures only
-        numbers = [row["trial"] for row in pareto_rows(record, study, config.targets[0])]
+        confirm_front(prepared, runtime, on_confirmed=on_confirmed)  # the front is exported with confirmed figures only
+        numbers = [row.trial for row in pareto_rows(record, study, config.targets[0])]
     if on_total is not None:
         on_total(len(numbers))
     base_latency = base_latency_us(record, study)
@@ -466,40 +557,48 @@ def export_trials(
     manifests = []
     with tempfile.TemporaryDirectory() as tmp:
         for number in numbers:
-            attrs = by_number[number].user_attrs
-            point = points[number]
+            stored = by_number[number]
             rebuilt = rebuild_trial(
-                bundle=prepared.bundle, space=prepared.space, config=config, attrs=attrs,
-                base_signature=record.base["signature"], artifact_dir=Path(tmp),
+                bundle=prepared.bundle, space=prepared.space, config=config, plan=stored.plan or {},
+                artifact_sha256=stored.artifact_sha256, base_signature=record.base.signature, artifact_dir=Path(tmp),
                 batch_size=prepared.profiles[0].batch_size, finetune_steps=finetune_steps,
+                device=replay_device(stored.model_device, device, trial=number),
             )
             folder = folder_root / f"trial-{number}" if front else folder_root
             write_model_dir(folder, bundle=prepared.bundle, plan=rebuilt.plan, pruned=rebuilt.pruned,
                             artifact=rebuilt.artifact, importance=config.importance,
                             nm_criterion=config.nm_criterion, model_spec=config.model_spec,
-                            ignored_layers=config.ignored_layers, extra={
-                                "search": name, "trial": number, "error": attrs["error"],
-                                "accuracy": attrs["accuracy"], "latency_us": dict(point.latency_us),
-                                "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
-                                "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
-                                "latency_confirmed": dict(point.confirmed),
-                                "reward": attrs.get("reward"),
-                                "finetune_steps": rebuilt.finetune_steps,
-                                "extra_finetune_steps": finetune_steps,
-                                "recovery": rebuilt.recovery,
-                                "targets": list(config.targets),
-                                # With trial pruning the file measured held the weights before recovery.
-                                "measured_onnx_sha256": attrs.get("measured_sha256", attrs["artifact_sha256"]),
-                                "error_after_extra_finetune": rebuilt.error,
-                                # Multi-fidelity: the search-time error beside the final one.
-                                "search_error": attrs["error"],
-                                **({"final_error": rebuilt.error, "final_accuracy": 1.0 - rebuilt.error,
-                                    "final_steps": finetune_steps} if rebuilt.error is not None else {}),
-                            })
+                            ignored_layers=config.ignored_layers,
+                            extra=_trial_manifest(name, config, points[number], stored, rebuilt, base_latency,
+                                                  finetune_steps))
             manifests.append(read_manifest(folder) | {"folder": str(folder)})
             if on_trial is not None:
                 on_trial(number, folder)
     return manifests
+
+
+def _trial_manifest(name: str, config: SearchConfig, point: TrialPoint, stored: TrialRecord, rebuilt: Rebuilt,
+                    base_latency: Mapping[str, float], finetune_steps: int) -> dict[str, Any]:
+    """What an exported trial's manifest says beside its model: the search's figures for it."""
+    return {
+        "search": name, "trial": point.trial, "error": point.error,
+        "accuracy": point.accuracy, "latency_us": dict(point.latency_us),
+        "speedup": {k: base_latency[k] / v for k, v in point.latency_us.items()},
+        "latency_ratio_interval": {k: list(v) for k, v in point.ratio_interval.items()},
+        "latency_confirmed": dict(point.confirmed),
+        "reward": stored.reward,
+        "finetune_steps": rebuilt.finetune_steps,
+        "extra_finetune_steps": finetune_steps,
+        "recovery": rebuilt.recovery,
+        "targets": list(config.targets),
+        # With trial pruning the file measured held the weights before recovery.
+        "measured_onnx_sha256": stored.measured_sha256,
+        "error_after_extra_finetune": rebuilt.error,
+        # Multi-fidelity: the search-time error beside the final one.
+        "search_error": point.error,
+        **({"final_error": rebuilt.error, "final_accuracy": 1.0 - rebuilt.error,
+            "final_steps": finetune_steps} if rebuilt.error is not None else {}),
+    }
 
 
 def report(name: str, out: str | Path, *, force: bool = False, settings: Settings = DEFAULT) -> dict[str, Any]:

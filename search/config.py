@@ -69,6 +69,8 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
 # --- search configuration ---------------------------------------------------------------------
 
 DB_ENV = "HWPRUNE_DB"
+# The target of a search, a measurement or a space when none is named.
+DEFAULT_PROFILE = "cpu-ort-fp32"
 # The share of each group's channels a plan may keep, unless a search names its own grid.
 DEFAULT_KEEP_RATIOS: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 DEFAULT_DB = "sqlite:///hwprune.db"
@@ -139,7 +141,10 @@ LEGACY_RECOVERY_LR = 0.01  # recovery version 1's default learning rate (SGD)
 class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
-    and after, judged on ``holdout_batches`` held-out training batches.
+    and after, judged on ``holdout_batches`` held-out training batches. ``distill`` weighs the KL
+    divergence to the dense model's outputs (at ``temperature``) in the loss; ``threads`` is fixed
+    so that replays are bit-identical. The one recovery settings type: the search's trials, its
+    final recovery, an export and ``search.api.apply_plan`` all take it (with a seed).
 
     ``version`` 2 is that recovery. Version 1 is hwprune's first (SGD with momentum at a constant
     ``lr``, the loader's own batch order, no adaptive batch-norm, nothing held out): searches stored
@@ -151,6 +156,7 @@ class RecoverySettings(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.25
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
+    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     # None: the cores this process is given, fixed when the search is created and stored, so that
@@ -183,7 +189,7 @@ class SearchConfig(_Section):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     example: str | None = None
     model: Annotated[str, Field(pattern=r"^[\w.]+:\w+$")] | None = None
-    targets: Annotated[list[str], Field(min_length=1)] = ["cpu-ort-fp32"]
+    targets: Annotated[list[str], Field(min_length=1)] = [DEFAULT_PROFILE]
     objective: Literal["reward", "pareto"] = "reward"
     sampler: Literal["tpe", "nsga2", "random", "amc", "netadapt"] = "tpe"
     # Scan each group's sensitivity first and enqueue the uniform ladder and greedy plans from it
@@ -330,6 +336,14 @@ def resolve_error_floor(config: SearchConfig, base_error: float) -> float:
 
 # ``device`` may change: each trial records the device it was recovered on, and re-materialises there.
 RESUMABLE_FIELDS = frozenset({"trials", "timeout_s", "max_consecutive_failures", "final_steps", "device"})
+
+
+def keep_stored_threads(stored: SearchConfig, new: SearchConfig) -> SearchConfig:
+    """``new`` resuming ``stored``: a thread count left open takes the stored one, so a search
+    resumed on a machine of another size recovers its trials as it began."""
+    if new.recovery.threads is not None:
+        return new
+    return new.model_copy(update={"recovery": new.recovery.model_copy(update={"threads": stored.recovery.threads})})
 
 
 def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from hardware_profiles import ProfileError
 from latency_models import LatencyError
-from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
+from search.config import DB_ENV, DEFAULT_DB, DEFAULT_PROFILE, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
 # Global options a user may also put after the subcommand (`hwprune search status x --debug`);
@@ -211,6 +211,10 @@ def terminal_progress(description: str, total: int | None) -> Iterator[Callable[
 DbOpt = Annotated[str | None, typer.Option(
     "--db", help=f"SQLAlchemy URL; default ${DB_ENV}, else {DEFAULT_DB} (relative to the working folder).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="Where model work runs (recovery, calibration, scoring): auto (CUDA, then MPS, then "
+                     "the CPU), cpu, cuda, cuda:N or mps; `hwprune doctor` lists them. Measurement stays with "
+                     "each target's backend. Default: the search's (auto for a new one).")]
 
 ExampleOpt = Annotated[
     str | None, typer.Option("--example", help="Built-in example model: digits.")
@@ -247,7 +251,7 @@ def api_settings(db: str | None = None) -> Any:
 
 
 def profiles_from_options(names: list[str] | None) -> list[Any]:
-    return [resolve_profile(n, state.profile_dirs) for n in (names or ["cpu-ort-fp32"])]
+    return [resolve_profile(n, state.profile_dirs) for n in (names or [DEFAULT_PROFILE])]
 
 
 def writable_folder(out: Path) -> None:

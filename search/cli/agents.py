@@ -17,7 +17,7 @@ from rich.table import Table
 
 from latency_models.wire import clean_text
 from search.cli._app import HELP, DbOpt, app, echo_json, handle_errors, state, stderr, stdout
-from search.config import cache_dir, check_backend, db_url
+from search.config import artifacts_url, cache_dir, check_backend, db_url
 from search.errors import ConfigError
 
 agents_app = typer.Typer(help="Register, list and revoke remote profiler agents.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
@@ -150,7 +150,9 @@ def serve(
                    "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
                    "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None}
         if workers == 1:
-            uvicorn.run(create_app(HubSettings(db_url=db_url(db or state.db), lease_s=lease_seconds)), **options)  # type: ignore[arg-type]
+            url = db_url(db or state.db)
+            hub = create_app(HubSettings(db_url=url, lease_s=lease_seconds, artifacts_url=artifacts_url(url)))
+            uvicorn.run(hub, **options)  # type: ignore[arg-type]
             return
         from search.hub.app import DB_ENV, LEASE_ENV
 

@@ -67,7 +67,7 @@ def build(
         from search.storage.queue import LIVE_S
 
         profile = resolve_profile(profile_name, state.profile_dirs)
-        repo = Repository(db_url(db))
+        repo = Repository(db_url(db or state.db))
         try:
             if profile.location != "local" and not repo.jobs.live_agents(profile.name, LIVE_S):
                 raise ConfigError(f"no live agent serves remote profile {profile.name!r}: start one on the device "
@@ -218,7 +218,7 @@ def evaluate(
         from search.storage.repository import require_database
 
         profile = resolve_profile(profile_name, state.profile_dirs)
-        url = db_url(db)
+        url = db_url(db or state.db)
         require_database(url)
         repo = Repository(url)
         try:
@@ -264,7 +264,7 @@ def predict(
 
         profile = resolve_profile(profile_name, state.profile_dirs)
         plan = Plan.load(plan_file)
-        url = db_url(db)
+        url = db_url(db or state.db)
         require_database(url)
         bundle = bundle_from_options(example, model)
         repo = Repository(url)

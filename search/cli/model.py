@@ -12,6 +12,7 @@ from rich.table import Table
 from search.cli._app import (
     HELP,
     DbOpt,
+    DeviceOpt,
     ExampleOpt,
     IgnoreOpt,
     JsonOpt,
@@ -189,11 +190,9 @@ def _show_sensitivity(example: str | None, model: str | None, profile: list[str]
     from search.study import sensitivity
 
     if search_name is not None:
-        from search.config import cache_dir, db_url
-        from search.study.runtime import Runtime, find_record, load_study
+        from search.api import sensitivity_scan
 
-        runtime = Runtime(db_url=db_url(db), profile_dirs=state.profile_dirs, cache_dir=cache_dir())
-        found = sensitivity.stored(load_study(find_record(search_name, runtime), runtime))
+        found = sensitivity_scan(search_name, settings=api_settings(db))
         if found is None:
             raise ConfigError(f"search {search_name!r} has no sensitivity scan: searches scan when started with "
                               "--sensitivity-start or --sampler netadapt")
@@ -274,6 +273,7 @@ def export_command(
              "search-time error.")] = 0,
     dynamo: Annotated[bool, typer.Option(help="Use the dynamo ONNX exporter.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")] = False,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write ONNX, the pruned weights, a self-contained model.pt2, the plan and a manifest: for a
@@ -288,7 +288,8 @@ def export_command(
             from search.cli.searches import export_from_search
 
             export_from_search(search_name, trial=trial, pareto=pareto, out=out,
-                               finetune_steps=finetune_steps, force=force, as_json=as_json, settings=settings)
+                               finetune_steps=finetune_steps, force=force, as_json=as_json, settings=settings,
+                               device=device)
             return
         if plan_file is None:
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
@@ -299,7 +300,7 @@ def export_command(
         with output_errors(out):
             manifest = export_plan(spec, plan_file, out, targets=profile, ignored=ignore or (),
                                    importance=importance, finetune_steps=finetune_steps, force=force,
-                                   dynamo=dynamo, settings=settings)
+                                   dynamo=dynamo, device=device or "cpu", settings=settings)
         if as_json:
             echo_json(manifest | {"folder": str(out)})
             return

@@ -5,12 +5,9 @@ Registered on the app of ``search.cli._app`` when that module is imported.
 
 from __future__ import annotations
 
-import logging
-import os
-import subprocess
-import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +26,7 @@ from rich.table import Table
 from search.cli._app import (
     HELP,
     DbOpt,
+    DeviceOpt,
     JsonOpt,
     api_settings,
     app,
@@ -39,16 +37,7 @@ from search.cli._app import (
     stderr,
     stdout,
 )
-from search.config import (
-    CACHE_ENV,
-    PROFILES_ENV,
-    SearchConfig,
-    cache_dir,
-    db_url,
-    heartbeat_settings,
-    load_search_config,
-)
-from search.errors import SearchError
+from search.config import DEFAULT_PROFILE, SearchConfig, db_url, load_search_config
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
@@ -68,21 +57,6 @@ def require_database(url: str) -> None:
     from search.storage.repository import require_database as check
 
     check(url)
-
-
-def _runtime(db: str | None, worker_index: int = 0, wait_for_agents: bool = False) -> Any:
-    from search.study.runtime import Runtime
-
-    heartbeat, grace = heartbeat_settings()
-    return Runtime(db_url=db_url(db or state.db), profile_dirs=tuple(state.profile_dirs), cache_dir=cache_dir(),
-                   heartbeat_s=heartbeat, grace_s=grace, worker_index=worker_index,
-                   wait_for_agents=wait_for_agents)
-
-
-def _quiet_optuna() -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if state.debug else optuna.logging.WARNING)
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -112,11 +86,9 @@ def db_prune_artifacts(
     """Remove ONNX artifacts that no queued job, base model or Pareto front needs (a trial's
     artifact is re-made from its plan, and checked against its sha256, when needed again)."""
     with handle_errors():
-        from search.study.retention import prune_artifacts
+        from search.api import prune_artifacts
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        report = prune_artifacts(runtime, min_age_s=min_age)
+        report = prune_artifacts(min_age_s=min_age, settings=api_settings(db))
         typer.echo(f"removed {report.removed} artifacts ({report.freed_bytes / 1e6:.1f} MB), kept {report.kept}")
 
 
@@ -135,133 +107,42 @@ def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(f"database {current or 'empty'}, expected {head_revision()}")
 
 
-# --- running ----------------------------------------------------------------------------------
+# --- running ---------------------------------------------------------------------------------
 
 
-def _run(prepared: Any, runtime: Any, *, workers: int, as_json: bool) -> None:
-    from search.study.controller import run_worker
-    from search.study.runtime import counted
-
-    _quiet_optuna()
-    config: SearchConfig = prepared.config
-    console = stderr()
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=as_json or not console.is_terminal,
-    )
-    total = config.trials
-    with progress:
-        task = progress.add_task(f"search {config.name}", total=total, status="")
-
-        def update(study: Any, _trial: Any = None) -> None:
-            from search.study.pareto import pareto_front
-            from search.study.read import trial_points
-
-            points = trial_points(study)
-            rewards = [p.reward for p in points if p.reward is not None and p.feasible]
-            front = pareto_front(points, config.targets[0])
-            best = f"best reward {max(rewards):.4f}" if rewards else "no result yet"
-            progress.update(task, completed=counted(study),
-                            status=f"{best}, Pareto {len(front)}")
-
-        if workers == 1:
-            run_worker(config.name, runtime, on_trial=update, prepared=prepared)
-        else:
-            _run_processes(prepared, runtime, workers, update)
-    _confirm(prepared, runtime, as_json=as_json)
-    _final_recovery(prepared, runtime, as_json=as_json)
-
-
-def _final_recovery(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    """Recover the front for the configured ``final_steps`` and score it again."""
-    from search.study.final_recovery import recover_front
-
-    steps = prepared.config.final_steps
-    if steps <= 0:
-        return
+@contextmanager
+def _display(name: str, total: int | None, *, as_json: bool, trials: bool = True) -> Iterator[dict[str, Any]]:
+    """A progress bar over a search's trials (``trials``) and a line per confirmation, on a
+    terminal: the callbacks ``search.api.run_search`` takes."""
     console = stderr()
     quiet = as_json or not console.is_terminal
-    with console.status(f"final recovery of the Pareto front ({steps} steps)", spinner="dots") \
-            if not quiet else nullcontext():
-        recover_front(prepared, runtime, steps=steps)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console, disable=quiet or not trials)
+    task = bar.add_task(f"search {name}", total=total, status="")
+
+    def on_trial(now: Any) -> None:
+        best = f"best reward {now.best_reward:.4f}" if now.best_reward is not None else "no result yet"
+        bar.update(task, completed=now.counted, status=f"{best}, Pareto {now.front_size}")
+        if now.asked is not None and now.counted >= now.asked:
+            bar.stop()  # the confirmation and the final recovery show progress of their own
+
+    def on_confirmed(trial: int, target: str, verdict: Any) -> None:
+        if not quiet:
+            console.print(f"trial {trial} on {target}: ratio " + " / ".join(f"{s.ratio:.3f}" for s in verdict.sessions)
+                          + f" -> {verdict.ratio:.3f}", highlight=False)
+
+    with bar:
+        yield {"on_trial": on_trial, "on_confirmed": on_confirmed}
 
 
-def _run_processes(prepared: Any, runtime: Any, workers: int, update: Any) -> None:
-    from search.study.runtime import load_study
-
-    config: SearchConfig = prepared.config
-    processes = _spawn_workers(config.name, runtime.db_url, workers)
-    study = load_study(prepared.record, runtime)
-    try:
-        while any(p.poll() is None for p in processes):
-            update(study)
-            time.sleep(1.0)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-    update(study)
-    failed = [p.returncode for p in processes if p.returncode]
-    if failed:
-        raise SearchError(f"{len(failed)} of {workers} workers failed (exit {failed}); see their output above")
-
-
-def _confirm(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    """Confirm the front's figures with independent sessions, showing progress on a terminal."""
-    from search.study.controller import confirm_front
-
-    console = stderr()
-    quiet = as_json or not console.is_terminal
-    with console.status("confirming the Pareto front's latencies", spinner="dots") if not quiet else nullcontext():
-
-        def said(trial: int, target: str, verdict: Any) -> None:
-            if not quiet:
-                console.print(f"trial {trial} on {target}: ratio "
-                              + " / ".join(f"{s.ratio:.3f}" for s in verdict.sessions)
-                              + f" -> {verdict.ratio:.3f}", highlight=False)
-
-        confirm_front(prepared, runtime, on_confirmed=said)
-
-
-def _spawn_workers(name: str, url: str, workers: int) -> list[subprocess.Popen[bytes]]:
-    env = dict(os.environ)
-    env[CACHE_ENV] = str(cache_dir())
-    if state.profile_dirs:
-        env[PROFILES_ENV] = os.pathsep.join(str(d) for d in state.profile_dirs)
-    return [
-        subprocess.Popen(
-            # --debug carries over so that a worker's own traceback is shown, not only the parent's.
-            [sys.executable, "-m", "search", *(["--debug"] if state.debug else []), "search", "worker",
-             name, "--db", url, "--worker-index", str(index)],
-            env=env,
-        )
-        for index in range(workers)
-    ]
-
-
-def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
-    from search.study.read import best_is_base_warning, pareto_rows, summary
-    from search.study.retention import prune_artifacts
-    from search.study.runtime import load_study
-
-    # The store keeps only what jobs and fronts need: the rest is re-made from plans on demand.
-    pruned = prune_artifacts(runtime)
-    logging.getLogger(__name__).info("artifact store: %d removed (%d bytes), %d kept",
-                                     pruned.removed, pruned.freed_bytes, pruned.kept)
-    study = load_study(prepared.record, runtime)
-    info = summary(prepared.record, study)
-    target = prepared.config.targets[0]
-    rows = pareto_rows(prepared.record, study, target)
-    warning = best_is_base_warning(info, prepared.config)
+def _show_result(result: Any, *, as_json: bool) -> None:
+    """What a finished run prints: the summary line, feasibility, the front, warnings."""
     if as_json:
-        echo_json({"search": info, "pareto": rows, "warnings": [warning] if warning else []})
+        echo_json(result.to_dict())
         return
+    info = result.summary.to_dict()
+    target = info["targets"][0]
     out = stdout()
     best = "none" if info["best_reward"] is None else f"{info['best_reward']:.4f} (trial {info['best_trial']})"
     out.print(f"search {info['name']}: {info['completed']} trials completed ({_states(info)}; trial 0 is the "
@@ -269,8 +150,8 @@ def _finish(prepared: Any, runtime: Any, *, as_json: bool) -> None:
     feasibility = _feasibility_line(info)
     if feasibility:
         out.print(feasibility, highlight=False, markup=False)
-    _print_pareto(rows, prepared.record.name, target)
-    if warning:
+    _print_pareto([row.to_dict() for row in result.pareto], info["name"], target)
+    for warning in result.warnings:
         stderr().print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
@@ -336,13 +217,12 @@ def search_start(
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
+    device: DeviceOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a search (or resume it when one of that name exists with a compatible config)."""
     with handle_errors():
-        from search.study.controller import prepare
-
         config = load_search_config(config_file, {
             "name": name, "example": example, "model": model, "targets": (profile or []) + (target or []) or None,
             "ignored_layers": ignore,
@@ -354,12 +234,14 @@ def search_start(
             "nm_criterion": nm_criterion, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
             "sensitivity_start": sensitivity_start, "final_steps": final_steps, "trial_pruning": trial_pruning,
+            "device": device,
         })
-        runtime = _runtime(db, wait_for_agents=wait_for_agents)
-        _quiet_optuna()
-        prepared = prepare(config, runtime)
-        _run(prepared, runtime, workers=workers, as_json=as_json)
-        _finish(prepared, runtime, as_json=as_json)
+        from search.api import run_search
+
+        with _display(config.name, config.trials, as_json=as_json) as shown:
+            result = run_search(config, workers=workers, settings=api_settings(db), wait_for_agents=wait_for_agents,
+                                debug=state.debug, **shown)
+        _show_result(result, as_json=as_json)
 
 
 @search_app.command("resume")
@@ -371,23 +253,19 @@ def search_resume(
     max_failures: MaxFailuresOpt = None,
     workers: WorkersOpt = 1,
     wait_for_agents: WaitOpt = False,
+    device: DeviceOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Resume a stored search with its stored configuration."""
     with handle_errors():
-        from search.study.controller import prepare, replace_budget
-        from search.study.runtime import find_record
+        from search.api import resume_search
 
-        runtime = _runtime(db, wait_for_agents=wait_for_agents)
-        require_database(runtime.db_url)
-        record = find_record(name, runtime)
-        config = replace_budget(SearchConfig.from_stored(record.config), trials=trials, timeout_s=timeout,
-                                max_consecutive_failures=max_failures)
-        _quiet_optuna()
-        prepared = prepare(config, runtime)
-        _run(prepared, runtime, workers=workers, as_json=as_json)
-        _finish(prepared, runtime, as_json=as_json)
+        with _display(name, trials, as_json=as_json) as shown:
+            result = resume_search(name, trials=trials, timeout_s=timeout, max_consecutive_failures=max_failures,
+                                   workers=workers, settings=api_settings(db), wait_for_agents=wait_for_agents,
+                                   debug=state.debug, device=device, **shown)
+        _show_result(result, as_json=as_json)
 
 
 @search_app.command("worker")
@@ -395,33 +273,22 @@ def search_worker(
     name: Annotated[str, typer.Argument(help="Search name.")],
     db: DbOpt = None,
     worker_index: Annotated[int, typer.Option(help="Distinct per worker: seeds its sampler.")] = 0,
+    device: DeviceOpt = None,
 ) -> None:
     """Join a search as one more worker (PostgreSQL for workers on several machines)."""
     with handle_errors():
-        from search.study.controller import run_worker
+        from search.api import run_worker
 
-        _quiet_optuna()
-        require_database(db_url(db or state.db))
-        run_worker(name, _runtime(db, worker_index))
+        run_worker(name, worker_index=worker_index, device=device, settings=api_settings(db))
 
 
 @search_app.command("list")
 def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the searches in the database."""
     with handle_errors():
-        from search.study.read import summary
-        from search.study.runtime import load_study, optuna_storage
+        from search.api import list_searches
 
-        runtime = _runtime(db)
-        require_database(runtime.db_url)
-        repo = runtime.repository()
-        try:
-            records = repo.list_searches()
-        finally:
-            repo.close()
-        _quiet_optuna()
-        storage = optuna_storage(runtime)  # one connection for every search listed
-        rows = [summary(r, load_study(r, runtime, storage=storage)) for r in records]
+        rows = [info.to_dict() for info in list_searches(settings=api_settings(db))]
         if as_json:
             echo_json(rows)
             return
@@ -440,7 +307,7 @@ def search_status(name: Annotated[str, typer.Argument()], db: DbOpt = None, as_j
     with handle_errors():
         from search.api import status
 
-        info = status(name, settings=api_settings(db))
+        info = status(name, settings=api_settings(db)).to_dict()
         if as_json:
             echo_json(info)
             return
@@ -452,13 +319,11 @@ def search_confirm(name: Annotated[str, typer.Argument(help="Search name.")], db
                    as_json: JsonOpt = False) -> None:
     """Measure the front's unconfirmed trials again (a search does this when it ends)."""
     with handle_errors():
-        from search.study.controller import load_prepared
+        from search.api import confirm
 
-        runtime = _runtime(db)
-        _quiet_optuna()
-        prepared = load_prepared(name, runtime)
-        _confirm(prepared, runtime, as_json=as_json)
-        _finish(prepared, runtime, as_json=as_json)
+        with _display(name, None, as_json=as_json, trials=False) as shown:
+            result = confirm(name, on_confirmed=shown["on_confirmed"], settings=api_settings(db))
+        _show_result(result, as_json=as_json)
 
 
 def _print_status(info: dict[str, Any]) -> None:
@@ -511,7 +376,7 @@ def search_trials(name: Annotated[str, typer.Argument(help="Search name.")], db:
     with handle_errors():
         from search.api import trials
 
-        rows = trials(name, settings=api_settings(db))
+        rows = [row.to_dict() for row in trials(name, settings=api_settings(db))]
         if as_json:
             echo_json(rows)
             return
@@ -571,9 +436,9 @@ def pareto_command(
         from search.api import pareto, status
 
         settings = api_settings(db)
-        info = status(name, settings=settings)
+        info = status(name, settings=settings).to_dict()
         chosen = profile or target or info["targets"][0]
-        rows = pareto(name, target=chosen, settings=settings)
+        rows = [row.to_dict() for row in pareto(name, target=chosen, settings=settings)]
         if as_json:
             echo_json(rows)
             return
@@ -585,7 +450,7 @@ def pareto_command(
 
 def export_from_search(
     name: str, *, trial: int | None, pareto: bool, out: Path, finetune_steps: int, force: bool,
-    as_json: bool, settings: Any,
+    as_json: bool, settings: Any, device: str | None = None,
 ) -> None:
     """``hwprune export NAME --trial K | --pareto``: rebuild stored trials and write them out."""
     from search.api import export_trials
@@ -613,7 +478,7 @@ def export_from_search(
 
         manifests = export_trials(name, out, trial=trial, front=pareto, finetune_steps=finetune_steps,
                                   force=force, on_trial=written, on_confirmed=confirmed, on_total=total,
-                                  settings=settings)
+                                  device=device, settings=settings)
     if as_json:
         echo_json(manifests)
 
@@ -650,22 +515,19 @@ def demo(
 ) -> None:
     """A real search on the built-in digits example, on cpu-ort-fp32, then its Pareto table."""
     with handle_errors():
-        from search.study.controller import prepare
+        from search.api import run_search
 
         config = load_search_config(None, {
-            "name": name, "example": "digits", "targets": ["cpu-ort-fp32"], "trials": trials,
+            "name": name, "example": "digits", "targets": [DEFAULT_PROFILE], "trials": trials,
             "sampler": "tpe", "recovery": {"steps": 40}, "timeout_s": 540,
         })
-        runtime = _runtime(db)
-        _quiet_optuna()
+        settings = api_settings(db)
         started = time.perf_counter()
-        prepared = prepare(config, runtime)
-        _run(prepared, runtime, workers=1, as_json=False)
-        _finish(prepared, runtime, as_json=False)
+        with _display(config.name, config.trials, as_json=False) as shown:
+            result = run_search(config, settings=settings, debug=state.debug, **shown)
+        _show_result(result, as_json=False)
         stdout().print(
-            f"{time.perf_counter() - started:.0f} s; database {runtime.db_url}; "
+            f"{time.perf_counter() - started:.0f} s; database {settings.db_url}; "
             f"export the front with `hwprune export {name} --pareto --out models/`",
             highlight=False,
         )
-
-

@@ -124,6 +124,30 @@ def _prepared(device: ModelDevice) -> ModelDevice:
     return device
 
 
+def replay_device(recovered_on: str, requested: str | None, *, trial: int) -> ModelDevice:
+    """The device that re-materialises a trial recovered on ``recovered_on``: the same kind of
+    device (its weights are reproducible there and nowhere else), ``requested`` choosing which.
+
+    Raises:
+        ConfigError: ``requested`` is another kind of device, or this machine has none of that kind.
+    """
+    kind = recovered_on.split(":")[0]
+    if requested is not None:
+        chosen = resolve_device(requested)
+        if chosen.kind != kind:
+            raise ConfigError(f"trial {trial} was recovered on {recovered_on}; re-making it on {chosen.name} would "
+                              f"give other weights than the ones measured: use --device {kind} (or a {kind}:N)")
+        return chosen
+    if kind == "cpu":
+        return CPU
+    try:
+        return resolve_device(kind)
+    except ConfigError:
+        raise ConfigError(f"trial {trial} was recovered on {recovered_on} and this machine has no {kind} device; "
+                          f"its weights can only be reproduced on one: run this where there is one "
+                          f"(--device {kind}:N picks it)") from None
+
+
 @contextmanager
 def deterministic(device: ModelDevice) -> Iterator[dict[str, Any]]:
     """Model work on ``device`` that replays bit-identically; yields the switches it set.

@@ -48,12 +48,6 @@ def rebuild(inputs: ModelInput, new: Sequence[torch.Tensor]) -> ModelInput:
     return tuple(new)
 
 
-def sample_count(inputs: ModelInput) -> int:
-    """The batch size: the first dimension of the first tensor."""
-    first = tensors(inputs)[0]
-    return int(first.shape[0]) if first.dim() else 1
-
-
 def batched(inputs: ModelInput, batch_size: int) -> ModelInput:
     """Every tensor's first sample repeated ``batch_size`` times along the first dimension."""
     return rebuild(inputs, [t[:1].expand(batch_size, *t.shape[1:]).contiguous() for t in tensors(inputs)])

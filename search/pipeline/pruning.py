@@ -104,8 +104,6 @@ class PrunedModel:
         macs / params: of the pruned model (dense count: N:M zeros are not subtracted).
         signature: hash of every layer shape plus the sparsity placement; equal signatures run
             the same on any backend, so it keys the latency cache.
-        history: torch-pruning's pruning history, replayable on the base model (kv-head removals
-            of Llama-style attention are done outside its graph and are not in it).
         warnings: torch-pruning warnings raised while pruning (they can change the result).
     """
 
@@ -117,7 +115,6 @@ class PrunedModel:
     macs: int
     params: int
     signature: str
-    history: list[Any] = field(repr=False)
     warnings: tuple[str, ...] = ()
 
 
@@ -836,7 +833,6 @@ def apply_pruning(
         macs=int(macs),
         params=int(params),
         signature=architecture_signature(model, pattern_names),
-        history=graph.pruning_history(),
         warnings=tp_warnings,
     )
 

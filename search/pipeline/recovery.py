@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 
-from search.config import SearchConfig, cpu_count
+from search.config import RecoverySettings, cpu_count
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
 from search.pipeline.device import CPU, ModelDevice, teacher_on, to_device
@@ -51,44 +51,7 @@ from search.pipeline.inputs import primary, run
 
 logger = logging.getLogger(__name__)
 
-Optimizer = Literal["adamw", "sgd"]
 Kept = Literal["raw", "bn", "finetuned"]
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryConfig:
-    """How a trial's model is recovered (see the module docstring).
-
-    Attributes:
-        steps: fine-tuning batches; 0 skips fine-tuning.
-        lr: peak learning rate.
-        optimizer: ``adamw`` (weight decay 1e-4) or ``sgd`` (momentum 0.9, weight decay 1e-4).
-        warmup: fraction of ``steps`` with a linear warm-up; the rest decays as a cosine to 0.
-        distill: weight of the KL divergence to the dense model's outputs in the loss (1 = pure
-            distillation, 0 = the bundle's loss only).
-        temperature: distillation temperature.
-        bn_batches: training batches BatchNorm statistics are re-estimated on; 0 keeps the
-            statistics the pruned model inherited. Models without BatchNorm skip this step.
-        holdout_batches: training batches held out to choose between the models before and
-            after recovery; 0 always keeps the last one.
-        seed: seeds the held-out slice, the batch order and torch's generator.
-        threads: torch threads while recovering (fixed so that replays are bit-identical).
-        version: 2 is the recovery above; 1 is hwprune's first, kept for searches stored with it
-            (``steps`` of SGD with momentum at a constant ``lr``, optionally distilled, on the
-            loader's own batch order; no adaptive BN, nothing held out).
-    """
-
-    steps: int = 0
-    lr: float = 3e-4
-    optimizer: Optimizer = "adamw"
-    warmup: float = 0.25
-    distill: float = 0.0
-    temperature: float = 4.0
-    bn_batches: int = 0
-    holdout_batches: int = 0
-    seed: int = 0
-    threads: int = 1
-    version: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +72,6 @@ class RecoveryReport:
     def to_dict(self) -> dict[str, object]:
         return {"kept": self.kept, "bn_s": self.bn_s, "finetune_s": self.finetune_s,
                 "holdout_s": self.holdout_s, "holdout_error": dict(self.holdout_error)}
-
-
-def recovery_for(config: SearchConfig) -> RecoveryConfig:
-    """The recovery a search's trials use (seeded by the search's seed)."""
-    settings = config.recovery
-    return RecoveryConfig(steps=settings.steps, lr=settings.lr, optimizer=settings.optimizer,
-                          warmup=settings.warmup, distill=settings.distill,
-                          bn_batches=settings.bn_batches, holdout_batches=settings.holdout_batches,
-                          seed=config.seed, threads=settings.threads or cpu_count(), version=settings.version)
 
 
 # --- training data: a held-out slice and a seeded order ------------------------------------------
@@ -267,7 +221,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], *, count: int, d
 
 
 def _loss(outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.Tensor | None,
-          bundle: ModelBundle, config: RecoveryConfig) -> torch.Tensor:
+          bundle: ModelBundle, config: RecoverySettings) -> torch.Tensor:
     loss = bundle.loss_fn(outputs, targets)
     if teacher_outputs is None:
         return loss
@@ -277,7 +231,7 @@ def _loss(outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.T
     return (1 - config.distill) * loss + config.distill * kd
 
 
-def _schedule(step: int, config: RecoveryConfig) -> float:
+def _schedule(step: int, config: RecoverySettings) -> float:
     if config.version == 1:
         return 1.0  # version 1 trained at a constant rate
     warm = max(1, round(config.warmup * config.steps)) if config.warmup > 0 else 0
@@ -291,7 +245,7 @@ def fine_tune(
     model: nn.Module,
     bundle: ModelBundle,
     batches: Iterator[Batch],
-    config: RecoveryConfig,
+    config: RecoverySettings,
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
     device: ModelDevice = CPU,
@@ -350,20 +304,22 @@ def holdout_score(model: nn.Module, bundle: ModelBundle, holdout: Sequence[Batch
 def recover(
     model: nn.Module,
     bundle: ModelBundle,
-    config: RecoveryConfig,
+    config: RecoverySettings,
     *,
+    seed: int = 0,
     masks: Mapping[str, torch.Tensor] | None = None,
     device: ModelDevice = CPU,
 ) -> nn.Module:
     """Recover ``model`` in place (see the module docstring) and return it in eval mode."""
-    return recover_with_report(model, bundle, config, masks=masks, device=device).model
+    return recover_with_report(model, bundle, config, seed=seed, masks=masks, device=device).model
 
 
 def recover_with_report(
     model: nn.Module,
     bundle: ModelBundle,
-    config: RecoveryConfig,
+    config: RecoverySettings,
     *,
+    seed: int = 0,
     masks: Mapping[str, torch.Tensor] | None = None,
     before_finetune: Callable[[float], None] | None = None,
     device: ModelDevice = CPU,
@@ -377,13 +333,14 @@ def recover_with_report(
     ``before_finetune`` is called with the held-out error of the model about to be fine-tuned
     (after adaptive batch-norm, else as pruned) when there is a held-out slice and steps to run;
     an exception it raises stops the recovery there (a search prunes hopeless trials this way).
-    The returned ``report.model`` is ``model`` itself, holding the kept weights.
+    The returned ``report.model`` is ``model`` itself, holding the kept weights. ``seed`` seeds
+    the held-out slice, the batch order and torch's generator.
     """
     previous_threads = torch.get_num_threads()
     # Float reductions split differently across thread counts; fix it for bit-identical replays.
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads or cpu_count())
     try:
-        return _recover(model, bundle, config, masks, before_finetune, device)
+        return _recover(model, bundle, config, seed, masks, before_finetune, device)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -391,19 +348,20 @@ def recover_with_report(
 def _recover(
     model: nn.Module,
     bundle: ModelBundle,
-    config: RecoveryConfig,
+    config: RecoverySettings,
+    seed: int,
     masks: Mapping[str, torch.Tensor] | None,
     before_finetune: Callable[[float], None] | None = None,
     device: ModelDevice = CPU,
 ) -> RecoveryReport:
     model.eval()
     if config.version == 1:
-        return _recover_version_1(model, bundle, config, masks, device)
+        return _recover_version_1(model, bundle, config, seed, masks, device)
     adapt = config.bn_batches > 0 and has_batchnorm(model)
     if not adapt and config.steps <= 0:
         return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
-    torch.manual_seed(config.seed)
-    split = training_split(bundle.train_loader, holdout_batches=config.holdout_batches, seed=config.seed)
+    torch.manual_seed(seed)
+    split = training_split(bundle.train_loader, holdout_batches=config.holdout_batches, seed=seed)
     holdout = to_device(split.holdout, device.torch)
     scores: dict[Kept, tuple[float, float]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -461,7 +419,8 @@ def _recover(
 def _recover_version_1(
     model: nn.Module,
     bundle: ModelBundle,
-    config: RecoveryConfig,
+    config: RecoverySettings,
+    seed: int,
     masks: Mapping[str, torch.Tensor] | None,
     device: ModelDevice = CPU,
 ) -> RecoveryReport:
@@ -469,12 +428,12 @@ def _recover_version_1(
     if config.steps <= 0:
         return RecoveryReport(model, "raw", 0.0, 0.0, 0.0, {})
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     generator = getattr(bundle.train_loader, "generator", None)
     if isinstance(generator, torch.Generator):
-        generator.manual_seed(config.seed)
-    fine_tune(model, bundle, _loader_order(bundle.train_loader), replace(config, optimizer="sgd"), masks=masks,
-              device=device)
+        generator.manual_seed(seed)
+    fine_tune(model, bundle, _loader_order(bundle.train_loader), config.model_copy(update={"optimizer": "sgd"}),
+              masks=masks, device=device)
     return RecoveryReport(model.eval(), "finetuned", 0.0, time.perf_counter() - started, 0.0, {})
 
 
@@ -487,8 +446,3 @@ def _loader_order(loader: Iterable[Batch]) -> Iterator[Batch]:
             yield batch
         if empty:
             raise ModelLoadError("the training loader yielded no batches; recovery needs training data")
-
-
-def with_steps(config: RecoveryConfig, steps: int, *, seed: int | None = None) -> RecoveryConfig:
-    """``config`` with another step count (and seed): the longer fine-tuning of an export."""
-    return replace(config, steps=steps, seed=config.seed if seed is None else seed)

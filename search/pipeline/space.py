@@ -24,7 +24,7 @@ from search.config import DEFAULT_KEEP_RATIOS
 from search.errors import PlanError
 from search.pipeline.inputs import ModelInput
 from search.pipeline.plan import Plan
-from search.pipeline.pruning import GroupInfo, PrunedModel, apply_pruning, discover
+from search.pipeline.pruning import Discovery, GroupInfo, PrunedModel, apply_pruning, discover
 
 DENSE = "dense"
 
@@ -259,6 +259,29 @@ def channel_multiple(profiles: Sequence[HardwareProfile]) -> int:
     return multiple
 
 
+def _sparsity_choices(discovery: Discovery, profiles: Sequence[HardwareProfile],
+                      kept_options: Mapping[str, tuple[int, ...]]) -> list[SparsityChoice]:
+    """The N:M patterns each layer may take: those a target runs whose M divides every input
+    width the layer can have once its input group is pruned."""
+    input_widths: dict[str, set[int]] = {}
+    for info in discovery.groups:
+        for consumer in info.consumers:
+            widths = {k * info.unit_width for k in kept_options.get(info.name, (info.size,))}
+            input_widths.setdefault(consumer, set()).update(widths)
+    patterns = sorted({p for profile in profiles for p in profile.sparsity_patterns},
+                      key=lambda p: parse_pattern(p))
+    sparsity: list[SparsityChoice] = []
+    if patterns:
+        for name, layer in discovery.layers.items():
+            if name in discovery.ignored or layer.groups != 1:
+                continue
+            widths = input_widths.get(name, {layer.in_size})
+            fits = tuple(p for p in patterns if all(w % parse_pattern(p)[1] == 0 for w in widths))
+            if fits:
+                sparsity.append(SparsityChoice(name, fits))
+    return sparsity
+
+
 def build_space(
     model: nn.Module,
     example: ModelInput,
@@ -318,26 +341,9 @@ def build_space(
                 kept=tuple(sorted(offered)),
             )
         )
-    # The input size of each layer, for every width its input group can be pruned to.
-    input_widths: dict[str, set[int]] = {}
-    for info in discovery.groups:
-        for consumer in info.consumers:
-            widths = {k * info.unit_width for k in kept_options.get(info.name, (info.size,))}
-            input_widths.setdefault(consumer, set()).update(widths)
-    patterns = sorted({p for profile in profiles for p in profile.sparsity_patterns},
-                      key=lambda p: parse_pattern(p))
-    sparsity: list[SparsityChoice] = []
-    if patterns:
-        for name, layer in discovery.layers.items():
-            if name in discovery.ignored or layer.groups != 1:
-                continue
-            widths = input_widths.get(name, {layer.in_size})
-            fits = tuple(p for p in patterns if all(w % parse_pattern(p)[1] == 0 for w in widths))
-            if fits:
-                sparsity.append(SparsityChoice(name, fits))
     return SearchSpace(
         groups=tuple(groups),
-        sparsity=tuple(sparsity),
+        sparsity=tuple(_sparsity_choices(discovery, profiles, kept_options)),
         fixed=fixed,
         channel_multiple=multiple,
         keep_ratios=ratios,

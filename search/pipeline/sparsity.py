@@ -10,7 +10,6 @@ accelerate: for a Linear ``[out, in]`` along ``in``; for a Conv2d ``[out, in, kh
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import torch
 from torch import nn
@@ -90,7 +89,6 @@ def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 
 # --- criteria: which weights of each run are kept ----------------------------------------------
 
-NMCriterion = Literal["magnitude", "wanda", "sparsegpt"]
 NM_CRITERIA: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
 SPARSEGPT_DAMPING = 0.01  # of the Hessian's mean diagonal, as in SparseGPT and llmcompressor
 SPARSEGPT_BLOCK = 128  # columns per lazy batch of updates (SparseGPT's default)
@@ -215,6 +213,13 @@ def sparsify(
         raise PlanError(f"N:M criterion {criterion!r} is unknown; choose one of: {', '.join(NM_CRITERIA)}")
     if criterion != "magnitude" and not calibration and patterns:
         raise PlanError(f"N:M criterion {criterion!r} needs calibration batches (the bundle's training loader)")
+    layers = _eligible_layers(model, patterns)
+    if criterion == "magnitude":
+        return {name: apply_nm(layer, *patterns[name]) for name, layer in layers.items()}
+    return _calibrated_masks(model, layers, patterns, criterion, calibration)
+
+
+def _eligible_layers(model: nn.Module, patterns: Mapping[str, tuple[int, int]]) -> dict[str, Prunable]:
     modules = dict(model.named_modules())
     layers: dict[str, Prunable] = {}
     for name, (n, m) in patterns.items():
@@ -225,8 +230,12 @@ def sparsify(
                 f"Conv2d or Linear with input size divisible by {m}"
             )
         layers[name] = layer
-    if criterion == "magnitude":
-        return {name: apply_nm(layer, *patterns[name]) for name, layer in layers.items()}
+    return layers
+
+
+def _calibrated_masks(model: nn.Module, layers: Mapping[str, Prunable], patterns: Mapping[str, tuple[int, int]],
+                      criterion: str, calibration: Sequence[ModelInput]) -> dict[str, torch.Tensor]:
+    """Wanda's or SparseGPT's masks, each layer pruned by a hook just before it runs."""
     masks: dict[str, torch.Tensor] = {}
     # Wanda on a model with BatchNorm reads the dense model's inputs: layer by layer, earlier
     # sparse layers feed later ones through stale BatchNorm statistics, which adaptive BN replaces

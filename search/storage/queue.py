@@ -50,6 +50,7 @@ from sqlalchemy.exc import IntegrityError
 
 import search.storage.cache as cache  # the submodule itself: no import of the package from inside it
 from latency_models import JobState, JobStatus, MeasurementKey, MeasurementResult
+from latency_models.store import Outcome, Role
 from latency_models.wire import (
     AGENT_NAME,
     BATCH,
@@ -65,9 +66,8 @@ from search.errors import ConfigError, StorageError
 from search.storage.models import AgentRow, JobRow, utcnow
 from search.storage.session import core_transaction
 
-QUEUED, LEASED, DONE, FAILED = (s.value for s in (JobStatus.QUEUED, JobStatus.LEASED, JobStatus.DONE,
-                                                  JobStatus.FAILED))
-AGENT, READER = "agent", "reader"
+QUEUED, LEASED, DONE, FAILED = JobStatus.QUEUED, JobStatus.LEASED, JobStatus.DONE, JobStatus.FAILED
+AGENT, READER = Role.AGENT, Role.READER
 MAX_ERROR_CHARS = 2000
 # An agent's ``last_seen`` is written at most this often by leases: liveness is judged over tens
 # of seconds, and on SQLite every write waits for the one writer.
@@ -124,7 +124,7 @@ class AgentRecord:
     jobs_done: int
     last_seen: dt.datetime | None
     environment: dict[str, Any] | None
-    role: str = AGENT
+    role: Role = AGENT
 
     def is_live(self, within_s: float) -> bool:
         return (not self.revoked and self.last_seen is not None
@@ -157,16 +157,6 @@ class JobRecord:
     def key(self) -> MeasurementKey:
         """The cache key this job's result is filed under."""
         return MeasurementKey(self.signature, self.profile_fingerprint, self.reference_sha256)
-
-
-class Outcome:
-    """What happened to a posted result or failure: the hub maps it to an HTTP status."""
-
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"  # the same agent posted again: harmless
-    FLAGGED = "flagged"  # implausible: kept on the job for inspection, never cached; measured again
-    NOT_HOLDER = "not_holder"  # another agent holds (or finished) the job
-    UNKNOWN = "unknown"
 
 
 # Asked by ``complete`` about a result before it is accepted: it gets the job and a lookup of the
@@ -401,7 +391,7 @@ class JobQueue:
             )
 
     def complete(self, agent: AgentRecord, job_id: int, result: MeasurementResult, *,
-                 judge: Judge | None = None) -> tuple[str, JobRecord | None]:
+                 judge: Judge | None = None) -> tuple[Outcome, JobRecord | None]:
         """Accept a result once, from the lease holder: in one transaction the job is marked
         done with its result, the agent's count goes up and the result is filed in the cache
         under the job's key (a failure anywhere leaves none of these).
@@ -434,7 +424,7 @@ class JobQueue:
             return Outcome.ACCEPTED, job
 
     def complete_batch(self, agent: AgentRecord, job_id: int, result: BatchResultBody, *,
-                       check: Callable[[JobRecord], None] | None = None) -> str:
+                       check: Callable[[JobRecord], None] | None = None) -> Outcome:
         """Accept a batch job's figures once, from the lease holder; they stay on the job (a
         batch is not an architecture: nothing goes to the measurement cache). ``check`` may
         refuse the figures by raising, before anything is written."""
@@ -461,7 +451,7 @@ class JobQueue:
             return Outcome.ACCEPTED
 
     def _flag(self, connection: Connection, agent: AgentRecord, job: JobRecord, result: MeasurementResult,
-              reason: str, now: dt.datetime) -> str:
+              reason: str, now: dt.datetime) -> Outcome:
         flagged = json.dumps({"reason": reason, "agent": agent.name, "result": json.loads(result_to_json(result))},
                              sort_keys=True, allow_nan=False)
         changed = connection.execute(
@@ -472,7 +462,7 @@ class JobQueue:
         )
         return Outcome.FLAGGED if changed.rowcount == 1 else Outcome.NOT_HOLDER
 
-    def fail(self, agent: AgentRecord, job_id: int, error: str) -> str:
+    def fail(self, agent: AgentRecord, job_id: int, error: str) -> Outcome:
         """The holder could not measure: queue again, or fail past the attempt cap."""
         c = JOBS.c
         with self._write() as connection:
@@ -487,7 +477,7 @@ class JobQueue:
             exists = connection.execute(select(c.id).where(c.id == job_id)).first() is not None
             return Outcome.NOT_HOLDER if exists else Outcome.UNKNOWN
 
-    def release(self, agent: AgentRecord, job_id: int) -> str:
+    def release(self, agent: AgentRecord, job_id: int) -> Outcome:
         """Give a leased job back unmeasured (agent shutting down); the attempt is not spent."""
         c = JOBS.c
         with self._write() as connection:
@@ -531,7 +521,7 @@ def _agent(row: Row[Any]) -> AgentRecord:
     return AgentRecord(id=r["id"], name=r["name"], profile=r["profile"], revoked=r["revoked"],
                        jobs_done=r["jobs_done"], last_seen=r["last_seen"],
                        environment=json.loads(r["environment_json"]) if r["environment_json"] else None,
-                       role=r["role"])
+                       role=Role(r["role"]))
 
 
 def _job(row: Row[Any]) -> JobRecord:

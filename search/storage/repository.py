@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 import search.storage.cache as cache  # the submodule itself: no import of the package from inside it
 from latency_models import JobState, MeasurementKey, MeasurementResult
 from latency_models.wire import BatchSpec
-from search.config import DEFAULT_DB, artifacts_url
+from search.config import DEFAULT_DB, SearchConfig, artifacts_url
 from search.errors import ConfigError, SearchNotFoundError, StorageError
 from search.storage.artifacts import ArtifactStore
 from search.storage.migrate import _safe, ensure_schema
 from search.storage.models import ArtifactRow, JobRow, MeasurementRow, SearchRow
 from search.storage.queue import LEASED, QUEUED, JobQueue
+from search.storage.record import BaseFigures
 from search.storage.session import core_transaction, transaction
 
 
@@ -32,11 +33,11 @@ class SearchRecord:
 
     name: str
     study_name: str
-    config: dict[str, Any]
+    config: SearchConfig
     base_fingerprint: str
     space_fingerprint: str
     space: dict[str, Any]
-    base: dict[str, Any]
+    base: BaseFigures
     versions: dict[str, str]
     created_at: dt.datetime
 
@@ -124,11 +125,11 @@ class Repository:
         row = SearchRow(
             name=record.name,
             study_name=record.study_name,
-            config_json=json.dumps(record.config, sort_keys=True),
+            config_json=json.dumps(record.config.model_dump(mode="json"), sort_keys=True),
             base_fingerprint=record.base_fingerprint,
             space_fingerprint=record.space_fingerprint,
             space_json=json.dumps(record.space, sort_keys=True),
-            base_json=json.dumps(record.base, sort_keys=True),
+            base_json=json.dumps(record.base.to_dict(), sort_keys=True),
             versions_json=json.dumps(record.versions, sort_keys=True),
             created_at=record.created_at,
         )
@@ -235,8 +236,8 @@ class Repository:
 
 def _search_record(row: SearchRow) -> SearchRecord:
     return SearchRecord(
-        name=row.name, study_name=row.study_name, config=json.loads(row.config_json),
+        name=row.name, study_name=row.study_name, config=SearchConfig.from_stored(json.loads(row.config_json)),
         base_fingerprint=row.base_fingerprint, space_fingerprint=row.space_fingerprint,
-        space=json.loads(row.space_json), base=json.loads(row.base_json),
+        space=json.loads(row.space_json), base=BaseFigures.from_dict(json.loads(row.base_json)),
         versions=json.loads(row.versions_json), created_at=row.created_at,
     )

@@ -13,58 +13,22 @@ The reported interval spans every session's interval, widened by the spread betw
 least ``MIN_SESSION_SPREAD`` of the ratio): one session's interval describes that session only,
 while a re-measurement tomorrow also sees the drift between sessions.
 
-Confirmations are stored as user attributes of the Optuna study (finished trials cannot be
-changed), keyed by target and architecture signature, so a trial that reused a cached
-architecture shares its confirmation.
+Confirmations are stored with the Optuna study (finished trials cannot be changed), keyed by
+target and architecture signature, so a trial that reused a cached architecture shares its
+confirmation (``search.storage.record``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+
+from search.storage.record import Confirmation, Session
+
+__all__ = ["Confirmation", "Session", "conclude", "needs_another", "overlap"]
 
 # Paired ratios of one model moved by 0.4-1.5% (CV) between sessions on this kind of machine
 # (docs/benchmarks.md); two sessions can agree by chance more closely than that.
 MIN_SESSION_SPREAD = 0.02
-KEY_PREFIX = "confirm:"
-BASE_NOW_KEY = "base_latency_now"
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """One paired session's ratio to the base model and its 95% interval."""
-
-    ratio: float
-    ratio_ci: tuple[float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "ratio_ci": list(self.ratio_ci)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Session:
-        low, high = data["ratio_ci"]
-        return cls(float(data["ratio"]), (float(low), float(high)))
-
-
-@dataclass(frozen=True, slots=True)
-class Confirmation:
-    """A target's verdict on one architecture over two or three sessions."""
-
-    sessions: tuple[Session, ...]
-    ratio: float
-    interval: tuple[float, float]
-    elapsed_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sessions": [s.to_dict() for s in self.sessions], "ratio": self.ratio,
-                "interval": list(self.interval), "elapsed_s": self.elapsed_s}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Confirmation:
-        low, high = data["interval"]
-        return cls(tuple(Session.from_dict(s) for s in data["sessions"]), float(data["ratio"]),
-                   (float(low), float(high)), float(data.get("elapsed_s", 0.0)))
 
 
 def overlap(a: Session, b: Session) -> bool:
@@ -92,18 +56,3 @@ def conclude(sessions: Sequence[Session], *, elapsed_s: float = 0.0) -> Confirma
     low = max(0.0, min(s.ratio_ci[0] for s in sessions) - spread)
     high = max(s.ratio_ci[1] for s in sessions) + spread
     return Confirmation(tuple(sessions), ratio, (low, high), elapsed_s)
-
-
-def key(target: str, signature: str) -> str:
-    """The study user attribute that holds a confirmation."""
-    return f"{KEY_PREFIX}{target}:{signature}"
-
-
-def stored(study_attrs: Mapping[str, Any]) -> dict[tuple[str, str], Confirmation]:
-    """Every confirmation among a study's user attributes, by (target, signature)."""
-    found = {}
-    for name, value in study_attrs.items():
-        if name.startswith(KEY_PREFIX):
-            target, _, signature = name[len(KEY_PREFIX):].rpartition(":")
-            found[(target, signature)] = Confirmation.from_dict(value)
-    return found

@@ -22,17 +22,28 @@ import optuna
 
 import search.progress as progress
 from hardware_profiles import HardwareProfile
-from latency_models import BaseArtifact, Measurement, Meter, file_sha256, make_meter, registry
-from search.config import SearchConfig, incompatibilities, resolve_error_floor, resolve_profile
-from search.errors import ConfigError, StorageError
+from latency_models import (
+    BaseArtifact,
+    DeviceLock,
+    Measurement,
+    Meter,
+    file_sha256,
+    make_meter,
+    measurement_device,
+    registry,
+)
+from search.config import SearchConfig, incompatibilities, keep_stored_threads, resolve_error_floor, resolve_profile
+from search.errors import ConfigError, SearchError, StorageError
 from search.examples import load_bundle
-from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.chain import ChainSettings, run_chain
+from search.pipeline.device import CPU, ModelDevice, replay_device, resolve_device
 from search.pipeline.features import architecture_features
-from search.pipeline.onnx_export import export_onnx
-from search.pipeline.pruning import architecture_signature
 from search.pipeline.space import SearchSpace, build_space
 from search.storage import Repository, SearchRecord
+from search.storage import record as trial_record
 from search.storage.models import utcnow
+from search.storage.record import BaseFigures
 from search.study import confirmation, netadapt, sensitivity
 from search.study.confirmation import Confirmation
 from search.study.materialize import rebuild_trial
@@ -65,6 +76,7 @@ class Prepared:
     bundle: ModelBundle
     space: SearchSpace
     profiles: list[HardwareProfile]
+    device: ModelDevice = CPU  # where this process's model work runs, with the machine's device lock
 
 
 def _load_model_and_space(
@@ -88,12 +100,13 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
     Raises:
         ConfigError: the stored search differs in something other than its budget.
     """
+    device = model_device(config, runtime)  # a missing GPU is refused before anything is written
     repo = runtime.repository()
     try:
         existing = repo.find_search(config.name)
+        config = config.for_this_machine() if existing is None else keep_stored_threads(existing.config, config)
         if existing is not None:
-            stored = SearchConfig.from_stored(existing.config)
-            differences = incompatibilities(stored, config)
+            differences = incompatibilities(existing.config, config)
             if differences:
                 raise ConfigError(
                     f"search {config.name!r} exists with another configuration ({'; '.join(differences)}): "
@@ -109,8 +122,8 @@ def prepare(config: SearchConfig, runtime: Runtime) -> Prepared:
             repo.update_budget(config.name, trials=config.trials, timeout_s=config.timeout_s)
             record = repo.get_search(config.name)
         else:
-            record = _create(config, runtime, repo, bundle, space, profiles)
-        return Prepared(record, config, bundle, space, profiles)
+            record = _create(config, runtime, repo, bundle, space, profiles, device)
+        return Prepared(record, config, bundle, space, profiles, device)
     finally:
         repo.close()
 
@@ -154,37 +167,34 @@ def _create(
     bundle: ModelBundle,
     space: SearchSpace,
     profiles: list[HardwareProfile],
+    device: ModelDevice,
 ) -> SearchRecord:
-    base_error = seeded_error(bundle, bundle.model, config.seed)
-    signature = architecture_signature(bundle.model, {})
     with tempfile.TemporaryDirectory() as tmp:
-        # The full check once per search: a pruned copy runs the base's code, so its trials
-        # check only that ONNX Runtime agrees at the profile's shapes.
-        artifact = export_onnx(bundle.model, bundle.example_input, Path(tmp),
-                               batch_size=profiles[0].batch_size, dynamic_check=True)
+        # The base model through the trial chain: nothing applied or recovered, scored, exported
+        # (with the full export check, once per search: every trial runs the base's code).
+        settings = ChainSettings.for_search(config, batch_size=profiles[0].batch_size, device=device,
+                                            dynamic_check=True)
+        chained = run_chain(bundle, None, None, settings, out=Path(tmp))
+        artifact, base_error, signature = chained.artifact, chained.error, chained.signature
+        if artifact is None or base_error is None:
+            raise SearchError("the trial chain returned no ONNX file or error for the base model")  # out was given
         repo.put_artifact_file(artifact.path, artifact.sha256)
         base = BaseArtifact(artifact.path, artifact.sha256, signature)
         measurements = {}
         with progress.task("measuring the base model (trial 0's reference)", total=len(profiles)) as advance:
             for p in profiles:
-                measurements[p.name] = _measure_base(p, repo, base).to_dict()
+                measurements[p.name] = _measure_base(p, repo, base, runtime).to_dict()
                 advance(1)
     record = SearchRecord(
         name=config.name,
         study_name=study_name(config.name),
-        config=config.model_dump(mode="json"),
+        config=config,
         base_fingerprint=bundle.fingerprint(),
         space_fingerprint=space.fingerprint(),
         space=space.to_dict(),
-        base={
-            "error": base_error,
-            "macs": space.base_macs,
-            "params": space.base_params,
-            "signature": signature,
-            "artifact_sha256": artifact.sha256,
-            "measurements": measurements,
-            "error_floor": resolve_error_floor(config, base_error),
-        },
+        base=BaseFigures(error=base_error, macs=space.base_macs, params=space.base_params, signature=signature,
+                         artifact_sha256=artifact.sha256, measurements=measurements,
+                         error_floor=resolve_error_floor(config, base_error), model_device=device.name),
         versions=package_versions(),
         created_at=utcnow(),
     )
@@ -196,25 +206,26 @@ def _create(
     study = optuna.create_study(study_name=record.study_name, storage=storage,
                                 directions=directions, load_if_exists=True)
     if not study.trials:
-        study.enqueue_trial(space.dense_params(), user_attrs={"base": True})
+        trial_record.enqueue(study, space.dense_params(), base=True)
     repo.add_search(record)
     logger.info("created search %s (%d groups, %d N:M layers)", config.name, len(space.groups), len(space.sparsity))
     return record
 
 
-def _measure_base(profile: HardwareProfile, repo: Repository, base: BaseArtifact) -> Measurement:
+def _measure_base(profile: HardwareProfile, repo: Repository, base: BaseArtifact, runtime: Runtime) -> Measurement:
     """The base model alone on a target: the reference every trial's ratio multiplies."""
-    with make_meter(profile, repo, base) as meter:
+    with make_meter(profile, repo, base, lock=measurement_lock(profile, runtime)) as meter:
         return meter.measure_base()
 
 
 def load_prepared(name: str, runtime: Runtime) -> Prepared:
     """A stored search with its model and space rebuilt and checked against what was stored."""
     record = find_record(name, runtime)
-    config = SearchConfig.from_stored(record.config)
+    config = record.config
+    device = model_device(config, runtime)
     bundle, space, profiles = _load_model_and_space(config, runtime)
     _check_same_base(record, bundle, space)
-    return Prepared(record, config, bundle, space, profiles)
+    return Prepared(record, config, bundle, space, profiles, device)
 
 
 def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tuple[Path, Path]:
@@ -222,7 +233,7 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
     exported again from the base model (checked against the stored sha256) and stored back, since
     remote agents fetch it through the hub."""
     record = prepared.record
-    sha256 = record.base["artifact_sha256"]
+    sha256 = record.base.artifact_sha256
     artifact_dir = runtime.cache_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
     base_path = artifact_dir / f"{sha256}.onnx"
@@ -232,12 +243,12 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
         return artifact_dir, base_path
     if not repo.artifacts.fetch_to(sha256, base_path):
         with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
-            remade = export_onnx(prepared.bundle.model, prepared.bundle.example_input, Path(tmp),
-                                 batch_size=prepared.profiles[0].batch_size)
-            if remade.sha256 != sha256:
+            settings = ChainSettings.for_search(prepared.config, batch_size=prepared.profiles[0].batch_size)
+            remade = run_chain(prepared.bundle, None, None, settings, out=Path(tmp), score=False).artifact
+            if remade is None or remade.sha256 != sha256:
                 raise StorageError(
                     f"the base model's ONNX of search {record.name!r} is not in the artifact store "
-                    f"{repo.artifacts.url} and exporting it again gives {remade.sha256[:12]}, not "
+                    f"{repo.artifacts.url} and exporting it again gives {remade and remade.sha256[:12]}, not "
                     f"{sha256[:12]}: torch or onnx versions changed since the search began"
                 )
             repo.put_artifact_file(remade.path, sha256)
@@ -246,16 +257,37 @@ def _base_artifact(prepared: Prepared, repo: Repository, runtime: Runtime) -> tu
 
 
 def _base_of(record: SearchRecord, base_path: Path) -> BaseArtifact:
-    return BaseArtifact(base_path, record.base["artifact_sha256"], record.base["signature"])
+    return BaseArtifact(base_path, record.base.artifact_sha256, record.base.signature)
 
 
-def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack) -> list[Meter]:
+def _open_meters(prepared: Prepared, repo: Repository, base_path: Path, stack: ExitStack,
+                 runtime: Runtime) -> list[Meter]:
     """One meter per target (local or remote, as its profile says), entered on ``stack``."""
     record = prepared.record
     base = _base_of(record, base_path)
-    return [stack.enter_context(make_meter(profile, repo, base,
-                                           base_median_us=record.base["measurements"][profile.name]["median_us"]))
+    return [stack.enter_context(make_meter(profile, repo, base, base_median_us=record.base.median_us(profile.name),
+                                           lock=measurement_lock(profile, runtime)))
             for profile in prepared.profiles]
+
+
+def _locks(runtime: Runtime) -> Path:
+    # One folder per machine's cache: every worker and search using it shares the device locks.
+    return runtime.cache_dir / "locks"
+
+
+def model_device(config: SearchConfig, runtime: Runtime) -> ModelDevice:
+    """The device ``config`` names for model work, with the machine's lock for it (``ConfigError``
+    where it does not exist here)."""
+    device = resolve_device(runtime.device or config.device)
+    if device.note:
+        logger.warning("%s", device.note)
+    return device.with_lock(DeviceLock(_locks(runtime), device.name))
+
+
+def measurement_lock(profile: HardwareProfile, runtime: Runtime) -> DeviceLock | None:
+    """The lock a local target's measurements hold on its device (None for a remote target)."""
+    device = measurement_device(profile)
+    return None if device is None else DeviceLock(_locks(runtime), device)
 
 
 def run_worker(
@@ -279,7 +311,7 @@ def run_worker(
     with ExitStack() as stack:
         stack.callback(repo.close)
         artifact_dir, base_path = _base_artifact(prepared, repo, runtime)
-        meters = _open_meters(prepared, repo, base_path, stack)
+        meters = _open_meters(prepared, repo, base_path, stack, runtime)
         # Each worker exports into a folder of its own, emptied as trials end: the artifact store
         # keeps what jobs and fronts need.
         scratch = Path(tempfile.mkdtemp(prefix="trials-", dir=artifact_dir))
@@ -287,9 +319,10 @@ def run_worker(
         ctx = SearchContext(
             config=config, bundle=prepared.bundle, space=prepared.space, meters=meters, repo=repo,
             artifact_dir=scratch, batch_size=prepared.profiles[0].batch_size,
-            base_error=record.base["error"], base_signature=record.base["signature"],
+            base_error=record.base.error, base_signature=record.base.signature,
             error_floor=error_floor_of(record),
             screening=_screening(prepared, meters, repo),
+            device=prepared.device,
         )
         callbacks: list[TrialCallback] = [] if on_trial is None else [on_trial]
         limits = LoopLimits(trials=config.trials, timeout_s=config.timeout_s,
@@ -344,13 +377,13 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
     with ExitStack() as stack:
         stack.callback(repo.close)
         artifact_dir, base_path = _base_artifact(prepared, repo, runtime)
-        base_now = dict(study.user_attrs.get(confirmation.BASE_NOW_KEY, {}))
+        base_now = trial_record.read_base_now(study)
         for profile in prepared.profiles:
             # Remote targets keep the base figure their agent measured when the search began.
             if profile.location == "local":
-                base_now[profile.name] = _measure_base(profile, repo, _base_of(record, base_path)).median_us
-        study.set_user_attr(confirmation.BASE_NOW_KEY, base_now)
-        meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack)}
+                base_now[profile.name] = _measure_base(profile, repo, _base_of(record, base_path), runtime).median_us
+        trial_record.write_base_now(study, base_now)
+        meters = {m.profile.name: m for m in _open_meters(prepared, repo, base_path, stack, runtime)}
         for _ in range(completed(study) * len(meters) + 1):  # each pass settles at least one
             todo = [(t, p) for t, p in _unconfirmed_front(record, study) if (t, p.signature) not in failed]
             if not todo:
@@ -364,7 +397,7 @@ def confirm_front(prepared: Prepared, runtime: Runtime, *, on_confirmed: Confirm
                     continue
                 # A measured trial's first session is its own timing; a predicted trial's are all new.
                 sessions += len(verdict.sessions) - (0 if point.predicted.get(target) else 1)
-                study.set_user_attr(confirmation.key(target, point.signature), verdict.to_dict())
+                trial_record.write_confirmation(study, target, point.signature, verdict)
                 if on_confirmed is not None:
                     on_confirmed(point.trial, target, verdict)
     return sessions
@@ -378,9 +411,10 @@ def _confirm_one(meter: Meter, point: TrialPoint, target: str, repo: Repository,
         with tempfile.TemporaryDirectory(dir=artifact_dir) as tmp:
             remade = rebuild_trial(
                 bundle=prepared.bundle, space=prepared.space, config=prepared.config,
-                attrs={"plan": point.plan, "artifact_sha256": point.artifact_sha256},
-                base_signature=prepared.record.base["signature"], artifact_dir=Path(tmp),
-                batch_size=prepared.profiles[0].batch_size).artifact
+                plan=point.plan, artifact_sha256=point.artifact_sha256,
+                base_signature=prepared.record.base.signature, artifact_dir=Path(tmp),
+                batch_size=prepared.profiles[0].batch_size,
+                device=replay_device(point.model_device, None, trial=point.trial)).artifact
             repo.put_artifact_file(remade.path, point.artifact_sha256)  # a remote job needs it
             os.replace(remade.path, path)
     # A predicted latency is not a session: a predicted trial gets two (or three) measured ones.
@@ -401,7 +435,7 @@ def _unconfirmed_front(record: SearchRecord, study: optuna.Study) -> list[tuple[
     """Unconfirmed architectures on any target's front (mixed figures), one trial each."""
     points = trial_points(study, record)
     todo: dict[tuple[str, str], TrialPoint] = {}
-    for target in record.config["targets"]:
+    for target in record.config.targets:
         for point in pareto_front(points, target):
             if not point.confirmed.get(target):
                 todo.setdefault((target, point.signature), point)

@@ -14,45 +14,22 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from search.pipeline.device import replay_device
+from search.storage.record import FinalScore, read_final_scores, read_trials, write_final_score
 from search.study.materialize import rebuild_trial
-from search.study.read import FINAL_PREFIX, pareto_rows
+from search.study.read import pareto_rows
 from search.study.runtime import Runtime, load_study, optuna_storage
 
 if TYPE_CHECKING:
     from search.study.controller import Prepared
 
+__all__ = ["FinalScore", "recover_front"]
+
 logger = logging.getLogger(__name__)
-
-PREFIX = FINAL_PREFIX
-
-
-@dataclass(frozen=True, slots=True)
-class FinalScore:
-    """A trial's error after the final recovery, beside its search-time error."""
-
-    trial: int
-    steps: int
-    error: float
-    search_error: float
-    elapsed_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def key(trial: int) -> str:
-    return f"{PREFIX}{trial}"
-
-
-def stored(user_attrs: Mapping[str, Any]) -> dict[int, FinalScore]:
-    """Final scores by trial number from a study's user attributes."""
-    return {int(name[len(PREFIX):]): FinalScore(**value) for name, value in user_attrs.items()
-            if name.startswith(PREFIX)}
 
 
 def recover_front(prepared: Prepared, runtime: Runtime, *, steps: int,
@@ -61,28 +38,29 @@ def recover_front(prepared: Prepared, runtime: Runtime, *, steps: int,
     ``steps`` are skipped. Returns the scores made now."""
     record, config, bundle = prepared.record, prepared.config, prepared.bundle
     study = load_study(record, runtime, storage=optuna_storage(runtime, worker=True))
-    done = stored(study.user_attrs)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done = read_final_scores(study)
+    by_number = {t.number: t for t in read_trials(study)}
     made: list[FinalScore] = []
     rows = pareto_rows(record, study, config.targets[0])
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
-            number = int(row["trial"])
-            attrs = by_number[number].user_attrs
-            if number in done and done[number].steps == steps:
+            trial = by_number[row.trial]
+            if row.trial in done and done[row.trial].steps == steps:
                 continue
             started = time.perf_counter()
-            rebuilt = rebuild_trial(bundle=bundle, space=prepared.space, config=config, attrs=attrs,
-                                    base_signature=record.base["signature"], artifact_dir=Path(tmp),
-                                    batch_size=prepared.profiles[0].batch_size, finetune_steps=steps)
-            error = rebuilt.error if rebuilt.error is not None else float(attrs["error"])
-            score = FinalScore(trial=number, steps=steps, error=error, search_error=float(attrs["error"]),
+            rebuilt = rebuild_trial(bundle=bundle, space=prepared.space, config=config, plan=trial.plan or {},
+                                    artifact_sha256=trial.artifact_sha256,
+                                    base_signature=record.base.signature, artifact_dir=Path(tmp),
+                                    batch_size=prepared.profiles[0].batch_size, finetune_steps=steps,
+                                    device=replay_device(trial.model_device, None, trial=row.trial))
+            search_error = float(trial.error or 0.0)
+            error = rebuilt.error if rebuilt.error is not None else search_error
+            score = FinalScore(trial=row.trial, steps=steps, error=error, search_error=search_error,
                                elapsed_s=time.perf_counter() - started)
-            study.set_user_attr(key(number), score.to_dict())
-            logger.info("trial %d: error %.4f after search, %.4f after %d final steps", number,
+            write_final_score(study, score)
+            logger.info("trial %d: error %.4f after search, %.4f after %d final steps", row.trial,
                         score.search_error, error, steps)
             made.append(score)
             if on_scored is not None:
                 on_scored(score)
     return made
-

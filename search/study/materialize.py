@@ -24,12 +24,13 @@ from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.examples import load_bundle
 from search.pipeline import inputs as model_inputs
-from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.chain import ChainSettings, recover_further, run_chain
+from search.pipeline.device import CPU, ModelDevice
 from search.pipeline.inputs import ModelInput
-from search.pipeline.onnx_export import OnnxArtifact, export_onnx
+from search.pipeline.onnx_export import OnnxArtifact
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import PrunedModel, apply_pruning, discover
-from search.pipeline.recovery import recover_with_report, recovery_for, with_steps
 from search.pipeline.space import SearchSpace, apply
 
 logger = logging.getLogger(__name__)
@@ -238,43 +239,39 @@ def rebuild_trial(
     bundle: ModelBundle,
     space: SearchSpace,
     config: SearchConfig,
-    attrs: Mapping[str, Any],
+    plan: Mapping[str, Any],
+    artifact_sha256: str | None,
     base_signature: str,
     artifact_dir: Path,
     batch_size: int,
     finetune_steps: int = 0,
+    device: ModelDevice = CPU,
 ) -> Rebuilt:
-    """Re-create a stored trial's model from its plan, exactly as the trial built it.
+    """Re-create a stored trial's model from its plan, exactly as the trial built it (the one
+    trial chain, ``search.pipeline.chain``, with the search's settings).
 
-    The plan is applied with the search's importance and N:M criterion and recovered with the
-    search's recovery and seed; the ONNX export must reproduce the trial's stored sha256 (before
-    any extra ``finetune_steps``), which proves the model is the one that was measured.
+    The ONNX export must reproduce the trial's stored sha256 (before any extra
+    ``finetune_steps``), which proves the model is the one that was measured. With
+    ``finetune_steps`` the model is fine-tuned further (another seed) and scored again. ``device``
+    is where its recovery runs: the kind of device the trial was recovered on
+    (``search.pipeline.device.replay_device``).
 
     Raises:
         SearchError: the rebuilt model differs from the stored one.
     """
-    plan = Plan.from_dict(attrs["plan"])
-    pruned = apply(bundle.model, bundle.example_input, space, plan, importance=config.importance,
-                   nm_criterion=config.nm_criterion, calibration=bundle.train_loader)
-    passes: list[dict[str, Any]] = []
-    if pruned.signature != base_signature:
-        report = recover_with_report(pruned.model, bundle, recovery_for(config), masks=pruned.masks)
-        passes.append({"steps": config.recovery.steps, "kept": report.kept})
-    artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size,
-                           dynamic_check=True)
-    expected = attrs.get("artifact_sha256")
-    if expected and artifact.sha256 != expected:
+    # A re-made file is handed out (export) or served (confirmation): check its dynamic axes too.
+    settings = ChainSettings.for_search(config, batch_size=batch_size, device=device, dynamic_check=True)
+    chained = run_chain(bundle, space, Plan.from_dict(plan), settings, out=artifact_dir,
+                        base_signature=base_signature, score=False)
+    if chained.artifact is not None and artifact_sha256 and chained.artifact.sha256 != artifact_sha256:
         raise SearchError(
-            f"the rebuilt model's ONNX ({artifact.sha256[:12]}) differs from the measured one "
-            f"({str(expected)[:12]}): torch or torch-pruning versions may have changed since the search"
+            f"the rebuilt model's ONNX ({chained.artifact.sha256[:12]}) differs from the measured one "
+            f"({str(artifact_sha256)[:12]}): torch or torch-pruning versions may have changed since the search"
         )
-    error = None
     if finetune_steps > 0:
-        extra = recovery_for(config)
-        report = recover_with_report(pruned.model, bundle, with_steps(extra, finetune_steps, seed=extra.seed + 1),
-                                     masks=pruned.masks)
-        passes.append({"steps": finetune_steps, "kept": report.kept})
-        artifact = export_onnx(pruned.model, bundle.example_input, artifact_dir, batch_size=batch_size,
-                               dynamic_check=True)
-        error = seeded_error(bundle, pruned.model, config.seed)
-    return Rebuilt(plan, pruned, artifact, sum(p["steps"] for p in passes), passes, error)
+        chained = recover_further(chained, bundle, settings, finetune_steps, out=artifact_dir)
+    if chained.plan is None or chained.pruned is None or chained.artifact is None:
+        raise SearchError("the trial chain rebuilt no pruned model or ONNX file")  # a plan and a folder were given
+    passes = [dict(p) for p in chained.recovery]
+    return Rebuilt(chained.plan, chained.pruned, chained.artifact, sum(int(p["steps"]) for p in passes),
+                   passes, chained.error)

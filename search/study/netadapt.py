@@ -16,29 +16,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
 from search.pipeline.space import SearchSpace
+from search.storage.record import TrialRecord, WalkStep, enqueue, read_trials, read_walk, write_walk
 from search.study.sensitivity import Sensitivity, to_params
 
 logger = logging.getLogger(__name__)
 
-STEP_KEY = "netadapt_step"
-# Study user attribute: the walk, one entry per step (target, trial kept, its latency and error).
-WALK_KEY = "netadapt_walk"
 DEFAULT_DECAY = 0.08
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One NetAdapt step: its latency target and the candidates (option index per group)."""
-
-    number: int
-    target_ratio: float
-    candidates: tuple[Mapping[str, int], ...]
 
 
 def candidates(space: SearchSpace, sensitivity: Sensitivity, current: Mapping[str, int],
@@ -63,8 +50,8 @@ def _indices(space: SearchSpace, params: Mapping[str, object]) -> dict[str, int]
     return {g.name: int(params[f"keep:{g.name}"]) for g in space.groups}  # type: ignore[call-overload]
 
 
-def _latency_ratio(trial: FrozenTrial, target: str) -> float:
-    return float(trial.user_attrs["latency"][target]["ratio"])
+def _latency_ratio(trial: TrialRecord, target: str) -> float:
+    return trial.latency[target].ratio
 
 
 def run(
@@ -85,14 +72,14 @@ def run(
     current = {g.name: len(g.kept) - 1 for g in space.groups}
     current_ratio = 1.0
     steps = 0
-    walked = study.user_attrs.get(WALK_KEY) or []
-    if walked:
-        last = walked[-1]
-        current = _indices(space, study.get_trials(deepcopy=False)[int(last["trial"])].params)
-        current_ratio, steps = float(last["latency_ratio"]), int(last["step"])
+    walk = read_walk(study)
+    if walk:
+        last = walk[-1]
+        current = _indices(space, study.get_trials(deepcopy=False)[last.trial].params)
+        current_ratio, steps = last.latency_ratio, last.step
     resumed_at = steps
     while True:
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = read_trials(study, ["COMPLETE"])
         if budget is not None and len(done) >= budget:
             break
         target_ratio = current_ratio - decay
@@ -102,26 +89,24 @@ def run(
             break
         steps += 1
         for indices in proposals:
-            study.enqueue_trial(to_params(space, indices), user_attrs={STEP_KEY: steps})
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            enqueue(study, to_params(space, indices), netadapt_step=steps)
+        waiting = read_trials(study, ["WAITING"])
         goal = len(done) + len(waiting)  # the dense trial 0 may still be waiting before step 1
         run_batch(goal if budget is None else min(goal, budget))
-        ran = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if t.user_attrs.get(STEP_KEY) == steps and "latency" in t.user_attrs]
+        ran = [t for t in read_trials(study, ["COMPLETE"])
+               if t.netadapt_step == steps and t.latency and t.error is not None]
         if not ran:
             break
         meeting = [t for t in ran if _latency_ratio(t, target) <= target_ratio]
         if meeting:
-            chosen = min(meeting, key=lambda t: (t.user_attrs["error"], _latency_ratio(t, target)))
+            chosen = min(meeting, key=lambda t: (t.error or 0.0, _latency_ratio(t, target)))
         else:
             chosen = min(ran, key=lambda t: _latency_ratio(t, target))
         current = _indices(space, chosen.params)
         current_ratio = _latency_ratio(chosen, target)
-        walk = list(study.user_attrs.get(WALK_KEY, []))
-        walk.append({"step": steps, "target_ratio": target_ratio, "trial": chosen.number,
-                     "latency_ratio": current_ratio, "error": chosen.user_attrs["error"],
-                     "met": bool(meeting), "candidates": len(ran)})
-        study.set_user_attr(WALK_KEY, walk)
+        walk.append(WalkStep(steps, target_ratio, chosen.number, current_ratio, chosen.error or 0.0, bool(meeting),
+                             len(ran)))
+        write_walk(study, walk)
         logger.info("netadapt step %d: target %.3f, kept trial %d (latency %.3f, error %.4f)", steps,
-                    target_ratio, chosen.number, _latency_ratio(chosen, target), chosen.user_attrs["error"])
+                    target_ratio, chosen.number, current_ratio, chosen.error or 0.0)
     return steps - resumed_at

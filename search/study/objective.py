@@ -1,10 +1,11 @@
-"""One trial, end to end: the one place where the stages are chained.
+"""One trial, end to end: the plan through the trial chain, then its latency, reward and record.
 
-plan -> prune -> recover -> error -> ONNX -> latency per target -> reward -> Optuna trial.
-With trial pruning the ONNX export and the latency come before recovery, and a trial whose reward
-before fine-tuning is below the median is stored PRUNED there (``SearchConfig.trial_pruning``).
+plan -> (``search.pipeline.chain``: prune -> recover -> error -> ONNX) -> latency per target ->
+reward -> the trial record (``search.storage.record``). With trial pruning the ONNX export and
+the latency come before recovery, and a trial whose reward before fine-tuning is below the median
+is stored PRUNED there (``SearchConfig.trial_pruning``).
 A stage that raises a known error (``SearchError``, ``LatencyError``) fails the trial with its
-stage and reason stored as user attributes; the search goes on. Anything else is a bug: the trial
+stage and reason stored in its record; the search goes on. Anything else is a bug: the trial
 is recorded the same way and the exception propagates.
 """
 
@@ -15,30 +16,30 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import optuna
 
 from latency_models import LatencyError, Meter
 from latency_models.meter import Pending, TargetLatency
 from latency_models.predictors import ArchitectureFeatures
-from search.config import SearchConfig
+from search.config import SearchConfig, cpu_count
 from search.errors import SearchError
-from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.bundle import ModelBundle
+from search.pipeline.chain import ChainSettings, export, run_chain
+from search.pipeline.device import CPU, ModelDevice
 from search.pipeline.features import architecture_features
-from search.pipeline.onnx_export import OnnxArtifact, export_onnx
+from search.pipeline.onnx_export import OnnxArtifact
 from search.pipeline.pruning import PrunedModel
-from search.pipeline.recovery import RecoveryConfig, recover_with_report, recovery_for
-from search.pipeline.space import SearchSpace, apply
+from search.pipeline.space import SearchSpace
 from search.storage import Repository
+from search.storage import record as trial_record
+from search.storage.record import EarlyStop, Failure, LatencySource, Outcome, TargetFigure
 from search.study.reward import reward
-from search.study.screening import MEASURED, PREDICTED, Screening
+from search.study.screening import Screening
 
 logger = logging.getLogger(__name__)
-
-CONSTRAINTS_KEY = "constraints"
 
 KNOWN_ERRORS = (SearchError, LatencyError)
 
@@ -58,10 +59,17 @@ class SearchContext:
     base_signature: str
     error_floor: float = 0.0
     screening: Screening | None = None  # None: every latency measured
+    device: ModelDevice = CPU  # where recovery and scoring run
 
     @property
-    def recovery(self) -> RecoveryConfig:
-        return recovery_for(self.config)
+    def chain(self) -> ChainSettings:
+        """How this search's trials are applied, recovered, scored and exported."""
+        return ChainSettings.for_search(self.config, batch_size=self.batch_size, device=self.device)
+
+    @property
+    def model_waited_s(self) -> float:
+        """Seconds model work waited for measurements on its device (the device lock)."""
+        return 0.0 if self.device.lock is None else self.device.lock.waited_s
 
 
 class TrialFailed(SearchError):
@@ -92,10 +100,7 @@ def _stage(trial: optuna.Trial, name: str, times: dict[str, float]) -> Iterator[
 
 
 def _record_failure(trial: optuna.Trial, stage: str, exc: BaseException, times: dict[str, float]) -> None:
-    trial.set_user_attr("fail_stage", stage)
-    trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
-    trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
-    trial.set_user_attr("stage_s", dict(times))
+    trial_record.write_failure(trial, Failure(stage, f"{type(exc).__name__}: {exc}", traceback.format_exc()), times)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Measured:
     """A trial's latency per target, where each figure came from, and the exported artifact."""
 
     latencies: dict[str, TargetLatency]
-    sources: dict[str, str]
+    sources: dict[str, LatencySource]
     artifact_sha256: str
     features: ArchitectureFeatures | None = None
     screened: dict[str, str] = field(default_factory=dict)
@@ -111,7 +116,8 @@ class Measured:
 
 
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
-    """Evaluate one plan. Returns the reward, or (error, latency per target) for ``pareto``.
+    """Evaluate one plan through the trial chain (``search.pipeline.chain``), then time it on
+    every target. Returns the reward, or (error, latency per target) for ``pareto``.
 
     With trial pruning the latency is measured before recovery (it is a function of the
     architecture, which recovery does not change), so that a trial whose reward before
@@ -121,88 +127,87 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     times: dict[str, float] = {}
     with _stage(trial, "suggest", times):
         plan = ctx.space.suggest(trial)
-        trial.set_user_attr("plan", plan.to_dict())
-    with _stage(trial, "prune", times):
-        pruned = apply(ctx.bundle.model, ctx.bundle.example_input, ctx.space, plan,
-                       importance=ctx.config.importance, nm_criterion=ctx.config.nm_criterion,
-                       calibration=ctx.bundle.train_loader)
-        if pruned.warnings:
-            trial.set_user_attr("pruning_warnings", list(pruned.warnings))
-    # The dense plan is the base model itself: trial 0, the reference of every figure.
-    is_base = pruned.signature == ctx.base_signature
-    measured: Measured | None = None
-    if ctx.config.trial_pruning != "none":
-        measured = _export_and_measure(trial, ctx, pruned, None, times)
+        trial_record.write_plan(trial, plan.to_dict())
+        trial_record.write_model_work(trial, device=ctx.device.name,
+                                      threads=ctx.config.recovery.threads or cpu_count())
+    early: list[Measured] = []  # with trial pruning: measured before recovery
+
+    def on_pruned(pruned: PrunedModel) -> Callable[[float], None] | None:
+        trial_record.write_pruning_warnings(trial, pruned.warnings)
+        if ctx.config.trial_pruning == "none":
+            return None
+        exported = export(pruned.model, ctx.bundle, ctx.chain, ctx.artifact_dir, lambda n: _stage(trial, n, times))
+        early.append(_measure(trial, ctx, pruned, _stored(trial, ctx, exported, times), None, times))
+        return None if pruned.signature == ctx.base_signature else _pruning_check(trial, ctx, early[0], pruned)
+
+    waited_before = ctx.model_waited_s
     try:
-        with _stage(trial, "recover", times):
-            if not is_base:
-                check = None if measured is None else _pruning_check(trial, ctx, measured, pruned)
-                report = recover_with_report(pruned.model, ctx.bundle, ctx.recovery, masks=pruned.masks,
-                                             before_finetune=check)
-                trial.set_user_attr("recovery", report.to_dict())
+        # The dense plan is the base model itself (trial 0, the reference of every figure): the
+        # chain neither recovers nor scores it again.
+        chained = run_chain(ctx.bundle, ctx.space, plan, ctx.chain, out=ctx.artifact_dir,
+                            base_signature=ctx.base_signature, base_error=ctx.base_error,
+                            stage=lambda name: _stage(trial, name, times), on_pruned=on_pruned)
     except optuna.TrialPruned:
-        trial.set_user_attr("stage_s", times)
+        trial_record.write_stage_times(trial, times)
         raise
-    with _stage(trial, "evaluate", times):
-        error = ctx.base_error if is_base else seeded_error(ctx.bundle, pruned.model, ctx.config.seed)
-    extra: dict[str, Any] = {}
-    if measured is None:
-        measured = _export_and_measure(trial, ctx, pruned, error, times)
-    elif not is_base:
-        # The measured file holds the weights before recovery. The recovered model is exported and
-        # stored too: its sha256 is what `export` must reproduce (search.study.materialize).
-        recovered = _export(trial, ctx, pruned, times)
-        recovered.path.unlink(missing_ok=True)
-        extra = {"artifact_sha256": recovered.sha256, "measured_sha256": measured.artifact_sha256}
+    finally:
+        # Time model work spent waiting for measurements on its device (inside recover/evaluate).
+        _add_wait(times, "wait:model", ctx.model_waited_s - waited_before)
+    if chained.pruned is None or chained.error is None:
+        raise SearchError(f"trial {trial.number}: the trial chain returned no pruned model or error")
+    pruned, error = chained.pruned, chained.error
+    if chained.report is not None:
+        trial_record.write_recovery(trial, chained.report.to_dict())
+    artifact = _stored(trial, ctx, chained.artifact, times)
+    measured_sha256 = None
+    if not early:
+        measured = _measure(trial, ctx, pruned, artifact, error, times)
+    else:
+        # The measured file holds the weights before recovery. The recovered model is stored too:
+        # its sha256 is what `export` must reproduce (search.study.materialize).
+        artifact.path.unlink(missing_ok=True)
+        measured = early[0]
+        if pruned.signature != ctx.base_signature:
+            measured_sha256, measured = measured.artifact_sha256, replace(measured, artifact_sha256=artifact.sha256)
     latencies = measured.latencies
     primary = latencies[ctx.config.targets[0]]
     with _stage(trial, "reward", times):
         score = _reward(ctx, error, primary.latency_us)
-    attrs: dict[str, Any] = {
-        "error": error,
-        "accuracy": 1.0 - error,
-        "reward": score,
-        **_latency_attrs(measured, pruned),
-        **extra,
-        "stage_s": times,
-    }
-    if measured.features is not None:
-        # The predictor's training data: shared by every worker through the study.
-        attrs["features"] = measured.features.to_dict()
-        attrs["screening"] = measured.screened
-        attrs["latency_reason"] = measured.rules  # the deciding rule per target (screening.REASONS)
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    trial_record.write_outcome(trial, Outcome(
+        error=error, reward=score, latency=_figures(measured), macs=pruned.macs, params=pruned.params,
+        kept=pruned.kept, signature=pruned.signature, artifact_sha256=measured.artifact_sha256, stage_s=times,
+        measured_sha256=measured_sha256, features=measured.features, screening=measured.screened,
+        latency_reason=measured.rules))  # the deciding rule per target (screening.REASONS)
     _set_constraints(trial, ctx, error, primary.latency_us)
     if ctx.config.objective == "pareto":
         return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
     return score
 
 
-def _export(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel,
+def _stored(trial: optuna.Trial, ctx: SearchContext, artifact: OnnxArtifact | None,
             times: dict[str, float]) -> OnnxArtifact:
-    """Export the model to ONNX into the artifact store (the hub serves remote jobs from it; the
-    database gets its name). The returned file is the worker's copy, for the caller to remove."""
+    """Put an exported file into the artifact store (the hub serves remote jobs from it; the
+    database gets its name). The file itself is the worker's copy, for the caller to remove."""
     with _stage(trial, "export", times):
-        artifact = export_onnx(pruned.model, ctx.bundle.example_input, ctx.artifact_dir,
-                               batch_size=ctx.batch_size)
+        if artifact is None:
+            raise SearchError(f"trial {trial.number}: the trial chain exported no ONNX file")
         ctx.repo.put_artifact_file(artifact.path, artifact.sha256)
     return artifact
 
 
-def _export_and_measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, error: float | None,
-                        times: dict[str, float]) -> Measured:
-    """Export the model to ONNX and time it on every target (``error`` feeds screening; None
-    before recovery, where screening is not used)."""
-    artifact = _export(trial, ctx, pruned, times)
+def _measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, artifact: OnnxArtifact,
+             error: float | None, times: dict[str, float]) -> Measured:
+    """Time an exported model on every target, then remove the worker's copy (``error`` feeds
+    screening; None before recovery, where screening is not used)."""
     features = None
     if ctx.screening is not None:
         with _stage(trial, "features", times):
             features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
     latencies = {}
-    sources: dict[str, str] = {}
+    sources: dict[str, LatencySource] = {}
     screened: dict[str, str] = {}
     rules: dict[str, str] = {}
+    waited_before = [meter.lock_waited_s for meter in ctx.meters]
     try:
         # Meters that measure in the background (remote jobs) start first, so every device works at once.
         pending = []
@@ -216,30 +221,29 @@ def _export_and_measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedM
                     if not decision.measure and decision.prediction is not None:
                         pending.append((name, _predicted(meter, decision.prediction.ratio,
                                                          (decision.prediction.low, decision.prediction.high))))
-                        sources[name] = PREDICTED
+                        sources[name] = LatencySource.PREDICTED
                         continue
                 pending.append((name, meter.start(artifact.path, artifact.sha256, pruned.signature)))
-                sources[name] = MEASURED
+                sources[name] = LatencySource.MEASURED
         for name, waiting in pending:
             with _stage(trial, f"measure:{name}", times):
                 latencies[name] = waiting.result()
+        for meter, waited in zip(ctx.meters, waited_before, strict=True):
+            # Part of measure:<target>: the wait for model work in flight on the same device.
+            _add_wait(times, f"wait:measure:{meter.profile.name}", meter.lock_waited_s - waited)
     finally:
         artifact.path.unlink(missing_ok=True)  # the worker's copy; the store keeps its own
     return Measured(latencies, sources, artifact.sha256, features, screened, rules)
 
 
-def _latency_attrs(measured: Measured, pruned: PrunedModel) -> dict[str, Any]:
-    return {
-        "latency_us": {name: t.latency_us for name, t in measured.latencies.items()},
-        "latency": {name: t.to_dict() | {"source": measured.sources[name]}
-                    for name, t in measured.latencies.items()},
-        "latency_source": measured.sources,
-        "macs": pruned.macs,
-        "params": pruned.params,
-        "kept": dict(pruned.kept),
-        "signature": pruned.signature,
-        "artifact_sha256": measured.artifact_sha256,
-    }
+def _add_wait(times: dict[str, float], name: str, seconds: float) -> None:
+    if seconds > 0:
+        times[name] = times.get(name, 0.0) + seconds
+
+
+def _figures(measured: Measured) -> dict[str, TargetFigure]:
+    return {name: TargetFigure(t.latency_us, t.ratio, t.ratio_ci, t.median_us, t.cached, measured.sources[name])
+            for name, t in measured.latencies.items()}
 
 
 def _reward(ctx: SearchContext, error: float, latency_us: float) -> float:
@@ -257,10 +261,10 @@ def _pruning_check(trial: optuna.Trial, ctx: SearchContext, measured: Measured,
         value = _reward(ctx, holdout_error, latency_us)
         trial.report(value, step=0)
         if trial.should_prune():
-            trial.set_user_attr("pruned", {"stage": "before fine-tuning", "holdout_error": holdout_error,
-                                           "reward": value})
-            for key, attr in _latency_attrs(measured, pruned).items():
-                trial.set_user_attr(key, attr)
+            trial_record.write_early_stop(
+                trial, EarlyStop("before fine-tuning", holdout_error, value), _figures(measured), macs=pruned.macs,
+                params=pruned.params, kept=pruned.kept, signature=pruned.signature,
+                artifact_sha256=measured.artifact_sha256)
             message = (f"trial {trial.number}: reward {value:.4f} before fine-tuning is below the completed "
                        "trials' median")
             logger.info("pruned %s", message)
@@ -286,11 +290,4 @@ def _set_constraints(trial: optuna.Trial, ctx: SearchContext, error: float, late
         values["latency_budget_ratio"] = latency_us / base_latency - limits.latency_budget_ratio
     if limits.error_ceiling is not None:
         values["error_ceiling"] = error - limits.error_ceiling
-    for key, value in values.items():
-        trial.set_constraint(key, value)
-    if values:
-        # optuna-dashboard (0.21) reads the older list form, system attribute "constraints", and
-        # shows "constraints: []" without it; Optuna reads that form too, as keys "0", "1", ...
-        # (``constraint_values`` drops them again). The names stay readable in a user attribute.
-        trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, list(values.values()))
-        trial.set_user_attr("constraints", values)
+    trial_record.write_constraints(trial, values)

@@ -36,6 +36,7 @@ class TrialPoint:
     kept: Mapping[str, int] = field(default_factory=dict)
     # Targets whose first figure is a prediction (hybrid/predicted latency), not a session.
     predicted: Mapping[str, bool] = field(default_factory=dict)
+    model_device: str = "cpu"  # where its recovery ran: a replay runs on the same kind of device
 
     @property
     def accuracy(self) -> float:

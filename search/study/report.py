@@ -94,7 +94,7 @@ def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: P
 def _history_plot(study: optuna.Study, record: SearchRecord, points: list[TrialPoint], folder: Path) -> Plot:
     figure = _figure()
     axes = figure.add_subplot()
-    reward_mode = record.config["objective"] == "reward"
+    reward_mode = record.config.objective == "reward"
     label = "reward (higher is better)" if reward_mode else "error (lower is better)"
     plot = Plot("history.png", "Optimisation history")
     by_trial = {p.trial: p for p in points}
@@ -183,16 +183,16 @@ def _macs_plot(points: list[TrialPoint], target: str, folder: Path) -> Plot:
 def write_report(record: SearchRecord, study: optuna.Study, out: Path) -> dict[str, Any]:
     """Write ``out/index.html`` and its PNGs for a stored search; returns what was drawn."""
     points = trial_points(study, record)
-    targets: list[str] = list(record.config["targets"])
+    targets: list[str] = list(record.config.targets)
     base = base_latency_us(record, study)
     out.mkdir(parents=True, exist_ok=True)
     plots = [_front_plot(points, t, base[t], out, i) for i, t in enumerate(targets)]
     plots.append(_history_plot(study, record, points, out))
-    rows = pareto_rows(record, study, targets[0])  # the front as `hwprune pareto` shows it
+    rows = [row.to_dict() for row in pareto_rows(record, study, targets[0])]  # as `hwprune pareto` shows it
     by_trial = {p.trial: p for p in points}
     plots.append(_channels_plot(record, [by_trial[row["trial"]] for row in rows], targets[0], out))
     plots.append(_macs_plot(points, targets[0], out))
-    info = summary(record, study)
+    info = summary(record, study).to_dict()
     data = {"search": record.name, "plots": [plot.__dict__ for plot in plots], "summary": info, "pareto": rows}
     (out / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     (out / "index.html").write_text(_page(record, info, rows, plots, targets[0]))
@@ -220,8 +220,8 @@ def _page(record: SearchRecord, info: dict[str, Any], rows: list[dict[str, Any]]
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{max-width:100%}"
         "td,th{padding:0 .6em;text-align:right}</style></head><body>"
         f"<h1>Search {esc(record.name)}</h1>"
-        f"<p>{esc(record.config['objective'])}, sampler {esc(record.config['sampler'])}, targets "
-        f"{esc(', '.join(record.config['targets']))}; trials: {esc(states)} (trial 0 is the base model); "
+        f"<p>{esc(record.config.objective)}, sampler {esc(record.config.sampler)}, targets "
+        f"{esc(', '.join(record.config.targets))}; trials: {esc(states)} (trial 0 is the base model); "
         f"{info['feasible']} feasible, {info['infeasible']} infeasible.</p>"
         f"<h2>Pareto front on {esc(target)}</h2><table><tr><th>trial</th><th>error</th><th>latency us</th>"
         f"<th>speedup</th><th>latency</th><th>MACs (M)</th></tr>{table}</table>"

@@ -21,9 +21,9 @@ def needed_artifacts(repo: Repository, runtime: Runtime) -> set[str]:
     storage = optuna_storage(runtime)
     try:
         for record in repo.list_searches():
-            keep.add(record.base["artifact_sha256"])
+            keep.add(record.base.artifact_sha256)
             points = trial_points(load_study(record, runtime, storage=storage), record)
-            for target in record.config["targets"]:
+            for target in record.config.targets:
                 keep.update(p.artifact_sha256 for p in pareto_front(points, target) if p.artifact_sha256)
     finally:
         storage.engine.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from search.config import SearchConfig
+from search.config import cache_dir as default_cache_dir
 from search.storage import Repository, SearchRecord
 from search.storage.study_storage import open_study_storage
 
@@ -24,7 +25,7 @@ class Runtime:
 
     db_url: str
     profile_dirs: Sequence[Path] = ()
-    cache_dir: Path = Path(".hwprune-cache")
+    cache_dir: Path = field(default_factory=default_cache_dir)  # the one cache folder (HWPRUNE_CACHE, else XDG)
     heartbeat_s: int = 10
     grace_s: int = 30
     worker_index: int = 0
@@ -32,6 +33,8 @@ class Runtime:
     agent_live_s: float = 60.0
     # The artifact store's folder or fsspec URL; None: search.config.artifacts_url(db_url).
     artifacts_url: str | None = None
+    # This process's device for model work (--device); None: the one the search's config names.
+    device: str | None = None
 
     def repository(self) -> Repository:
         """hwprune's tables and artifact store for this runtime (close it after use)."""

@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from latency_models import Meter
 from latency_models.predictors import (
@@ -53,15 +50,16 @@ from latency_models.predictors import (
     Prediction,
 )
 from latency_models.store import MeasurementKey
-from search.config import ScreeningSettings, SearchConfig
+from search.config import ConstraintsConfig, ScreeningSettings, SearchConfig
 from search.storage import Repository
 from search.storage.predictor_store import LatencyModelStore
+from search.storage.record import LatencySource, TrialRecord, read_trials
 
 logger = logging.getLogger(__name__)
 
 SAVE_EVERY = 10
-MEASURED = "measured"
-PREDICTED = "predicted"
+MEASURED = LatencySource.MEASURED
+PREDICTED = LatencySource.PREDICTED
 CACHED = "cached"
 
 
@@ -117,7 +115,6 @@ class TargetScreen:
                     self.models.append(model)
         self._fitted_on = -1
         self._saved_at = 0
-        self._features: dict[int, ArchitectureFeatures] = {}
 
     @property
     def active(self) -> LatencyModel:
@@ -125,27 +122,22 @@ class TargetScreen:
         scored = [m for m in self.models if m.held_out is not None]
         return min(scored, key=lambda m: m.held_out.mape if m.held_out else math.inf) if scored else self.models[0]
 
-    def _measured(self, trials: list[optuna.trial.FrozenTrial]) -> list[tuple[optuna.trial.FrozenTrial, float]]:
+    def _measured(self, trials: list[TrialRecord]) -> list[tuple[TrialRecord, float]]:
         found = []
         for trial in trials:
-            attrs = trial.user_attrs
-            if attrs.get("latency_source", {}).get(self.target) == PREDICTED or "features" not in attrs:
+            figure = trial.latency.get(self.target)
+            if figure is None or figure.source == PREDICTED or trial.features is None or trial.error is None:
                 continue
-            figures = attrs.get("latency", {}).get(self.target)
-            if figures is not None:
-                found.append((trial, float(figures["ratio"])))
+            found.append((trial, figure.ratio))
         return found
 
-    def _refit(self, measured: list[tuple[optuna.trial.FrozenTrial, float]]) -> None:
+    def _refit(self, measured: list[tuple[TrialRecord, float]]) -> None:
         if len(measured) == self._fitted_on:
             return
         samples = dict(self.seed_samples)
         for trial, ratio in measured:
-            features = self._features.get(trial.number)
-            if features is None:
-                features = ArchitectureFeatures.from_dict(trial.user_attrs["features"])
-                self._features[trial.number] = features
-            samples[features] = ratio
+            if trial.features is not None:
+                samples[trial.features] = ratio
         data = [(f, r) for f, r in samples.items() if r > 0]
         for model in self.models:
             model.samples = []
@@ -159,13 +151,13 @@ class TargetScreen:
                                 base_fingerprint=self.base_fingerprint)
 
     def decide(self, trial: optuna.Trial, features: ArchitectureFeatures, signature: str, error: float,
-               constraints: Mapping[str, Any]) -> Decision:
+               constraints: ConstraintsConfig | None) -> Decision:
         meter = self.meter
         if signature == meter.base.signature:
             return Decision(True, BASE, "base model")
         if meter.store.find_measurement(MeasurementKey(signature, meter.profile.fingerprint(), meter.base.sha256)):
             return Decision(True, CACHED, "cached")
-        trials = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        trials = read_trials(trial.study, ["COMPLETE"])
         measured = self._measured(trials)
         if len(measured) < self.settings.min_measured:
             return Decision(True, WARMUP, f"{len(measured)} of {self.settings.min_measured} measured trials")
@@ -194,21 +186,23 @@ class TargetScreen:
         return Decision(False, DOMINATED, f"{model.kind} predicted, dominated", prediction)
 
 
-def _ratio_budget(constraints: Mapping[str, Any], base_median_us: float) -> float | None:
-    if constraints.get("latency_budget_ratio") is not None:
-        return float(constraints["latency_budget_ratio"])
-    if constraints.get("latency_budget_us") is not None:
-        return float(constraints["latency_budget_us"]) / base_median_us
+def _ratio_budget(constraints: ConstraintsConfig | None, base_median_us: float) -> float | None:
+    if constraints is None:
+        return None
+    if constraints.latency_budget_ratio is not None:
+        return constraints.latency_budget_ratio
+    if constraints.latency_budget_us is not None:
+        return constraints.latency_budget_us / base_median_us
     return None
 
 
-def _could_enter_front(trials: list[optuna.trial.FrozenTrial], target: str, error: float, low: float,
-                       measured: list[tuple[optuna.trial.FrozenTrial, float]]) -> bool:
+def _could_enter_front(trials: list[TrialRecord], target: str, error: float, low: float,
+                       measured: list[tuple[TrialRecord, float]]) -> bool:
     """No measured, feasible trial dominates (error, ``low``) on ``target``."""
     for trial, ratio in measured:
-        if any(v > 0 for v in dict(trial.constraints).values()):
+        if any(v > 0 for v in trial.constraints.values()) or trial.error is None:
             continue
-        other_error = float(trial.user_attrs["error"])
+        other_error = trial.error
         if other_error <= error and ratio <= low and (other_error < error or ratio < low):
             return False
     return True
@@ -221,7 +215,7 @@ class Screening:
                  base: ArchitectureFeatures, base_fingerprint: str) -> None:
         store = LatencyModelStore(repo.engine)
         self.mode = config.latency
-        self.constraints = config.constraints.model_dump()
+        self.constraints = config.constraints
         self.primary = config.targets[0]
         self.screens = {
             meter.profile.name: TargetScreen(meter, mode=config.latency, settings=config.screening, base=base,
@@ -232,6 +226,6 @@ class Screening:
     def decide(self, trial: optuna.Trial, target: str, features: ArchitectureFeatures, signature: str,
                error: float) -> Decision:
         # Latency budgets bind the primary target only.
-        constraints = self.constraints if target == self.primary else {}
+        constraints = self.constraints if target == self.primary else None
         return self.screens[target].decide(trial, features, signature, error, constraints)
 

@@ -30,13 +30,13 @@ from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
+from search.storage.record import enqueue, read_sensitivity, write_sensitivity
 
 if TYPE_CHECKING:
     from search.study.objective import SearchContext
 
 logger = logging.getLogger(__name__)
 
-KEY = "sensitivity"
 # An added error below this counts as this much, so that free cuts rank by what they save.
 _MIN_ERROR = 1e-3
 
@@ -100,7 +100,7 @@ class Sensitivity:
 
 def stored(study: optuna.Study) -> Sensitivity | None:
     """The scan stored on ``study``, if any."""
-    data = study.user_attrs.get(KEY)
+    data = read_sensitivity(study)
     return Sensitivity.from_dict(data) if data else None
 
 
@@ -234,10 +234,10 @@ def start_params(space: SearchSpace, sensitivity: Sensitivity, *,
 
 def enqueue_start(study: optuna.Study, space: SearchSpace, sensitivity: Sensitivity) -> int:
     """Store the scan on ``study`` and enqueue its start plans; returns how many."""
-    study.set_user_attr(KEY, sensitivity.to_dict())
+    write_sensitivity(study, sensitivity.to_dict())
     plans = start_params(space, sensitivity)
     for params in plans:
-        study.enqueue_trial(params, user_attrs={"start": "sensitivity"}, skip_if_exists=True)
+        enqueue(study, params, start="sensitivity", skip_if_exists=True)
     return len(plans)
 
 
@@ -254,5 +254,5 @@ def prepare_start(study: optuna.Study, ctx: SearchContext, *, enqueue: bool) -> 
         count = enqueue_start(study, ctx.space, found)
         logger.info("sensitivity start: %d plans enqueued", count)
     else:
-        study.set_user_attr(KEY, found.to_dict())
+        write_sensitivity(study, found.to_dict())
     return found

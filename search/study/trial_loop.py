@@ -29,6 +29,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the heartbeat protocol; 
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import TrialsKeepFailing
+from search.storage.record import read_trial
 from search.study.runtime import counted
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,39 @@ def _fail_stale(study: optuna.Study) -> None:
 
 
 def _describe_failure(trial: FrozenTrial, exc: BaseException) -> str:
-    stage = trial.user_attrs.get("fail_stage", "unknown stage")
-    reason = trial.user_attrs.get("fail_reason", f"{type(exc).__name__}: {exc}")
-    return f"trial {trial.number} at {stage}: {reason}"
+    failure = read_trial(trial).failure
+    if failure is None:
+        return f"trial {trial.number} at unknown stage: {type(exc).__name__}: {exc}"
+    return f"trial {trial.number} at {failure.stage}: {failure.reason}"
+
+
+def _tell(study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, values: float | Sequence[float] | None,
+          *, stopped: bool) -> FrozenTrial | None:
+    """Tell Optuna how a trial ended; None when another worker finished it first (it failed the
+    trial as stale while this one was slow, or just before our tell, which Optuna then skipped)."""
+    trial_id = trial._trial_id  # the storage key; Optuna's Trial exposes only the number
+    frozen = storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        logger.warning("trial %d was finished by another worker (now %s); going on with the next",
+                       trial.number, frozen.state.name)
+        return None
+    if stopped:
+        told = TrialState.PRUNED
+    else:
+        told = TrialState.COMPLETE if values is not None else TrialState.FAIL
+    try:
+        if told == TrialState.COMPLETE:
+            study.tell(trial, values, skip_if_finished=True)
+        else:
+            study.tell(trial, state=told, skip_if_finished=True)
+    except UpdateFinishedTrialError:
+        pass  # finished elsewhere between our check and our write: the storage refused it
+    frozen = storage.get_trial(trial_id)
+    if told != TrialState.FAIL and frozen.state != told:
+        logger.warning("trial %d was finished by another worker while being told (now %s); going on",
+                       trial.number, frozen.state.name)
+        return None
+    return frozen
 
 
 def run_trials(
@@ -157,31 +188,9 @@ def run_trials(
             except Exception as exc:
                 error = exc
                 logger.debug("trial %d raised", trial.number, exc_info=exc)
-        frozen = storage.get_trial(trial_id)
-        if frozen.state.is_finished():
+        frozen = _tell(study, storage, trial, values if error is None else None, stopped=stopped)
+        if frozen is None:
             taken_over += 1
-            logger.warning("trial %d was finished by another worker (now %s); going on with the next",
-                           trial.number, frozen.state.name)
-            continue
-        if stopped:
-            told = TrialState.PRUNED
-        else:
-            told = TrialState.COMPLETE if error is None and values is not None else TrialState.FAIL
-        try:
-            if told == TrialState.COMPLETE:
-                study.tell(trial, values, skip_if_finished=True)
-            elif told == TrialState.PRUNED:
-                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-            else:
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        except UpdateFinishedTrialError:
-            pass  # finished elsewhere between our check and our write: the storage refused it
-        frozen = storage.get_trial(trial_id)
-        if told != TrialState.FAIL and frozen.state != told:
-            # Another worker failed it as stale just before our tell, which Optuna then skipped.
-            taken_over += 1
-            logger.warning("trial %d was finished by another worker while being told (now %s); going on",
-                           trial.number, frozen.state.name)
             continue
         if frozen.state == TrialState.COMPLETE:
             completed += 1

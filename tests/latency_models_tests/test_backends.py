@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,9 @@ from latency_models import (
 )
 from latency_models.ort import resolve_shape
 from latency_models.trt import cuda_device_count
+
+# The Python library each backend's open() imports (trtexec runs a program instead).
+LIBRARY = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "trtexec": None}
 
 
 def _profile_for(backend: str) -> HardwareProfile:
@@ -47,8 +53,31 @@ class TestBackendContract:
         assert cls.name == name
 
     def test_construction_imports_nothing_and_needs_open(self, name: str) -> None:
-        backend = registry.get(name)(_profile_for(name))
-        assert backend.profile.backend == name
+        # In a fresh interpreter: constructing the backend loads no module at all; open() is what
+        # imports its library (or refuses in one line naming what to install).
+        code = (
+            "import json, sys\n"
+            "from hardware_profiles import HardwareProfile\n"
+            "from latency_models import BackendUnavailable, registry\n"
+            f"profile = HardwareProfile.model_validate_json({_profile_for(name).model_dump_json()!r})\n"
+            "before = set(sys.modules)\n"
+            f"backend = registry.get({name!r})(profile)\n"
+            "constructed = sorted(set(sys.modules) - before)\n"
+            "try:\n"
+            "    backend.open()\n"
+            "    refused = None\n"
+            "except BackendUnavailable as exc:\n"
+            "    refused = str(exc)\n"
+            "print(json.dumps({'constructed': constructed, 'opened': sorted(set(sys.modules) - before),"
+            " 'refused': refused}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        seen = json.loads(out.stdout)
+        assert seen["constructed"] == []
+        if seen["refused"] is not None:
+            assert "\n" not in seen["refused"] and name in seen["refused"]
+        elif LIBRARY[name] is not None:
+            assert LIBRARY[name] in seen["opened"]
 
     def test_measures_a_real_model_or_refuses_in_one_line(
         self, name: str, onnx_artifact: Path

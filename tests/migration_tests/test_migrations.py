@@ -6,7 +6,9 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -118,6 +120,47 @@ def test_older_schema_is_refused_then_upgraded_with_trials_kept(tmp_path: Path) 
     assert json.loads(status.stdout)["completed"] == 6
     pareto = runner.invoke(app, ["pareto", "t1", "--db", url, "--json"])
     assert pareto.exit_code == 0 and json.loads(pareto.stdout)
+
+
+def test_trials_stored_by_the_previous_release_read_unchanged(tmp_path: Path, start_hub: Callable[..., Any]) -> None:
+    """A search written by hwprune at commit 06f14df (before the typed trial record; checked in
+    with what that version's `search trials/status --json` and `pareto --json` printed) reads
+    back through the record as it did then, through the CLI and the hub alike."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from search.cli.main import app
+    from search.storage.queue import JobQueue
+    from search.storage.record import read_trials
+
+    db = tmp_path / "old.db"
+    shutil.copyfile(ASSETS / "trials_06f14df.db", db)
+    url = f"sqlite:///{db}"
+    expected = json.loads((ASSETS / "trials_06f14df.json").read_text())
+    runner = CliRunner()
+    for command, key in ((["search", "trials"], "trials"), (["search", "status"], "status"), (["pareto"], "pareto")):
+        result = runner.invoke(app, [*command, "old", "--db", url, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == expected[key], command
+    records = read_trials(_load_study(url, "hwprune:old"))
+    assert {r.version for r in records} == {1}  # stored before records were versioned
+    done = [r for r in records if r.state == "COMPLETE"]
+    assert done and all(r.error is not None and r.latency and r.plan for r in done)
+    assert all(f.source == "measured" and f.ratio > 0 for r in done for f in r.latency.values())
+    repo = Repository(url)
+    token = JobQueue(repo.engine).add_agent("reader", "", role="reader")
+    repo.close()
+    hub = start_hub(url)
+    with httpx.Client(base_url=hub.url + "/v1", headers={"Authorization": f"Bearer {token}"}) as reader:
+        assert reader.get("/searches/old/trials").json() == expected["trials"]
+        assert reader.get("/searches/old").json() == expected["status"]
+        assert reader.get("/searches/old/pareto").json() == expected["pareto"]
+
+
+def _load_study(url: str, name: str) -> optuna.Study:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.load_study(study_name=name, storage=url)
 
 
 def test_upgrade_from_0001_moves_artifacts_into_the_store(db_url: str, tmp_path: Path) -> None:

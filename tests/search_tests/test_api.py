@@ -13,7 +13,7 @@ import torch
 
 import search
 import search.api as hw
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchNotFoundError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -34,8 +34,8 @@ def test_readme_example_runs(cached: Path) -> None:
     namespace: dict[str, Any] = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102
     assert isinstance(namespace["model"], torch.nn.Module)
-    assert namespace["status"]["completed"] == 3
-    assert [row["trial"] for row in namespace["exported"]] == [row["trial"] for row in namespace["front"]]
+    assert namespace["result"].summary.completed == 3
+    assert [row["trial"] for row in namespace["exported"]] == [row.trial for row in namespace["front"]]
     assert isinstance(namespace["best"], torch.nn.Module)
     assert (cached / "models" / "by-hand" / "model.pt2").is_file()
 
@@ -127,3 +127,36 @@ def test_plans_take_counts_or_ratios(plugin: str, fast_profile: Any) -> None:
     assert "# options, count (share of 32): 8 (0.25), 16 (0.5), 24 (0.75), 32 (1)" in text
     plan = Plan.from_dict(yaml.safe_load(text))
     assert space.kept(space.resolve(plan)) == {"0": 32, "3": 32}
+
+
+def test_run_search_confirms_recovers_and_warns_as_the_cli_does(plugin: str, fast_profile_path: Path,
+                                                                 tmp_path: Path) -> None:
+    settings = hw.Settings(db=f"sqlite:///{tmp_path / 'a.db'}", profiles_dirs=(fast_profile_path.parent,),
+                           cache=tmp_path / "cache")
+    seen: list[Any] = []
+    confirmed: list[tuple[int, str]] = []
+    result = hw.run_search({"name": "a", "model": plugin, "targets": ["fast"], "trials": 4, "final_steps": 3,
+                            "recovery": {"steps": 2}}, settings=settings, on_trial=seen.append,
+                           on_confirmed=lambda trial, target, _verdict: confirmed.append((trial, target)))
+    assert result.summary.completed == 4
+    assert [p.counted for p in seen] == [1, 2, 3, 4] and all(p.asked == 4 for p in seen)
+    # The front is confirmed and finally recovered, as `search start` does it.
+    assert result.pareto and all(row.confirmed["fast"] and row.final_steps == 3 for row in result.pareto)
+    assert {trial for trial, _ in confirmed} <= {row.trial for row in result.pareto if row.trial != 0}
+    # The end-of-search warning is given exactly when the dense base model wins.
+    assert bool(result.warnings) == result.summary.best_is_base
+    assert result.to_dict()["search"] == hw.status("a", settings=settings).to_dict()
+    assert result.to_dict()["pareto"] == [row.to_dict() for row in hw.pareto("a", settings=settings)]
+    resumed = hw.resume_search("a", trials=5, settings=settings)
+    assert resumed.summary.completed == 5 and resumed.summary.trials_asked == 5
+    assert all(row.final_steps == 3 for row in resumed.pareto)
+
+
+def test_resume_search_of_an_unknown_search_names_the_stored_ones(plugin: str, fast_profile_path: Path,
+                                                                  tmp_path: Path) -> None:
+    settings = hw.Settings(db=f"sqlite:///{tmp_path / 'a.db'}", profiles_dirs=(fast_profile_path.parent,),
+                           cache=tmp_path / "cache")
+    hw.run_search({"name": "kept", "model": plugin, "targets": ["fast"], "trials": 2, "recovery": {"steps": 0}},
+                  settings=settings)
+    with pytest.raises(SearchNotFoundError, match="no search named 'nope'.*searches: kept"):
+        hw.resume_search("nope", trials=3, settings=settings)

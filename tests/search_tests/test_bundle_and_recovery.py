@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from hardware_profiles import load_profile
+from search.config import RecoverySettings
 from search.errors import ModelLoadError
 from search.examples import load_bundle
 from search.pipeline.bundle import ModelBundle
 from search.pipeline.onnx_export import export_onnx
-from search.pipeline.recovery import RecoveryConfig, recover
+from search.pipeline.recovery import recover
 from search.pipeline.space import apply, build_space
 from search.study.materialize import load_pruned, write_model_dir
 
@@ -56,7 +57,7 @@ def test_recovery_restores_accuracy_and_keeps_nm(digits_bundle: ModelBundle) -> 
     plan = type(plan)(channels=plan.channels, sparsity=sparse)
     pruned = apply(bundle.model, bundle.example_input, space, plan)
     before = bundle.error_fn(pruned.model, bundle.val_loader)
-    recover(pruned.model, bundle, RecoveryConfig(steps=60, lr=0.02, optimizer="sgd", warmup=0,
+    recover(pruned.model, bundle, RecoverySettings(steps=60, lr=0.02, optimizer="sgd", warmup=0,
                                                    distill=0.5, bn_batches=4, holdout_batches=2), masks=pruned.masks)
     after = bundle.error_fn(pruned.model, bundle.val_loader)
     assert after < before
@@ -72,7 +73,7 @@ def test_materialised_state_reloads(digits_bundle: ModelBundle, tmp_path: Path) 
     bundle = digits_bundle
     space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
     pruned = apply(bundle.model, bundle.example_input, space, space.uniform_plan(0.5))
-    recover(pruned.model, bundle, RecoveryConfig(steps=5))
+    recover(pruned.model, bundle, RecoverySettings(steps=5, bn_batches=0, holdout_batches=0))
     artifact = export_onnx(pruned.model, bundle.example_input, tmp_path / "a")
     out = write_model_dir(tmp_path / "m", bundle=bundle, plan=space.uniform_plan(0.5), pruned=pruned,
                           artifact=artifact, importance="magnitude", model_spec="digits")

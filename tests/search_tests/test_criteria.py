@@ -155,16 +155,17 @@ def test_rematerialisation_uses_the_stored_criterion(tmp_path: Path) -> None:
     trial = apply(bundle.model, bundle.example_input, space, plan, nm_criterion="sparsegpt",
                   calibration=bundle.train_loader)
     measured = export_onnx(trial.model, bundle.example_input, tmp_path / "trial")
-    attrs = {"plan": plan.to_dict(), "artifact_sha256": measured.sha256}
     base = {"name": "s", "model": "x.y:z", "recovery": {"steps": 0, "bn_batches": 0, "holdout_batches": 0}}
     config = load_search_config(None, {**base, "nm_criterion": "sparsegpt"})
-    result = rebuild_trial(bundle=bundle, space=space, config=config, attrs=attrs,
+    result = rebuild_trial(bundle=bundle, space=space, config=config, plan=plan.to_dict(),
+                           artifact_sha256=measured.sha256,
                            base_signature="dense", artifact_dir=tmp_path / "a", batch_size=1)
     rebuilt, artifact = result.pruned, result.artifact
     assert artifact.sha256 == measured.sha256
     assert all(satisfies_nm(dict(rebuilt.model.named_modules())[layer].weight, 2, 4) for layer in plan.sparsity)
     with pytest.raises(SearchError, match="differs from the measured one"):
-        rebuild_trial(bundle=bundle, space=space, config=load_search_config(None, base), attrs=attrs,
+        rebuild_trial(bundle=bundle, space=space, config=load_search_config(None, base),
+                      plan=plan.to_dict(), artifact_sha256=measured.sha256,
                       base_signature="dense", artifact_dir=tmp_path / "b", batch_size=1)
 
 

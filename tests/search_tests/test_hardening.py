@@ -159,7 +159,7 @@ def test_refused_resume_keeps_the_stored_budget(tmp_path: Path, plugins: str, hw
     assert resumed.exit_code != 0 and len(resumed.stderr.strip().splitlines()) == 1, resumed.output
     assert "[SQL:" not in resumed.stderr
     repo = Repository(url)
-    assert repo.get_search("r").config["trials"] == 1  # the refused resume changed nothing
+    assert repo.get_search("r").config.trials == 1  # the refused resume changed nothing
     repo.close()
 
 

@@ -119,7 +119,7 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
         for point in front:
             # The figure shown is the confirmation's, from measured sessions only.
             assert point.confirmed["fast"]
-            if point.predicted.get("fast") and point.signature != record.base["signature"]:
+            if point.predicted.get("fast") and point.signature != record.base.signature:
                 verdict = verdicts[f"confirm:fast:{point.signature}"]
                 assert len(verdict["sessions"]) >= 2 and point.ratio["fast"] == verdict["ratio"]
                 # The prediction is not among the sessions: each one is a fresh measurement.
@@ -128,7 +128,7 @@ def test_screened_search_never_leaves_a_prediction_on_a_front(
         if mode == "predicted":
             # Nearly every trial was predicted, so predicted trials surfaced onto the front and
             # confirmation measured them (the path the hybrid margin relies on).
-            assert any(p.predicted.get("fast") for p in front if p.signature != record.base["signature"])
+            assert any(p.predicted.get("fast") for p in front if p.signature != record.base.signature)
         stored = LatencyModelStore(repo.engine).names()
     finally:
         repo.close()

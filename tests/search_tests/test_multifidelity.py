@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from search.cli.main import app
 from search.examples.distorted_digits import DistortionRecipe, distorted_tensors
+from search.storage.record import read_final_scores, read_trials, read_walk
 from search.study import sensitivity
-from search.study.netadapt import STEP_KEY, WALK_KEY
 
 runner = CliRunner()
 
@@ -118,25 +118,25 @@ def test_sensitivity_scan_is_stored_shown_and_enqueued(setup: dict[str, Any]) ->
 def test_netadapt_walks_to_lower_latency_and_a_resume_continues_the_walk(setup: dict[str, Any]) -> None:
     _run(setup, ["search", "start", "--name", "na", *setup["model"], "--sampler", "netadapt",
                  "--trials", "5", "--db", setup["db"], "--json"])
-    first = _study(setup["db"], "na").user_attrs[WALK_KEY]
+    first = read_walk(_study(setup["db"], "na"))
     assert first
     # A resume with a larger budget carries on from the last kept model; it does not start over
     # from the dense model (which repeated the first steps' plans as new trials).
     _run(setup, ["search", "resume", "na", "--trials", "8", "--db", setup["db"], "--json"])
     study = _study(setup["db"], "na")
-    walk = study.user_attrs[WALK_KEY]
+    walk = read_walk(study)
     assert walk[:len(first)] == first
-    assert [step["step"] for step in walk] == list(range(1, len(walk) + 1))
+    assert [step.step for step in walk] == list(range(1, len(walk) + 1))
     assert len(walk) >= 2
-    targets = [step["target_ratio"] for step in walk]
+    targets = [step.target_ratio for step in walk]
     assert targets == sorted(targets, reverse=True)
     # Each step keeps a model measured faster than the previous step's, up to timing noise.
-    ratios = [step["latency_ratio"] for step in walk]
+    ratios = [step.latency_ratio for step in walk]
     assert all(later < earlier + 0.03 for earlier, later in zip(ratios, ratios[1:], strict=False))
     assert ratios[-1] < ratios[0] < 1.0
-    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    trials = read_trials(study, ["COMPLETE"])
     assert len(trials) == 8
-    assert all(t.user_attrs.get(STEP_KEY) for t in trials[1:])  # every trial but the dense one
+    assert all(t.netadapt_step for t in trials[1:])  # every trial but the dense one
 
 
 def test_final_recovery_is_stored_beside_the_search_error(setup: dict[str, Any], tmp_path: Path) -> None:
@@ -145,10 +145,12 @@ def test_final_recovery_is_stored_beside_the_search_error(setup: dict[str, Any],
     rows = json.loads(result.stdout)["pareto"]
     study = _study(setup["db"], "fin")
     assert rows and all(row["final_steps"] == 6 for row in rows)
+    finals = read_final_scores(study)
+    errors = {t.number: t.error for t in read_trials(study)}
     for row in rows:
-        stored = study.user_attrs[f"final:{row['trial']}"]
-        assert stored["search_error"] == study.trials[row["trial"]].user_attrs["error"] == row["error"]
-        assert row["final_error"] == stored["error"]
+        stored = finals[row["trial"]]
+        assert stored.search_error == errors[row["trial"]] == row["error"]
+        assert row["final_error"] == stored.error
     table = _run(setup, ["pareto", "fin", "--db", setup["db"]]).stdout
     assert "final acc (6 steps)" in table
     out = tmp_path / "front"

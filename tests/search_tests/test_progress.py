@@ -50,6 +50,6 @@ def test_search_reports_its_base_measurement(tmp_path: Path, monkeypatch: pytest
     with progress.reporting(recorder):
         status = hw.run_search({"name": "p", "model": "small_progress:bundle", "targets": ["fast"], "trials": 2,
                                 "recovery": {"steps": 0}}, settings=settings)
-    assert status["completed"] == 2
+    assert status.summary.completed == 2
     [(description, total)] = [t for t in recorder.tasks if t[0].startswith("measuring the base model")]
     assert total == 1 and recorder.steps[description] == 1

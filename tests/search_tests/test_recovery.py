@@ -14,11 +14,9 @@ from search.examples.zoo import make_architecture
 from search.pipeline.bundle import Batch, ModelBundle, classification_error, seeded_error
 from search.pipeline.inputs import tensors
 from search.pipeline.recovery import (
-    RecoveryConfig,
     adapt_batchnorm,
     recover,
     recover_with_report,
-    recovery_for,
     training_split,
 )
 from search.pipeline.space import SearchSpace, apply, build_space
@@ -70,11 +68,11 @@ def test_nearly_dense_plan_is_never_made_worse_by_recovery(digits_bundle: ModelB
     bundle = digits_bundle
     space = _space(bundle)
     dense_error = bundle.error_fn(bundle.model, bundle.val_loader)
-    default = recovery_for(SearchConfig(name="t", example="digits", recovery=RecoverySettings(steps=20)))
+    default = SearchConfig(name="t", example="digits", recovery=RecoverySettings(steps=20)).recovery
     # The default recovery, the old default that blew up a nearly dense ResNet-18 in issue 16, and
     # a learning rate that wrecks any model.
-    configs = (default, RecoveryConfig(steps=5, optimizer="sgd", lr=0.01, warmup=0, bn_batches=8, holdout_batches=2),
-               RecoveryConfig(steps=20, optimizer="sgd", lr=5.0, warmup=0, bn_batches=8, holdout_batches=2))
+    configs = (default, RecoverySettings(steps=5, optimizer="sgd", lr=0.01, warmup=0, bn_batches=8, holdout_batches=2),
+               RecoverySettings(steps=20, optimizer="sgd", lr=5.0, warmup=0, bn_batches=8, holdout_batches=2))
     for ratio in (0.875, 0.75):
         plan = space.uniform_plan(ratio)
         raw = bundle.error_fn(apply(bundle.model, bundle.example_input, space, plan).model, bundle.val_loader)
@@ -122,7 +120,7 @@ def test_two_seeds_give_different_recovery_orders_on_a_list_loader(digits_bundle
     weights = []
     for seed in (0, 1, 0):
         pruned = apply(bundle.model, bundle.example_input, space, space.uniform_plan(0.5))
-        recover(pruned.model, bundle, RecoveryConfig(steps=6, bn_batches=2, holdout_batches=2, seed=seed))
+        recover(pruned.model, bundle, RecoverySettings(steps=6, bn_batches=2, holdout_batches=2), seed=seed)
         weights.append(pruned.model.state_dict())
     assert any(not torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     assert all(torch.equal(v, weights[2][k]) for k, v in weights[0].items())  # replays bit-identically
@@ -201,7 +199,6 @@ def test_a_config_stored_before_version_2_keeps_the_first_recovery() -> None:
     config = SearchConfig.from_stored(STORED_BEFORE_VERSION_2)
     assert config.recovery.version == 1
     assert config.recovery.lr == 0.01  # version 1's default, not today's 3e-4
-    assert recovery_for(config).version == 1
     # Today's configurations, written by a user or stored now, are version 2.
     assert SearchConfig.model_validate(STORED_BEFORE_VERSION_2).recovery.version == 2
     stored_now = SearchConfig.model_validate(STORED_BEFORE_VERSION_2).model_dump()
@@ -215,7 +212,7 @@ def test_recovery_version_1_is_plain_sgd_on_the_loaders_order() -> None:
                for i in range(3)]
     bundle = ModelBundle(name="lin", model=model, example_input=batches[0][0][:1], train_loader=batches,
                          val_loader=batches, error_fn=classification_error)
-    config = RecoveryConfig(steps=5, lr=0.05, version=1, bn_batches=2, holdout_batches=2)
+    config = RecoverySettings(steps=5, lr=0.05, version=1, bn_batches=2, holdout_batches=2)
     report = recover_with_report(copy.deepcopy(model), bundle, config)
     # The same steps written out: SGD with momentum 0.9 and weight decay 1e-4 at a constant rate,
     # batches in the list's own order, cycling; nothing held out.
@@ -229,7 +226,8 @@ def test_recovery_version_1_is_plain_sgd_on_the_loaders_order() -> None:
     assert report.kept == "finetuned" and report.holdout_error == {}
     for got, want in zip(report.model.parameters(), expected.parameters(), strict=True):
         assert torch.equal(got, want)
-    version_2 = recover_with_report(copy.deepcopy(model), bundle, RecoveryConfig(steps=5, lr=0.05))
+    version_2 = recover_with_report(copy.deepcopy(model), bundle,
+                                    RecoverySettings(steps=5, lr=0.05, bn_batches=0, holdout_batches=0))
     assert not torch.equal(next(version_2.model.parameters()), next(expected.parameters()))
 
 
@@ -239,10 +237,10 @@ class _Stop(Exception):
 
 def test_before_finetune_sees_the_held_out_error_and_can_stop_the_recovery(digits_bundle: ModelBundle) -> None:
     space = _space(digits_bundle)
-    config = RecoveryConfig(steps=4, bn_batches=2, holdout_batches=2, seed=3)
+    config = RecoverySettings(steps=4, bn_batches=2, holdout_batches=2)
     seen: list[float] = []
     pruned = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5))
-    report = recover_with_report(pruned.model, digits_bundle, config, masks=pruned.masks,
+    report = recover_with_report(pruned.model, digits_bundle, config, seed=3, masks=pruned.masks,
                                  before_finetune=seen.append)
     # Called once, with the error of the model about to be fine-tuned: the BN-adapted one.
     assert seen == [report.holdout_error["bn"]]
@@ -253,7 +251,7 @@ def test_before_finetune_sees_the_held_out_error_and_can_stop_the_recovery(digit
     again = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5))
     threads = torch.get_num_threads()
     with pytest.raises(_Stop):
-        recover_with_report(again.model, digits_bundle, config, masks=again.masks, before_finetune=stop)
+        recover_with_report(again.model, digits_bundle, config, seed=3, masks=again.masks, before_finetune=stop)
     assert torch.get_num_threads() == threads
     # Stopped before any fine-tuning step: the weights are the BN-adapted model's, not trained.
     adapted = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5)).model

@@ -181,13 +181,16 @@ def test_status_shows_failures_by_stage(tmp_path: Path, hwprune_cache: Path, nea
 def _record(**constraints: float) -> Any:
     import datetime as dt
 
+    from search.config import SearchConfig
     from search.storage import SearchRecord
+    from search.storage.record import BaseFigures
 
     return SearchRecord(
-        name="s", study_name="hwprune:s", config={"targets": ["cpu"], "constraints": constraints},
+        name="s", study_name="hwprune:s",
+        config=SearchConfig(name="s", example="digits", targets=["cpu"], constraints=constraints),  # type: ignore[arg-type]
         base_fingerprint="", space_fingerprint="", space={},
-        base={"error": 0.05, "signature": "base", "error_floor": 0.06,
-              "measurements": {"cpu": {"median_us": 1000.0}}},
+        base=BaseFigures(error=0.05, macs=0, params=0, signature="base", artifact_sha256="", error_floor=0.06,
+                         measurements={"cpu": {"median_us": 1000.0}}),
         versions={}, created_at=dt.datetime(2026, 1, 1))
 
 
@@ -201,7 +204,7 @@ def _trial(study: optuna.Study, signature: str, error: float, ratio: float, ci: 
 
 
 def test_an_unconfirmed_lucky_figure_never_hides_a_confirmed_trial() -> None:
-    from search.study.confirmation import Confirmation, key
+    from search.storage.record import Confirmation, write_confirmation
     from search.study.read import pareto_rows
 
     with warnings.catch_warnings():
@@ -210,18 +213,18 @@ def test_an_unconfirmed_lucky_figure_never_hides_a_confirmed_trial() -> None:
     _trial(study, "base", 0.05, 1.0, (1.0, 1.0))
     _trial(study, "a", 0.06, 0.5, (0.49, 0.51))
     _trial(study, "lucky", 0.06, 0.3, (0.28, 0.33))  # would dominate "a" on its one session
-    study.set_user_attr(key("cpu", "a"), Confirmation((Session(0.5, (0.49, 0.51)), Session(0.51, (0.5, 0.52))),
-                                                      0.51, (0.47, 0.54)).to_dict())
-    rows = {row["trial"]: row for row in pareto_rows(_record(), study, "cpu")}
+    write_confirmation(study, "cpu", "a", Confirmation((Session(0.5, (0.49, 0.51)), Session(0.51, (0.5, 0.52))),
+                                                       0.51, (0.47, 0.54)))
+    rows = {row.trial: row.to_dict() for row in pareto_rows(_record(), study, "cpu")}
     assert set(rows) == {0, 1, 2}
     assert rows[1]["confirmed"] == {"cpu": True} and rows[1]["ratio"] == {"cpu": 0.51}
     assert rows[2]["confirmed"] == {"cpu": False}
     assert rows[1]["speedup_interval"]["cpu"] == pytest.approx([1 / 0.54, 1 / 0.47])
     # Confirmed slower than "a": now "a" dominates it and it leaves the front.
-    study.set_user_attr(key("cpu", "lucky"), Confirmation((Session(0.3, (0.28, 0.33)), Session(0.6, (0.58, 0.62)),
-                                                           Session(0.61, (0.6, 0.62))), 0.61, (0.0, 0.9)).to_dict())
-    assert [row["trial"] for row in pareto_rows(_record(), study, "cpu")] == [1, 0]
+    write_confirmation(study, "cpu", "lucky", Confirmation((Session(0.3, (0.28, 0.33)), Session(0.6, (0.58, 0.62)),
+                                                            Session(0.61, (0.6, 0.62))), 0.61, (0.0, 0.9)))
+    assert [row.trial for row in pareto_rows(_record(), study, "cpu")] == [1, 0]
     # A latency budget is judged on the confirmed figure: 0.51 is within 0.52 but over 0.505,
     # although its first session (0.50) was within both.
-    assert [row["trial"] for row in pareto_rows(_record(latency_budget_ratio=0.52), study, "cpu")] == [1]
+    assert [row.trial for row in pareto_rows(_record(latency_budget_ratio=0.52), study, "cpu")] == [1]
     assert pareto_rows(_record(latency_budget_ratio=0.505), study, "cpu") == []
