@@ -120,7 +120,8 @@ def run_chain(
     else:
         with stage("prune"):
             pruned = apply(bundle.model, bundle.example_input, space, plan, importance=settings.importance,
-                           nm_criterion=settings.nm_criterion, calibration=bundle.train_loader)
+                           nm_criterion=settings.nm_criterion, calibration=bundle.train_loader,
+                           device=settings.device)
         model, signature = pruned.model, pruned.signature
     check = on_pruned(pruned) if on_pruned is not None and pruned is not None else None
     is_base = pruned is None or signature == base_signature

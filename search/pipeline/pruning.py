@@ -22,6 +22,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
+from search.pipeline.device import CPU, ModelDevice, OnDevice, to_device
 from search.pipeline.features import macs_per_output
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, rebuild, run
 from search.pipeline.inputs import tensors as tensors_of
@@ -746,6 +748,7 @@ def apply_pruning(
     calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None = None,
     loss_fn: Any = nn.functional.cross_entropy,
     retrace: bool = False,
+    device: ModelDevice = CPU,
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.
 
@@ -758,6 +761,10 @@ def apply_pruning(
     group is pruned, since a group's scores read layers earlier groups have already pruned.
     ``retrace`` traces a fresh graph on the copy instead (the slower path; the results are
     bit-identical, which tests/search_tests/test_replay.py checks).
+
+    Calibration runs on ``device``: on a GPU the copy is traced afresh (the copied graph shares the
+    base's tensors until pruning replaces them, and the user's model must not move), moved there
+    for the calibrated steps, and returned on the CPU like every pruned model.
 
     Raises:
         PlanError: a data-dependent importance or N:M criterion without calibration data.
@@ -772,14 +779,22 @@ def apply_pruning(
     # Fixed threads: float reductions split by thread count, and replays must be bit-identical.
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    on_device = bool(needs_data) and device.kind != "cpu"
+    retrace = retrace or on_device
     try:
         few = calibration_batches(calibration) if needs_data and calibration is not None else []
-        with warnings.catch_warnings(record=True) as caught:
+        if on_device:
+            few = to_device(few, device.torch)
+            calibration = OnDevice(calibration or [], device.torch)
+        # On a GPU the calibrated steps are model work: they hold the device (search.pipeline.device).
+        with warnings.catch_warnings(record=True) as caught, device.work() if on_device else nullcontext():
             warnings.simplefilter("always")
             if retrace:
                 model = copy.deepcopy(base).eval()
                 graph = _build_graph(model, example)
                 trace_warnings: tuple[str, ...] = ()
+                if on_device:
+                    model.to(device.torch)  # in place: the graph's modules stay the ones it traced
             else:
                 traced = _traced(base, example)
                 model, graph = _copy_with_graph(base, traced)
@@ -811,7 +826,11 @@ def apply_pruning(
         tp_warnings = trace_warnings + tuple(str(w.message) for w in caught)
         if not retrace:
             _unshare(model, base)  # before N:M masks are written in place
-        masks = sparsify(model, patterns, criterion=nm_criterion, calibration=[x for x, _ in few])
+        with device.work() if on_device else nullcontext():
+            masks = sparsify(model, patterns, criterion=nm_criterion, calibration=[x for x, _ in few])
+        if on_device:
+            model.to("cpu")
+            masks = {name: mask.to("cpu") for name, mask in masks.items()}
     finally:
         torch.set_num_threads(previous_threads)
     sparsity: dict[str, float] = {}

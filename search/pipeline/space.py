@@ -22,6 +22,7 @@ from torch import nn
 from hardware_profiles import HardwareProfile, parse_pattern
 from search.config import DEFAULT_KEEP_RATIOS
 from search.errors import PlanError
+from search.pipeline.device import CPU, ModelDevice
 from search.pipeline.inputs import ModelInput
 from search.pipeline.plan import Plan
 from search.pipeline.pruning import Discovery, GroupInfo, PrunedModel, apply_pruning, discover
@@ -366,13 +367,15 @@ def apply(
     nm_criterion: str = "magnitude",
     calibration: Any = None,
     retrace: bool = False,
+    device: ModelDevice = CPU,
 ) -> PrunedModel:
     """Validate ``plan`` against ``space`` and apply it to a copy of ``base``.
 
     Deterministic: the same plan on the same base gives bit-identical weights. ``nm_criterion``
     chooses the N:M masks (magnitude, wanda or sparsegpt; the last two calibrate on
     ``calibration``, the training loader). ``retrace`` traces torch-pruning's graph afresh
-    instead of copying the one traced at the first apply (same result, slower).
+    instead of copying the one traced at the first apply (same result, slower). Calibration
+    (gradient importances, Wanda, SparseGPT) runs on ``device``; the returned model is on the CPU.
     """
     plan = space.resolve(plan)
     space.validate(plan)
@@ -391,4 +394,5 @@ def apply(
         nm_criterion=nm_criterion,
         calibration=calibration,
         retrace=retrace,
+        device=device,
     )

@@ -26,6 +26,7 @@ import optuna
 
 from latency_models import MeasurementKey, Meter
 from search.pipeline.bundle import ModelBundle, seeded_error
+from search.pipeline.device import CPU, ModelDevice, deterministic, move_model
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.space import SearchSpace, apply
@@ -117,8 +118,9 @@ def scan(
     batch_size: int = 1,
     repo: Repository | None = None,
     on_cut: Callable[[Cut], None] | None = None,
+    device: ModelDevice = CPU,
 ) -> Sensitivity:
-    """Cut each group alone to each option below full width; score error and latency.
+    """Cut each group alone to each option below full width; score error (on ``device``) and latency.
 
     Latency: with a ``meter``, a cut whose architecture is in the measurement cache is read from
     it; any other is measured (and cached) when ``measure``, else left unknown. Without a meter,
@@ -132,8 +134,10 @@ def scan(
             if index == len(group.kept) - 1:
                 continue  # full width: the base model itself
             pruned = apply(bundle.model, bundle.example_input, space, Plan(channels={group.name: ratio}),
-                           importance=importance, calibration=bundle.train_loader)
-            error = seeded_error(bundle, pruned.model, seed)
+                           importance=importance, calibration=bundle.train_loader, device=device)
+            with deterministic(device):
+                error = seeded_error(bundle, move_model(pruned.model, device), seed, device)
+            pruned.model.to("cpu")
             latency: float | None = None
             if meter is not None:
                 key = MeasurementKey(pruned.signature, meter.profile.fingerprint(), meter.base.sha256)
@@ -249,7 +253,7 @@ def prepare_start(study: optuna.Study, ctx: SearchContext, *, enqueue: bool) -> 
         return found
     found = scan(ctx.bundle, ctx.space, seed=ctx.config.seed, base_error=ctx.base_error,
                  importance=ctx.config.importance, meter=ctx.meters[0], repo=ctx.repo,
-                 artifact_dir=ctx.artifact_dir, batch_size=ctx.batch_size)
+                 artifact_dir=ctx.artifact_dir, batch_size=ctx.batch_size, device=ctx.device)
     if enqueue:
         count = enqueue_start(study, ctx.space, found)
         logger.info("sensitivity start: %d plans enqueued", count)
