@@ -26,6 +26,11 @@ from latency_models import LatencyError
 from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
 
+try:  # typer vendors click from 0.2x on; its usage errors are that copy's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
 # Global options a user may also put after the subcommand (`hwprune search status x --debug`);
 # each is moved in front of the subcommand before parsing. The value-taking ones take one value.
 GLOBAL_FLAGS = ("--debug",)
@@ -55,9 +60,38 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+class _OneLineUsageError(click_exceptions.UsageError):
+    """A usage error shown as the error contract says: one `error:` line naming the fix."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "hwprune"
+        message = " ".join(self.format_message().split())
+        stderr().print(f"[red]error:[/red] {escape(message)} (see '{escape(command)} --help')", highlight=False)
+
+
+@contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click_exceptions.NoArgsIsHelpError:
+        raise  # a bare group shows its help
+    except click_exceptions.UsageError as exc:
+        raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
 class _Group(typer.core.TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(list(args)))  # type: ignore[no-any-return]
+
+    # Click prints usage errors (a bad option value, an unknown command) as three lines of its
+    # own; every one of them, at any depth of the command tree, passes through these two.
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
 
 
 # Plain (click) help: rich's help panels crop option names and help at 80 columns off a terminal.

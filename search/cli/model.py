@@ -294,10 +294,13 @@ def export_command(
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
         from search.api import check_output_folder, export_plan
 
+        from search.pipeline.plan import Plan
+
         check_output_folder(out, force=force)
         spec = model_spec_from_options(example, model)
+        plan = Plan.load(plan_file)  # a bad plan file is refused before the model loads (or trains)
         with output_errors(out):
-            manifest = export_plan(spec, plan_file, out, targets=profile, ignored=ignore or (),
+            manifest = export_plan(spec, plan, out, targets=profile, ignored=ignore or (),
                                    importance=importance, finetune_steps=finetune_steps, force=force,
                                    dynamo=dynamo, settings=settings)
         if as_json:

@@ -126,7 +126,9 @@ def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     with handle_errors():
         from search.storage import current_revision, head_revision, make_engine
 
-        engine = make_engine(db_url(db or state.db))
+        url = db_url(db or state.db)
+        require_database(url)  # connecting would create a missing SQLite file
+        engine = make_engine(url)
         current = current_revision(engine)
         engine.dispose()
         if as_json:
