@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from hardware_profiles import ProfileError
 from latency_models import LatencyError
 from search.config import DB_ENV, DEFAULT_DB, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
+from search.examples import EXAMPLES
 
 try:  # typer vendors click from 0.2x on; its usage errors are that copy's
     from typer._click import exceptions as click_exceptions
@@ -182,7 +184,19 @@ def handle_errors() -> Iterator[None]:
 
 
 def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+    """``data`` as RFC 8259 JSON: a figure that is not finite (a conformal quantile fitted on too
+    few samples is unbounded) is ``null``, never Python's non-standard ``Infinity`` or ``NaN``."""
+    typer.echo(json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 @app.callback()
@@ -247,7 +261,7 @@ DbOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON; no progress display.")]
 
 ExampleOpt = Annotated[
-    str | None, typer.Option("--example", help="Built-in example model: digits.")
+    str | None, typer.Option("--example", help=f"Built-in example model: {', '.join(EXAMPLES)}.")
 ]
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="Model plugin as package.module:function.")

@@ -293,7 +293,6 @@ def export_command(
         if plan_file is None:
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
         from search.api import check_output_folder, export_plan
-
         from search.pipeline.plan import Plan
 
         check_output_folder(out, force=force)

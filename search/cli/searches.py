@@ -49,6 +49,7 @@ from search.config import (
     load_search_config,
 )
 from search.errors import SearchError
+from search.examples import EXAMPLES
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
@@ -296,7 +297,7 @@ def search_start(
     name: Annotated[str | None, typer.Option("--name", help="Search name (resumes it if it exists).")] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="Search config YAML (`hwprune search config --schema` lists its fields).")] = None,
-    example: Annotated[str | None, typer.Option("--example", help="Built-in example: digits.")] = None,
+    example: Annotated[str | None, typer.Option("--example", help=f"Built-in example: {', '.join(EXAMPLES)}.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Plugin package.module:function.")] = None,
     profile: Annotated[list[str] | None, typer.Option(
         "--profile", "-p", help="Target profile (repeatable; the first is primary). Default: cpu-ort-fp32.")] = None,

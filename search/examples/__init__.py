@@ -13,16 +13,20 @@ import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.config import PLUGIN_TIMEOUT_ENV, plugin_timeout_s
 from search.errors import ModelLoadError
-from search.examples.digits import digits
-from search.examples.distorted_digits import NAME as DISTORTED
-from search.examples.distorted_digits import digits_distorted
-from search.pipeline.bundle import ModelBundle
 
-EXAMPLES = ("digits", DISTORTED)
+if TYPE_CHECKING:
+    from search.pipeline.bundle import ModelBundle
+
+# The built-in examples, by name: the function that builds each, imported on use, so that the
+# command line can list them (in its help) without loading torch.
+EXAMPLES: dict[str, str] = {
+    "digits": "search.examples.digits:digits",
+    "digits-distorted": "search.examples.distorted_digits:digits_distorted",
+}
 
 
 def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
@@ -31,14 +35,14 @@ def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
     Raises:
         ModelLoadError: unknown name; the message lists the examples and the plugin syntax.
     """
-    if name == "digits":
-        return digits(cache_dir=cache_dir)
-    if name == DISTORTED:
-        return digits_distorted(cache_dir=cache_dir)
-    raise ModelLoadError(
-        f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
-        "(or give a plugin as package.module:function)"
-    )
+    if name not in EXAMPLES:
+        raise ModelLoadError(
+            f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
+            "(or give a plugin as package.module:function)"
+        )
+    module, _, function = EXAMPLES[name].partition(":")
+    bundle: ModelBundle = getattr(importlib.import_module(module), function)(cache_dir=cache_dir)
+    return bundle
 
 
 def load_bundle(spec: str, *, cache_dir: Path, timeout_s: float | None = None) -> ModelBundle:
@@ -61,6 +65,8 @@ def load_bundle(spec: str, *, cache_dir: Path, timeout_s: float | None = None) -
     if not callable(factory):
         raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
     bundle = _bounded(spec, "building its bundle", limit, lambda: _call_plugin(spec, factory))
+    from search.pipeline.bundle import ModelBundle
+
     if not isinstance(bundle, ModelBundle):
         raise ModelLoadError(
             f"model plugin {spec!r} returned {type(bundle).__name__}; "

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -45,7 +45,7 @@ from latency_models.wire import (
     StatusBody,
     clean_text,
 )
-from search.errors import ConfigError, SearchError, SearchNotFoundError, StorageError
+from search.errors import SearchError, SearchNotFoundError, StorageError
 from search.storage import Repository
 from search.storage.queue import AGENT, READER, AgentRecord, JobQueue, JobRecord, Outcome
 
@@ -200,9 +200,10 @@ _DESCRIPTIONS = {
     401: "Missing, unknown or revoked bearer token.",
     403: "The token may not do this (another profile, a job it does not hold, a reader token).",
     404: "No such job, artifact or search.",
-    409: "Another agent holds or finished the job.",
+    409: "Another agent holds or finished the job, or the result does not answer it (another job's artifact, "
+         "profile or kind, a paired job without its ratio).",
     413: "Request body over the hub's cap.",
-    422: "The request does not match its schema, or the result is inconsistent.",
+    422: "The request does not match its schema.",
     503: "The database is unreachable.",
 }
 
@@ -210,6 +211,10 @@ _DESCRIPTIONS = {
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]}
             for code in sorted({*codes, 400, 413, 422, 503})}
+
+
+class _NotTheAnswer(Exception):
+    """A well-formed result that does not answer the job it was posted for."""
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -324,28 +329,40 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/result", responses=_errors(401, 403, 404, 409))
     def result(job_id: JobIdPath, body: ResultBody, me: CurrentAgent) -> StatusBody:
-        """Post the measurement of a held job. Inconsistent results (another job's artifact or
-        profile, a paired job without its ratio) are refused with 422; implausible ones are kept
-        on the job, answered ``flagged`` and measured again; only the rest reach the cache."""
+        """Post the measurement of a held job. A result that does not answer the job (another job's
+        artifact or profile, a paired job without its ratio) is refused with 409; inconsistent or
+        implausible ones are kept on the job, answered ``flagged`` and measured again; only the rest
+        reach the cache. (422 is for bodies outside the published schema alone.)"""
         return _answer(_accept(job_id, me, body), job_id)
 
     def _accept(job_id: int, me: AgentRecord, body: ResultBody) -> str:
         def judge(job: JobRecord, base_median_us: Callable[[], float | None]) -> str | None:
             if job.kind != MEASURE:
-                raise HTTPException(422, f"job {job_id} is a {job.kind} job: post its result to "
+                raise _NotTheAnswer(f"job {job_id} is a {job.kind} job: post its result to "
                                          f"/jobs/{job_id}/{job.kind}-result")
             problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
                                          paired=bool(job.reference_sha256))
             if problems:
-                raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
-            doubt = _implausible(body, base_median_us)
+                raise _NotTheAnswer("; ".join(problems))
+            doubt = "; ".join(body.inconsistencies()) or _implausible(body, base_median_us)
             if doubt is not None:
                 logger.warning("job %d: flagged a result from %s: %s", job_id, me.name, doubt)
             return doubt
 
         # One store call: the job done and its result cached in one transaction (or flagged).
-        outcome, _ = queue().complete(me, job_id, body.to_result(), judge=judge)
+        with _failing_the_job(me, job_id):
+            outcome, _ = queue().complete(me, job_id, body.to_result(), judge=judge)
         return outcome
+
+    @contextmanager
+    def _failing_the_job(me: AgentRecord, job_id: int) -> Iterator[None]:
+        """A schema-valid result that does not answer its job fails the job (retried or failed, as
+        an agent's failure would) and is answered 409: a conflict with the job, not bad input."""
+        try:
+            yield
+        except _NotTheAnswer as exc:
+            queue().fail(me, job_id, f"result refused by the hub: {exc}")
+            raise HTTPException(409, f"result for job {job_id} refused: {exc}") from None
 
     def _implausible(body: ResultBody, base_median_us: Callable[[], float | None]) -> str | None:
         if body.ratio is None:
@@ -366,18 +383,19 @@ def create_app(settings: HubSettings) -> FastAPI:
     def batch_result(job_id: JobIdPath, body: BatchResultBody, me: CurrentAgent) -> StatusBody:
         """Post the figures of a held batch job. Figures that do not answer the batch (another
         profile, a count that does not match, a ratio outside the plausible band) are refused
-        with 422, and the agent fails the job; the rest are kept on the job."""
+        with 409, and the agent fails the job; the rest are kept on the job."""
         def check(job: JobRecord) -> None:
             if job.kind != BATCH or job.batch is None:
-                raise HTTPException(422, f"job {job_id} is not a batch job: post its result to /jobs/{job_id}/result")
+                raise _NotTheAnswer(f"job {job_id} is not a batch job: post its result to /jobs/{job_id}/result")
             problems = body.problems_for(profile=job.profile, spec=job.batch)
             low, high = PLAUSIBLE_RATIO
             problems += [f"plan {i}'s ratio {f.ratio:.4g} to the base model is outside [{low}, {high}]"
                          for i, f in enumerate(body.plans) if not low <= f.ratio <= high][:3]
             if problems:
-                raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
+                raise _NotTheAnswer("; ".join(problems))
 
-        return _answer(queue().complete_batch(me, job_id, body, check=check), job_id)
+        with _failing_the_job(me, job_id):
+            return _answer(queue().complete_batch(me, job_id, body, check=check), job_id)
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/failure", responses=_errors(401, 403, 404, 409))
     def failure(job_id: JobIdPath, body: FailureBody, me: CurrentAgent) -> StatusBody:
@@ -414,7 +432,9 @@ def create_app(settings: HubSettings) -> FastAPI:
         record, found = study(name)
         chosen = target or record.config["targets"][0]
         if chosen not in record.config["targets"]:
-            raise ConfigError(f"target {chosen!r} is not one of this search's: {', '.join(record.config['targets'])}")
+            # a well-formed name of no target of this search: no such front (404), not bad input
+            raise HTTPException(404, f"target {_one_line(chosen, 100)!r} is not one of this search's: "
+                                     f"{', '.join(record.config['targets'])}")
         return [_finite(row) for row in pareto_rows(record, found, chosen)]
 
     return app

@@ -4,6 +4,7 @@ case allows; in a subprocess where the process itself is the point (a plugin tha
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -191,3 +192,45 @@ def test_plugin_that_hangs_or_exits_is_reported(case: str, tmp_path: Path) -> No
     assert len(lines) == 1 and lines[0].startswith("error: ") and module in lines[0], done.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+# --- scripting: JSON that strict parsers read, help from the registries --------------------------
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON (RFC 8259)")
+
+
+def test_latency_model_eval_json_is_strict_json(tmp_path: Path) -> None:
+    # issue 34: a model fitted on 6 samples has an unbounded conformal quantile, printed as Infinity
+    import torch
+    from torch import nn
+
+    from latency_models.predictors.learned import LearnedModel
+    from search.pipeline.features import architecture_features
+    from search.storage import Repository
+    from search.storage.predictor_store import LatencyModelStore
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    base = architecture_features(model, torch.randn(1, 3, 8, 8))
+    fitted = LearnedModel(base)
+    fitted.fit([(base, 0.5 + 0.05 * i) for i in range(6)])
+    url = f"sqlite:///{tmp_path / 'lm.db'}"
+    repo = Repository(url)
+    LatencyModelStore(repo.engine).save("six", fitted, profile="cpu-ort-fp32", profile_fingerprint="f" * 16,
+                                        base_fingerprint="b")
+    repo.close()
+    result = runner.invoke(app, ["latency-model", "eval", "six", "-p", "cpu-ort-fp32", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout, parse_constant=_no_constants)
+    assert data["samples"] == 6 and data["held_out"]["quantile"] is None
+
+
+@pytest.mark.parametrize("command", [["space"], ["export"], ["plan", "template"],
+                                     ["latency-model", "build"], ["predict"], ["search", "start"]])
+def test_help_names_every_built_in_example(command: list[str]) -> None:
+    from search.examples import EXAMPLES
+
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.stdout.split())
+    assert "--example" in line and all(name in line for name in EXAMPLES), line
