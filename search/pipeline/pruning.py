@@ -395,7 +395,8 @@ def discover(
             macs=macs.get(name, 0),
         )
         for name, module in modules.items()
-        if isinstance(module, _PRUNABLE)
+        # a layer nothing returned reads (an unused pooler) is offered nothing, N:M included
+        if isinstance(module, _PRUNABLE) and (not live or name in live)
     }
     total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
     names = {module: name for name, module in modules.items()}
