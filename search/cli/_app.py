@@ -219,6 +219,10 @@ def _main(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Libraries warn through Python's warnings (the ONNX exporter's aten::index note, Optuna's
+    # experimental features): debug logs under --debug, otherwise kept out of a command's output.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     state.profile_dirs = profile_dirs(profiles_dir)
     # Long steps below the CLI (first-use training, base measurement) show progress on a terminal.
     from search import progress

@@ -16,8 +16,10 @@ The residual stream (hidden size) is kept, as LLM-Pruner's block-wise mode keeps
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -297,6 +299,18 @@ def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return found
 
 
+def _count_ops_and_params(model: nn.Module, example: ModelInput) -> tuple[float, float]:
+    """torch-pruning's counts. Its counter print()s "Warning! No positional inputs found ..."
+    for every module called with keyword arguments only (a BERT with named inputs: 17 lines),
+    which would land in a command's stdout, before its JSON: kept to the debug log instead."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    if printed.getvalue():
+        logger.debug("torch-pruning's op counter: %s", " | ".join(sorted(set(printed.getvalue().splitlines()))))
+    return macs, params
+
+
 def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
     try:
         return tp.DependencyGraph().build_dependency(
@@ -457,7 +471,7 @@ def discover(
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
     groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
-    macs_total, params = tp.utils.count_ops_and_params(model, example)
+    macs_total, params = _count_ops_and_params(model, example)
     return Discovery(tuple(groups), layers, output_layer, ignored_names, int(macs_total), int(params))
 
 
@@ -703,7 +717,7 @@ def apply_pruning(
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
         pattern_names[layer] = f"{n}:{m}"
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    macs, params = _count_ops_and_params(model, example)
     kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,
