@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from hardware_profiles import load_profile
 from search.cli.main import app
-from search.pipeline.sparsity import NM_CRITERIA, sparsify
 from search.pipeline.space import apply, build_space
+from search.pipeline.sparsity import NM_CRITERIA, sparsify
 
 transformers = pytest.importorskip("transformers")
 
