@@ -538,23 +538,33 @@ def search_trials(name: Annotated[str, typer.Argument(help="Search name.")], db:
 
 
 def _print_pareto(rows: list[dict[str, Any]], name: str, target: str) -> None:
-    table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
+    # Columns named after what the error measures; 1 - error only where it is a figure of its own.
+    error_name = rows[0].get("error_name", "error") if rows else "error"
+    score = rows[0].get("score_name") if rows else None
+    scored = [score, f"Δ{score} (pts)"] if score else []
+    table = Table("trial", error_name, *scored, f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
-                  title=f"Pareto front: error x latency on {target}")
+                  title=f"Pareto front: {error_name} x latency on {target}")
     final = any(row.get("final_error") is not None for row in rows)
     if final:
         steps = max(row["final_steps"] or 0 for row in rows)
-        table.add_column(f"final acc ({steps} steps)")
+        table.add_column(f"final {score or error_name} ({steps} steps)")
     for row in rows:
         low, high = row["speedup_interval"][target]
-        table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
-                      f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
+        also = row.get("trials", [row["trial"]])[1:]
+        figures = [f"{100 * row['accuracy']:.2f}%", f"{100 * row['accuracy_change']:+.2f}"] if score else []
+        final_figure = row["final_accuracy"] if score else row["final_error"]
+        table.add_row(str(row["trial"]) + (f" (={', '.join(map(str, also))})" if also else ""),
+                      f"{row['error']:.4f}", *figures, f"{row['latency_us'][target]:.1f}",
                       f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
                       "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
                       f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}",
-                      *([] if not final else ["-" if row["final_accuracy"] is None
-                                              else f"{100 * row['final_accuracy']:.2f}%"]))
+                      *([] if not final else ["-" if final_figure is None
+                                              else f"{100 * final_figure:.2f}%" if score else f"{final_figure:.4f}"]))
     stdout().print(table)
+    if any(len(row.get("trials", ())) > 1 for row in rows):
+        stdout().print("(=N): later trials that reached the same architecture with the same figures",
+                       highlight=False)
     if any(not row["confirmed"][target] for row in rows):
         stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {name}` "
                         "measures them again", highlight=False)

@@ -182,6 +182,9 @@ def _create(
             "artifact_sha256": artifact.sha256,
             "measurements": measurements,
             "error_floor": resolve_error_floor(config, base_error),
+            # what the error measures, for the front's columns (ModelBundle.names)
+            "error_name": bundle.names()[0],
+            "score_name": bundle.names()[1],
         },
         versions=package_versions(),
         created_at=utcnow(),

@@ -286,5 +286,11 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
             "final_error": final["error"] if final else None,
             "final_accuracy": 1.0 - final["error"] if final else None,
             "final_steps": final["steps"] if final else None,
+            # Every trial that reached this architecture with these figures (the first shown).
+            "trials": [point.trial, *point.same_as],
+            # What ``error`` measures, and what ``accuracy`` (1 - error) is (None: no figure of its
+            # own); a search stored before they were recorded says only "error".
+            "error_name": base.get("error_name", "error"),
+            "score_name": base.get("score_name"),
         })
     return rows

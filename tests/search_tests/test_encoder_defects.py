@@ -179,3 +179,60 @@ def test_the_pt2_program_is_dynamic_where_the_onnx_is(exported: tuple[Path, Any]
         ids = torch.randint(0, 100, (batch, length))
         with torch.no_grad():
             assert program(input_ids=ids, attention_mask=torch.ones_like(ids)).shape == (batch, 64)
+
+
+# --- the front: one row per architecture, columns named after what the error measures -----------
+
+def _point(trial: int, *, signature: str, error: float, latency_us: float) -> Any:
+    from search.study.pareto import TrialPoint
+
+    return TrialPoint(trial=trial, error=error, latency_us={"cpu": latency_us}, macs=1, params=1, reward=None,
+                      feasible=True, signature=signature)
+
+
+def test_a_front_shows_an_architecture_once_naming_its_trials() -> None:
+    # issue 34: `make demo` listed trials 19, 21 and 22 as three identical rows
+    from search.study.pareto import pareto_front
+
+    points = [*(_point(n, signature="a", error=0.1, latency_us=50.0) for n in (22, 19, 21)),
+              _point(3, signature="b", error=0.05, latency_us=80.0),
+              _point(4, signature="c", error=0.1, latency_us=50.0)]
+    front = pareto_front(points, "cpu")
+    assert [(p.trial, p.same_as) for p in front] == [(4, ()), (19, (21, 22)), (3, ())]
+
+
+def test_a_bundle_names_its_error() -> None:
+    from search.pipeline.bundle import ModelBundle, classification_error, fidelity_error
+
+    bundle = _tiny_bundle()
+    assert bundle.error_fn is classification_error and bundle.names() == ("error", "accuracy")
+    fidelity = ModelBundle(name="f", model=bundle.model, example_input=bundle.example_input,
+                           train_loader=bundle.train_loader, val_loader=bundle.val_loader,
+                           error_fn=fidelity_error(bundle.model))
+    assert fidelity.names() == ("1 - cosine similarity", "cosine similarity")
+    own = ModelBundle(name="o", model=bundle.model, example_input=bundle.example_input, train_loader=[],
+                      val_loader=[], error_fn=lambda model, batches: 0.5, error_name="word error rate")
+    assert own.names() == ("word error rate", None)
+
+
+def _row(error_name: str, score_name: str | None) -> dict[str, Any]:
+    return {"trial": 19, "trials": [19, 21, 22], "error": 0.0123, "accuracy": 0.9877, "accuracy_change": -0.01,
+            "latency_us": {"cpu": 50.0}, "speedup": {"cpu": 2.0}, "speedup_interval": {"cpu": [1.9, 2.1]},
+            "confirmed": {"cpu": True}, "macs": 1e6, "params": 1e5, "final_error": None, "final_accuracy": None,
+            "final_steps": None, "error_name": error_name, "score_name": score_name}
+
+
+@pytest.mark.parametrize(("error_name", "score_name", "shown", "not_shown"), [
+    ("error", "accuracy", ["accuracy", "98.77%", "19 (=21, 22)"], []),
+    ("1 - cosine similarity", "cosine similarity", ["1 - cosine similarity", "cosine similarity"], ["accuracy"]),
+    ("word error rate", None, ["word error rate", "0.0123"], ["accuracy", "98.77%"]),
+])
+def test_the_front_table_is_named_after_the_error(error_name: str, score_name: str | None, shown: list[str],
+                                                  not_shown: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 34: the table printed 1 - (mean cosine similarity) as a percentage "accuracy"
+    from search.cli.searches import _print_pareto
+
+    _print_pareto([_row(error_name, score_name)], "s", "cpu")
+    printed = capsys.readouterr().out
+    assert all(word in printed for word in shown), printed
+    assert not any(word in printed for word in not_shown), printed
