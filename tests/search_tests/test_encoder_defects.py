@@ -236,3 +236,61 @@ def test_the_front_table_is_named_after_the_error(error_name: str, score_name: s
     printed = capsys.readouterr().out
     assert all(word in printed for word in shown), printed
     assert not any(word in printed for word in not_shown), printed
+
+
+# --- the report's plots read at a glance ---------------------------------------------------------
+
+def _texts_inside(figure: Any) -> list[str]:
+    """The drawn texts (title, axis labels, tick labels) that reach outside the saved figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]
+    bounds = figure.bbox
+    outside = []
+    for axes in figure.axes:
+        ticks = [text for labels, places, (low, high) in (
+                     (axes.get_xticklabels(), axes.get_xticks(), sorted(axes.get_xlim())),
+                     (axes.get_yticklabels(), axes.get_yticks(), sorted(axes.get_ylim())))
+                 for text, at in zip(labels, places, strict=True) if low <= at <= high]  # drawn ones only
+        for text in [axes.title, axes.xaxis.label, axes.yaxis.label, *ticks]:
+            if not text.get_text() or not text.get_visible():
+                continue
+            box = text.get_window_extent(renderer)
+            if box.x0 < bounds.x0 - 1 or box.x1 > bounds.x1 + 1 or box.y0 < bounds.y0 - 1 or box.y1 > bounds.y1 + 1:
+                outside.append(text.get_text())
+    return outside
+
+
+ENCODER_GROUPS: list[dict[str, Any]] = [{"name": f"bert.encoder.layer.{i}.attention", "kind": "heads", "size": 12} for i in range(6)] + [
+    {"name": f"bert.encoder.layer.{i}.intermediate.dense", "kind": "channels", "size": 1536} for i in range(6)]
+
+
+def test_channels_plot_draws_heads_and_channels_as_shares_of_their_width() -> None:
+    # issue 34: heads (3-12) and FFN channels (384-1536) on one axis; the y-label was clipped
+    pytest.importorskip("matplotlib")
+    from search.study.pareto import TrialPoint
+    from search.study.report import channels_figure
+
+    kept = {str(g["name"]): int(g["size"]) // 4 for g in ENCODER_GROUPS}
+    point = TrialPoint(trial=7, error=0.1, latency_us={"cpu": 1.0}, macs=1, params=1, reward=None, feasible=True,
+                       kept=kept)
+    figure, drawn = channels_figure(ENCODER_GROUPS, [point], "Kept width per group, front on cpu-ort-fp32")
+    assert drawn == len(ENCODER_GROUPS)
+    trial_line = next(line for line in figure.axes[0].get_lines() if line.get_label() == "trial 7")
+    assert list(trial_line.get_ydata()) == [0.25] * len(ENCODER_GROUPS)  # 3 of 12 heads, 384 of 1536 channels
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert "bert.encoder.layer.0.attention (12 heads)" in labels
+    assert _texts_inside(figure) == []
+
+
+def test_macs_plot_title_is_not_cut() -> None:
+    pytest.importorskip("matplotlib")
+    from search.study.report import macs_figure
+
+    points = [_point(n, signature=str(n), error=0.1, latency_us=10.0 + n) for n in range(5)]
+    # issue 34: one line, "Latency against MACs on <target>: D of T pairs mis-ordered by MACs", was cut
+    title = "Latency against MACs on jetson-orin-trt-fp16-maxn-25w\n1234 of 4560 pairs of trials mis-ordered by MACs"
+    assert _texts_inside(macs_figure(points, "cpu", title)) == []
+    assert _texts_inside(macs_figure(points, "cpu", title.replace("\n", ": "))) == [title.replace("\n", ": ")]
