@@ -58,7 +58,8 @@ def _kind(point: TrialPoint, target: str) -> str:
 MARKERS = {"confirmed": ("o", "tab:blue"), "measured once": ("s", "tab:orange"), "predicted": ("^", "tab:purple")}
 
 
-def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: Path, index: int) -> Plot:
+def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: Path, index: int,
+                error_name: str = "error") -> Plot:
     figure = _figure()
     axes = figure.add_subplot()
     plot = Plot(f"front-{index}.png", f"Error against latency on {target}")
@@ -84,7 +85,7 @@ def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: P
         plot.points["front"] = len(front)
     axes.axvline(base_us, color="tab:gray", linestyle=":", label=f"base model {base_us:.0f} us")
     axes.set_xlabel(f"latency on {target}, us (confirmed figure where confirmed)")
-    axes.set_ylabel("error")
+    axes.set_ylabel(error_name)  # what the bundle's error measures
     axes.set_title(plot.title)
     axes.legend(fontsize=8)
     figure.savefig(folder / plot.file)
@@ -95,7 +96,8 @@ def _history_plot(study: optuna.Study, record: SearchRecord, points: list[TrialP
     figure = _figure()
     axes = figure.add_subplot()
     reward_mode = record.config["objective"] == "reward"
-    label = "reward (higher is better)" if reward_mode else "error (lower is better)"
+    error_name = record.base.get("error_name", "error")
+    label = "reward (higher is better)" if reward_mode else f"{error_name} (lower is better)"
     plot = Plot("history.png", "Optimisation history")
     by_trial = {p.trial: p for p in points}
     xs = sorted(by_trial)
@@ -203,7 +205,8 @@ def write_report(record: SearchRecord, study: optuna.Study, out: Path) -> dict[s
     targets: list[str] = list(record.config["targets"])
     base = base_latency_us(record, study)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [_front_plot(points, t, base[t], out, i) for i, t in enumerate(targets)]
+    error_name = str(record.base.get("error_name", "error"))
+    plots = [_front_plot(points, t, base[t], out, i, error_name) for i, t in enumerate(targets)]
     plots.append(_history_plot(study, record, points, out))
     rows = pareto_rows(record, study, targets[0])  # the front as `hwprune pareto` shows it
     by_trial = {p.trial: p for p in points}

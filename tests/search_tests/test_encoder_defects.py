@@ -263,8 +263,10 @@ def _texts_inside(figure: Any) -> list[str]:
     return outside
 
 
-ENCODER_GROUPS: list[dict[str, Any]] = [{"name": f"bert.encoder.layer.{i}.attention", "kind": "heads", "size": 12} for i in range(6)] + [
-    {"name": f"bert.encoder.layer.{i}.intermediate.dense", "kind": "channels", "size": 1536} for i in range(6)]
+ENCODER_GROUPS: list[dict[str, Any]] = [
+    *({"name": f"bert.encoder.layer.{i}.attention", "kind": "heads", "size": 12} for i in range(6)),
+    *({"name": f"bert.encoder.layer.{i}.intermediate.dense", "kind": "channels", "size": 1536} for i in range(6)),
+]
 
 
 def test_channels_plot_draws_heads_and_channels_as_shares_of_their_width() -> None:
