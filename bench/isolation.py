@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_section  # noqa: E402
@@ -139,9 +140,19 @@ def _label(workers: int, use_lock: bool) -> str:
     return "quiet" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}, lock {'on' if use_lock else 'off'}"
 
 
-def table(runs: list[dict[str, object]]) -> str:
+def _row(group: list[Sample], quiet: float, label: str) -> str:
+    ratios = [s.ratio for s in group]
+    median = statistics.median(ratios)
+    worst = max(ratios, key=lambda r: abs(r / quiet - 1))
+    waited = statistics.median(s.waited_s for s in group)
+    rate = statistics.median(s.steps_per_s for s in group)
+    return (f"| {label} | {len(group)} | {median:.4f} | {min(ratios):.4f}-{max(ratios):.4f} | "
+            f"{100 * (median / quiet - 1):+.2f}% | {100 * (worst / quiet - 1):+.2f}% | {waited:.2f} | {rate:.1f} |")
+
+
+def table(runs: list[dict[str, Any]]) -> str:
     """The section's body from every kept run: per condition, over all sessions of all runs."""
-    samples = [Sample(**s) for r in runs for s in r["samples"]]  # type: ignore[attr-defined]
+    samples = [Sample(**s) for r in runs for s in r["samples"]]
     quiet = statistics.median(s.ratio for s in samples if s.workers == 0)
     lines = [f"{len(runs)} run(s), {len(samples) // len(CONDITIONS)} sessions per condition in all. "
              "Bias: median ratio against the quiet median; worst: the session farthest from the quiet median.",
@@ -151,15 +162,10 @@ def table(runs: list[dict[str, object]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for workers, use_lock in CONDITIONS:
         group = [s for s in samples if (s.workers, s.lock) == (workers, use_lock)]
-        ratios = [s.ratio for s in group]
-        median = statistics.median(ratios)
-        worst = max(ratios, key=lambda r: abs(r / quiet - 1))
-        lines.append(f"| {_label(workers, use_lock)} | {len(group)} | {median:.4f} | {min(ratios):.4f}-{max(ratios):.4f} | "
-                     f"{100 * (median / quiet - 1):+.2f}% | {100 * (worst / quiet - 1):+.2f}% | "
-                     f"{statistics.median(s.waited_s for s in group):.2f} | "
-                     f"{statistics.median(s.steps_per_s for s in group):.1f} |")
-    per_run = ", ".join(f"{r['finished']}: quiet {statistics.median(s['ratio'] for s in r['samples'] if s['workers'] == 0):.4f}"  # type: ignore[index, attr-defined]
-                        for r in runs)
+        lines.append(_row(group, quiet, _label(workers, use_lock)))
+    per_run = ", ".join(
+        f"{r['finished']}: quiet {statistics.median(s['ratio'] for s in r['samples'] if s['workers'] == 0):.4f}"
+        for r in runs)
     lines += ["", f"Quiet median per run: {per_run}."]
     return "\n".join(lines)
 

@@ -191,7 +191,8 @@ class Agent:
         except HubRefused as exc:
             if exc.status != 422:
                 raise
-            # The hub found the result inconsistent: say so as a failure, so the job is retried
+            # (Hubs before issue 34's strict schema answered 422 here; today's fail the job
+            # themselves and answer 409.) Say so as a failure, so the job is retried
             # (or fails) instead of waiting for its lease to expire.
             reason = f"result refused by the hub: {exc}"
             logger.error("job %d: %s", job.id, reason)
@@ -199,7 +200,8 @@ class Agent:
             self.jobs_failed += 1
             return
         if outcome == Outcome.CONFLICT:
-            logger.warning("job %d: the hub gave it to another agent meanwhile", job.id)
+            logger.warning("job %d: the hub did not take the result (the job went to another agent, or the "
+                           "result did not answer it and the hub failed the job)", job.id)
             return
         if outcome == Outcome.FLAGGED:
             logger.error("job %d: the hub flagged the result as implausible; it will be measured again", job.id)

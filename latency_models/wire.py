@@ -18,10 +18,10 @@ import re
 import unicodedata
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from latency_models.base import Measurement, MeasurementResult
-from latency_models.batch import PairedFigure
+from latency_models.batch import BatchFigures, PairedFigure
 from latency_models.predictors.features import LayerFeatures
 from latency_models.store import Outcome
 
@@ -36,8 +36,26 @@ JOB_KINDS_KEY = "job_kinds"
 # and would overflow the driver or the server, so it is refused as invalid input.
 MAX_ID = 2**31 - 1
 # strict: a JSON `true` is not an id or a count (lax pydantic would read it as 1), so a body that
-# breaks the published schema is refused with 422.
-JobId = Annotated[int, Field(ge=1, le=MAX_ID, strict=True)]
+# breaks the published schema is refused with 422, and one that keeps to it is never refused as
+# malformed (the OpenAPI document is exactly what the hub accepts).
+
+
+def _whole_number(value: object) -> object:
+    """A JSON integer as JSON Schema defines it: ``5`` or ``5.0``; never ``true`` nor ``"5"``
+    (lax pydantic reads both as numbers; strict pydantic refuses ``5.0``, which the schema allows)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected a JSON integer, got {type(value).__name__}")
+    return value
+
+
+_WHOLE = BeforeValidator(_whole_number)
+# A JSON number (an integer or a decimal), never a boolean or a string, and finite (_Body).
+Number = Annotated[float, Field(strict=True)]
+Positive = Annotated[float, Field(strict=True, gt=0)]
+NotNegative = Annotated[float, Field(strict=True, ge=0)]
+JobId = Annotated[int, Field(ge=1, le=MAX_ID), _WHOLE]
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ProfileName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -96,42 +114,71 @@ class HeartbeatRequest(_Body):
     job_id: JobId | None = None
     environment: Environment | None = None
     # Measurements done so far in a batch job (sent only during one: older hubs do not know it).
-    progress: Annotated[int, Field(ge=0, le=1_000_000, strict=True)] | None = None
+    progress: Annotated[int, Field(ge=0, le=1_000_000), _WHOLE] | None = None
 
 
 class HeartbeatResponse(_Body):
     lease_held: bool | None = None
 
 
+class MeasurementBody(_Body):
+    """``latency_models.Measurement`` on the wire, each figure constrained in the published
+    schema (what a JSON Schema cannot say, the order of percentiles, is ``measurement_problems``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, from_attributes=True)
+
+    profile: Annotated[str, Field(max_length=100)]
+    backend: Annotated[str, Field(max_length=50)]
+    backend_version: Annotated[str, Field(max_length=50)]
+    device: Annotated[str, Field(max_length=200)]
+    threads: Annotated[int, Field(ge=1, le=4096), _WHOLE] | None
+    median_us: Positive
+    p10_us: NotNegative
+    p90_us: NotNegative
+    mean_us: NotNegative
+    stdev_us: NotNegative
+    n: Annotated[int, Field(ge=1, le=10_000_000), _WHOLE]
+    ci_low_us: NotNegative
+    ci_high_us: NotNegative
+    converged: Annotated[bool, Field(strict=True)]
+    elapsed_s: NotNegative
+    artifact_sha256: Annotated[str, Field(max_length=64)]
+    settings_fingerprint: Annotated[str, Field(max_length=64)]
+
+    def to_measurement(self) -> Measurement:
+        return Measurement(**self.model_dump())
+
+
 class ResultBody(_Body):
-    """A measurement (the ``Measurement`` dataclass, validated field by field) and, for a paired
-    job, the ratio to the reference with its 95% interval."""
+    """A measurement and, for a paired job, the ratio to the reference with its 95% interval.
 
-    measurement: Measurement
-    ratio: Annotated[float, Field(gt=0)] | None = None
-    ratio_ci: tuple[float, float] | None = None
+    The schema is what the hub accepts: a body it validates is never refused as malformed. A
+    result that does not answer its job (``problems_for``) is a conflict with the job; one that
+    is inconsistent in itself (``inconsistencies``) is kept, flagged and measured again."""
 
-    @field_validator("measurement")
-    @classmethod
-    def _consistent(cls, value: Measurement) -> Measurement:
-        problems = measurement_problems(value)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return value
-
-    @field_validator("ratio_ci")
-    @classmethod
-    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not (all(math.isfinite(v) and v > 0 for v in value) and value[0] <= value[1]):
-            raise ValueError(f"ratio_ci must be two finite positive numbers, low <= high; got {list(value)}")
-        return value
+    measurement: MeasurementBody
+    ratio: Positive | None = None
+    ratio_ci: tuple[Positive, Positive] | None = None
 
     @classmethod
     def of(cls, result: MeasurementResult) -> ResultBody:
-        return cls(measurement=result.measurement, ratio=result.ratio, ratio_ci=result.ratio_ci)
+        return cls(measurement=MeasurementBody.model_validate(result.measurement), ratio=result.ratio,
+                   ratio_ci=result.ratio_ci)
 
     def to_result(self) -> MeasurementResult:
-        return MeasurementResult(self.measurement, self.ratio, self.ratio_ci)
+        return MeasurementResult(self.measurement.to_measurement(), self.ratio, self.ratio_ci)
+
+    def inconsistencies(self) -> list[str]:
+        """What no measurement could be: percentiles or intervals out of order, a ratio outside
+        its own interval, control characters in its strings."""
+        found = measurement_problems(self.measurement.to_measurement())
+        if self.ratio_ci is not None and not self.ratio_ci[0] <= self.ratio_ci[1]:
+            found.append(f"ratio_ci must be low <= high; got {list(self.ratio_ci)}")
+        elif self.ratio is not None and self.ratio_ci is not None:
+            low, high = self.ratio_ci
+            if not low <= self.ratio <= high:
+                found.append(f"ratio {self.ratio} lies outside its interval [{low}, {high}]")
+        return found
 
     def problems_for(self, *, profile: str, artifact_sha256: str, paired: bool) -> list[str]:
         """What makes this result unusable for a job measuring ``artifact_sha256`` on ``profile``
@@ -144,10 +191,6 @@ class ResultBody(_Body):
                          f"the job's is {artifact_sha256}")
         if paired and (self.ratio is None or self.ratio_ci is None):
             found.append("a paired job needs 'ratio' and 'ratio_ci'")
-        if self.ratio is not None and self.ratio_ci is not None:
-            low, high = self.ratio_ci
-            if not low <= self.ratio <= high:
-                found.append(f"ratio {self.ratio} lies outside its interval [{low}, {high}]")
         return found
 
 
@@ -194,6 +237,19 @@ def result_from_json(text: str | bytes) -> MeasurementResult:
     return _RESULT_JSON.validate_json(text)
 
 
+class FigureBody(_Body):
+    """``latency_models.batch.PairedFigure`` on the wire."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, from_attributes=True)
+
+    median_us: Positive
+    ratio: Positive
+    ratio_ci: tuple[Positive, Positive]
+
+    def to_figure(self) -> PairedFigure:
+        return PairedFigure(self.median_us, self.ratio, self.ratio_ci)
+
+
 class BatchResultBody(_Body):
     """A batch job's figures, in the order of its ``BatchSpec``, and what measured them."""
 
@@ -201,22 +257,15 @@ class BatchResultBody(_Body):
     backend: Annotated[str, Field(max_length=50)]
     backend_version: Annotated[str, Field(max_length=50)]
     device: Annotated[str, Field(max_length=200)]
-    layers_us: list[Annotated[float, Field(gt=0, strict=True)]]
-    plans: list[PairedFigure]
+    layers_us: list[Positive]
+    plans: list[FigureBody]
 
-    @field_validator("plans")
-    @classmethod
-    def _paired(cls, value: list[PairedFigure]) -> list[PairedFigure]:
-        for figure in value:
-            low, high = figure.ratio_ci
-            if not (math.isfinite(figure.median_us) and figure.median_us > 0 and 0 < low <= figure.ratio <= high
-                    and math.isfinite(high)):
-                raise ValueError(f"a plan's figures must be finite and positive with low <= ratio <= high; got "
-                                 f"median {figure.median_us}, ratio {figure.ratio}, interval {list(figure.ratio_ci)}")
-        return value
+    def figures(self) -> BatchFigures:
+        return BatchFigures(tuple(self.layers_us), tuple(f.to_figure() for f in self.plans))
 
     def problems_for(self, *, profile: str, spec: BatchSpec) -> list[str]:
-        """What makes this result not the answer to batch ``spec`` on ``profile``."""
+        """What makes this result not the answer to batch ``spec`` on ``profile``, or not a
+        measurement at all (a plan's ratio outside its own interval)."""
         found = []
         if self.profile != profile:
             found.append(f"result is for profile {clean_text(self.profile, 100)!r}, the job's is {profile!r}")
@@ -228,6 +277,9 @@ class BatchResultBody(_Body):
             value = getattr(self, name)
             if clean_text(value, 200) != value:
                 found.append(f"{name} must be printable")
+        found += [f"plan {i}'s figures must have low <= ratio <= high; got ratio {f.ratio}, interval "
+                  f"{list(f.ratio_ci)}" for i, f in enumerate(self.plans)
+                  if not f.ratio_ci[0] <= f.ratio <= f.ratio_ci[1]][:3]
         return found
 
 

@@ -66,6 +66,30 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(base) / "hwprune"
 
 
+PLUGIN_TIMEOUT_ENV = "HWPRUNE_PLUGIN_TIMEOUT_S"
+# Long enough for a plugin that downloads pretrained weights; a plugin that hangs is stopped.
+DEFAULT_PLUGIN_TIMEOUT_S = 900.0
+
+
+def plugin_timeout_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long a model plugin may take to import and build its bundle: ``HWPRUNE_PLUGIN_TIMEOUT_S``
+    (seconds), else ``DEFAULT_PLUGIN_TIMEOUT_S``.
+
+    Raises:
+        ConfigError: not a positive number of seconds.
+    """
+    value = environ.get(PLUGIN_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_PLUGIN_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{PLUGIN_TIMEOUT_ENV}={value!r}: give a positive number of seconds, e.g. 900")
+    return seconds
+
+
 # --- search configuration ---------------------------------------------------------------------
 
 DB_ENV = "HWPRUNE_DB"
@@ -119,7 +143,9 @@ def cpu_count() -> int:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a YAML `trials: true` is not one trial, nor `seed: "3"` a number; and every number
+    # finite (an `inf` budget would be stored as JSON's non-standard `Infinity`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ConstraintsConfig(_Section):
@@ -214,7 +240,8 @@ class SearchConfig(_Section):
     prune_hidden_size: bool = False
     # None: the base model's error plus DEFAULT_ERROR_TOLERANCE (see ``resolve_error_floor``).
     error_floor: Annotated[float, Field(ge=0, lt=1)] | None = None
-    seed: int = 0
+    # numpy's and Optuna's samplers take a 32-bit unsigned seed.
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     max_consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
     # measured: every new architecture is timed. hybrid: predicted where the predictor is
     # trusted, measured where it is not or where the trial could reach a front. predicted: the
@@ -358,6 +385,11 @@ def incompatibilities(stored: SearchConfig, new: SearchConfig) -> list[str]:
     ]
 
 
+def _listed(value: Any) -> Any:
+    """A tuple given from Python (the API's keyword arguments) as the list a strict schema takes."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> SearchConfig:
     """Merge a YAML file (optional) with flag ``overrides`` (``None`` values are ignored).
 
@@ -378,9 +410,9 @@ def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> Searc
         if value is None:
             continue
         if isinstance(value, Mapping):
-            data[key] = {**(data.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
+            data[key] = {**(data.get(key) or {}), **{k: _listed(v) for k, v in value.items() if v is not None}}
         else:
-            data[key] = value
+            data[key] = _listed(value)
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:

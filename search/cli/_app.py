@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,12 @@ from hardware_profiles import ProfileError
 from latency_models import LatencyError
 from search.config import DB_ENV, DEFAULT_DB, DEFAULT_PROFILE, cache_dir, profile_dirs, resolve_profile
 from search.errors import ConfigError, SearchError
+from search.examples import EXAMPLES
+
+try:  # typer vendors click from 0.2x on; its usage errors are that copy's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 # Global options a user may also put after the subcommand (`hwprune search status x --debug`);
 # each is moved in front of the subcommand before parsing. The value-taking ones take one value.
@@ -55,9 +62,38 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+class _OneLineUsageError(click_exceptions.UsageError):
+    """A usage error shown as the error contract says: one `error:` line naming the fix."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "hwprune"
+        message = " ".join(self.format_message().split())
+        stderr().print(f"[red]error:[/red] {escape(message)} (see '{escape(command)} --help')", highlight=False)
+
+
+@contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click_exceptions.NoArgsIsHelpError:
+        raise  # a bare group shows its help
+    except click_exceptions.UsageError as exc:
+        raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
 class _Group(typer.core.TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(list(args)))  # type: ignore[no-any-return]
+
+    # Click prints usage errors (a bad option value, an unknown command) as three lines of its
+    # own; every one of them, at any depth of the command tree, passes through these two.
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
 
 
 # Plain (click) help: rich's help panels crop option names and help at 80 columns off a terminal.
@@ -148,7 +184,19 @@ def handle_errors() -> Iterator[None]:
 
 
 def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+    """``data`` as RFC 8259 JSON: a figure that is not finite (a conformal quantile fitted on too
+    few samples is unbounded) is ``null``, never Python's non-standard ``Infinity`` or ``NaN``."""
+    typer.echo(json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False))
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 @app.callback()
@@ -171,6 +219,10 @@ def _main(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Libraries warn through Python's warnings (the ONNX exporter's aten::index note, Optuna's
+    # experimental features): debug logs under --debug, otherwise kept out of a command's output.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     state.profile_dirs = profile_dirs(profiles_dir)
     # Long steps below the CLI (first-use training, base measurement) show progress on a terminal.
     from search import progress
@@ -217,7 +269,7 @@ DeviceOpt = Annotated[str | None, typer.Option(
                      "each target's backend. Default: the search's (auto for a new one).")]
 
 ExampleOpt = Annotated[
-    str | None, typer.Option("--example", help="Built-in example model: digits.")
+    str | None, typer.Option("--example", help=f"Built-in example model: {', '.join(EXAMPLES)}.")
 ]
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="Model plugin as package.module:function.")

@@ -54,7 +54,11 @@ def agents_add(
             raise ConfigError(f"agent name {clean_text(name, 40)!r} must be 1-100 letters, digits, '.', '_' "
                               "or '-', starting with a letter or digit (e.g. the device's host name)")
         if profile is not None:
-            check_backend(load_profile(profile, state.profile_dirs))
+            served = load_profile(profile, state.profile_dirs)
+            check_backend(served)
+            if served.location != "remote":
+                raise ConfigError(f"profile {profile!r} is measured locally (location: local), so no job ever goes to "
+                                  "an agent; register the agent for a profile with location: remote")
         repo, queue = _queue(db)
         try:
             token = queue.add_agent(name, profile or "", role=READER if reader else AGENT)  # type: ignore[attr-defined]
@@ -137,6 +141,7 @@ def serve(
         from search.storage import Repository
 
         _check_tls_files(ssl_certfile, ssl_keyfile)
+        _check_port(host, port)
         # Open (and migrate) the database here, so that an unusable one is one line, not a
         # traceback from uvicorn's lifespan.
         Repository(db_url(db or state.db)).close()
@@ -159,6 +164,26 @@ def serve(
         os.environ[DB_ENV] = db_url(db or state.db)
         os.environ[LEASE_ENV] = str(lease_seconds)
         uvicorn.run("search.hub.app:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse an address this machine cannot bind (in use, not its own, privileged) by name, in
+    one line, before the database is opened; uvicorn would print its own lines and exit 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {clean_text(host, 100)!r} cannot be resolved ({exc.strerror}); "
+                          "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {clean_text(host, 100)}:{port}: {exc.strerror}; stop what "
+                              "holds it or give another --port (or --host)") from None
 
 
 def _check_tls_files(certfile: Path | None, keyfile: Path | None) -> None:

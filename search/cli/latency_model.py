@@ -152,7 +152,6 @@ def _measure_remote(repo: Any, profile: Any, base: Any, layers: Sequence[Any], p
     """One batch job for the profile's agents; its figures once done. Failure or timeout raise
     (the job is then cancelled, so no agent measures it for nobody)."""
     from latency_models import JobStatus, MeasurementError, MeasurementTimeout
-    from latency_models.batch import BatchFigures
     from latency_models.wire import BatchSpec
     from search import progress
 
@@ -176,7 +175,7 @@ def _measure_remote(repo: Any, profile: Any, base: Any, layers: Sequence[Any], p
                     seen = job.progress
                 if job.status is JobStatus.DONE and job.batch_result is not None:
                     finished = True
-                    return BatchFigures(tuple(job.batch_result.layers_us), tuple(job.batch_result.plans))
+                    return job.batch_result.figures()
                 if job.status is JobStatus.FAILED:
                     finished = True
                     raise MeasurementError(f"batch job {job_id} on {profile.name!r} failed: {job.last_error}")

@@ -82,13 +82,15 @@ def _check_input_sizes(model: Path, profile: Any) -> None:
     from onnx.helper import tensor_dtype_to_np_dtype
 
     from latency_models import ArtifactError
-    from latency_models.ort import resolve_shape
+    from latency_models.ort import example_shapes, resolve_shape
 
     try:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception:
         return  # missing or not ONNX: the backend says so, by name
     initializers = {init.name for init in proto.graph.initializer}
+    # hwprune's exports record the shapes they were traced at, as the backends read them
+    recorded = example_shapes({entry.key: entry.value for entry in proto.metadata_props})
     for node in proto.graph.input:
         if node.name in initializers or not node.type.HasField("tensor_type"):
             continue
@@ -96,7 +98,7 @@ def _check_input_sizes(model: Path, profile: Any) -> None:
         dims: list[int | str | None] = [
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
         ]
-        shape = resolve_shape(node.name, dims, profile)
+        shape = resolve_shape(node.name, dims, profile, recorded.get(node.name))
         try:
             itemsize = tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
         except (KeyError, ValueError, TypeError):
@@ -294,11 +296,13 @@ def export_command(
         if plan_file is None:
             raise ConfigError("give a SEARCH name (with --trial or --pareto) or a --plan file")
         from search.api import check_output_folder, export_plan
+        from search.pipeline.plan import Plan
 
         check_output_folder(out, force=force)
         spec = model_spec_from_options(example, model)
+        plan = Plan.load(plan_file)  # a bad plan file is refused before the model loads (or trains)
         with output_errors(out):
-            manifest = export_plan(spec, plan_file, out, targets=profile, ignored=ignore or (),
+            manifest = export_plan(spec, plan, out, targets=profile, ignored=ignore or (),
                                    importance=importance, finetune_steps=finetune_steps, force=force,
                                    dynamo=dynamo, device=device or "cpu", settings=settings)
         if as_json:

@@ -38,6 +38,7 @@ from search.cli._app import (
     stdout,
 )
 from search.config import DEFAULT_PROFILE, SearchConfig, db_url, load_search_config
+from search.examples import EXAMPLES
 
 search_app = typer.Typer(help="Start, resume, join and inspect searches.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True, **HELP)  # type: ignore[arg-type]
@@ -98,7 +99,9 @@ def db_current(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     with handle_errors():
         from search.storage import current_revision, head_revision, make_engine
 
-        engine = make_engine(db_url(db or state.db))
+        url = db_url(db or state.db)
+        require_database(url)  # connecting would create a missing SQLite file
+        engine = make_engine(url)
         current = current_revision(engine)
         engine.dispose()
         if as_json:
@@ -175,7 +178,7 @@ def search_start(
     name: Annotated[str | None, typer.Option("--name", help="Search name (resumes it if it exists).")] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="Search config YAML (`hwprune search config --schema` lists its fields).")] = None,
-    example: Annotated[str | None, typer.Option("--example", help="Built-in example: digits.")] = None,
+    example: Annotated[str | None, typer.Option("--example", help=f"Built-in example: {', '.join(EXAMPLES)}.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Plugin package.module:function.")] = None,
     profile: Annotated[list[str] | None, typer.Option(
         "--profile", "-p", help="Target profile (repeatable; the first is primary). Default: cpu-ort-fp32.")] = None,
@@ -400,23 +403,33 @@ def search_trials(name: Annotated[str, typer.Argument(help="Search name.")], db:
 
 
 def _print_pareto(rows: list[dict[str, Any]], name: str, target: str) -> None:
-    table = Table("trial", "error", "accuracy", "Δacc (pts)", f"latency us ({target})", "speedup",
+    # Columns named after what the error measures; 1 - error only where it is a figure of its own.
+    error_name = rows[0].get("error_name", "error") if rows else "error"
+    score = rows[0].get("score_name") if rows else None
+    scored = [score, f"Δ{score} (pts)"] if score else []
+    table = Table("trial", error_name, *scored, f"latency us ({target})", "speedup",
                   "95% range", "latency", "MACs (M)", "params (M)",
-                  title=f"Pareto front: error x latency on {target}")
+                  title=f"Pareto front: {error_name} x latency on {target}")
     final = any(row.get("final_error") is not None for row in rows)
     if final:
         steps = max(row["final_steps"] or 0 for row in rows)
-        table.add_column(f"final acc ({steps} steps)")
+        table.add_column(f"final {score or error_name} ({steps} steps)")
     for row in rows:
         low, high = row["speedup_interval"][target]
-        table.add_row(str(row["trial"]), f"{row['error']:.4f}", f"{100 * row['accuracy']:.2f}%",
-                      f"{100 * row['accuracy_change']:+.2f}", f"{row['latency_us'][target]:.1f}",
+        also = row.get("trials", [row["trial"]])[1:]
+        figures = [f"{100 * row['accuracy']:.2f}%", f"{100 * row['accuracy_change']:+.2f}"] if score else []
+        final_figure = row["final_accuracy"] if score else row["final_error"]
+        table.add_row(str(row["trial"]) + (f" (={', '.join(map(str, also))})" if also else ""),
+                      f"{row['error']:.4f}", *figures, f"{row['latency_us'][target]:.1f}",
                       f"{row['speedup'][target]:.2f}x", f"{low:.2f}-{high:.2f}x" if high else "-",
                       "confirmed" if row["confirmed"][target] else "[yellow]unconfirmed[/yellow]",
                       f"{row['macs'] / 1e6:.2f}", f"{row['params'] / 1e6:.3f}",
-                      *([] if not final else ["-" if row["final_accuracy"] is None
-                                              else f"{100 * row['final_accuracy']:.2f}%"]))
+                      *([] if not final else ["-" if final_figure is None
+                                              else f"{100 * final_figure:.2f}%" if score else f"{final_figure:.4f}"]))
     stdout().print(table)
+    if any(len(row.get("trials", ())) > 1 for row in rows):
+        stdout().print("(=N): later trials that reached the same architecture with the same figures",
+                       highlight=False)
     if any(not row["confirmed"][target] for row in rows):
         stdout().print(f"unconfirmed: measured in one session only; `hwprune search confirm {name}` "
                         "measures them again", highlight=False)

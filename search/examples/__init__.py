@@ -10,15 +10,23 @@ architectures built in code (ResNet-18, MobileNetV2, a timm-style transformer, a
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from search.config import PLUGIN_TIMEOUT_ENV, plugin_timeout_s
 from search.errors import ModelLoadError
-from search.examples.digits import digits
-from search.examples.distorted_digits import NAME as DISTORTED
-from search.examples.distorted_digits import digits_distorted
-from search.pipeline.bundle import ModelBundle
 
-EXAMPLES = ("digits", DISTORTED)
+if TYPE_CHECKING:
+    from search.pipeline.bundle import ModelBundle
+
+# The built-in examples, by name: the function that builds each, imported on use, so that the
+# command line can list them (in its help) without loading torch.
+EXAMPLES: dict[str, str] = {
+    "digits": "search.examples.digits:digits",
+    "digits-distorted": "search.examples.distorted_digits:digits_distorted",
+}
 
 
 def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
@@ -27,28 +35,76 @@ def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
     Raises:
         ModelLoadError: unknown name; the message lists the examples and the plugin syntax.
     """
-    if name == "digits":
-        return digits(cache_dir=cache_dir)
-    if name == DISTORTED:
-        return digits_distorted(cache_dir=cache_dir)
-    raise ModelLoadError(
-        f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
-        "(or give a plugin as package.module:function)"
-    )
+    if name not in EXAMPLES:
+        raise ModelLoadError(
+            f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
+            "(or give a plugin as package.module:function)"
+        )
+    module, _, function = EXAMPLES[name].partition(":")
+    bundle: ModelBundle = getattr(importlib.import_module(module), function)(cache_dir=cache_dir)
+    return bundle
 
 
-def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
+def load_bundle(spec: str, *, cache_dir: Path, timeout_s: float | None = None) -> ModelBundle:
     """Load a bundle from ``package.module:function`` or a built-in example name.
 
+    A plugin's import and its function run in a thread given ``timeout_s`` seconds (default
+    ``search.config.plugin_timeout_s()``, ``HWPRUNE_PLUGIN_TIMEOUT_S``): one that hangs is left
+    behind in that daemon thread and reported, and one that calls ``sys.exit`` is an error too.
+
     Raises:
-        ModelLoadError: the plugin cannot be imported, is not callable, or returns something
-            other than a ``ModelBundle``.
+        ModelLoadError: the plugin cannot be imported, is not callable, returns something other
+            than a ``ModelBundle``, exits or does not finish in time.
     """
     if ":" not in spec:
         return load_example(spec, cache_dir=cache_dir)
+    limit = plugin_timeout_s() if timeout_s is None else timeout_s
     module_name, _, attribute = spec.partition(":")
+    module = _bounded(spec, "importing it", limit, lambda: _import_plugin(module_name))
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
+    bundle = _bounded(spec, "building its bundle", limit, lambda: _call_plugin(spec, factory))
+    from search.pipeline.bundle import ModelBundle
+
+    if not isinstance(bundle, ModelBundle):
+        raise ModelLoadError(
+            f"model plugin {spec!r} returned {type(bundle).__name__}; "
+            "it must return search.pipeline.bundle.ModelBundle"
+        )
+    return bundle
+
+
+def _bounded(spec: str, what: str, timeout_s: float, work: Callable[[], Any]) -> Any:
+    """``work()`` in a daemon thread, waited for ``timeout_s``: a hung plugin cannot be killed
+    from Python, but the command can report it and exit."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt included: the plugin's
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"hwprune-plugin {spec}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ModelLoadError(
+            f"model plugin {spec!r} did not finish {what} within {timeout_s:g} s; fix the plugin if it hangs, "
+            f"or allow it longer with {PLUGIN_TIMEOUT_ENV}=SECONDS")
+    error = outcome.get("error")
+    if isinstance(error, SystemExit):
+        raise ModelLoadError(f"model plugin {spec!r} called sys.exit({error.code!r}) while {what}; a plugin must "
+                             "return a ModelBundle or raise an exception") from None
+    if error is not None:
+        raise error
+    return outcome["value"]
+
+
+def _import_plugin(module_name: str) -> Any:
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelLoadError(
             f"cannot import model plugin module {module_name!r}: {exc}; "
@@ -63,19 +119,13 @@ def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:
             f"importing model plugin module {module_name!r} raised {type(exc).__name__}: {exc}; "
             "fix the module (run with --debug for the traceback)"
         ) from exc
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ModelLoadError(f"model plugin {spec!r}: {module_name} has no function {attribute!r}")
+
+
+def _call_plugin(spec: str, factory: Callable[[], Any]) -> Any:
     try:
-        bundle = factory()
+        return factory()
     except Exception as exc:  # the user's factory: a bug there is theirs to fix, not ours
         raise ModelLoadError(
             f"model plugin {spec!r} raised {type(exc).__name__}: {exc}; fix the plugin "
             "(run with --debug for the traceback)"
         ) from exc
-    if not isinstance(bundle, ModelBundle):
-        raise ModelLoadError(
-            f"model plugin {spec!r} returned {type(bundle).__name__}; "
-            "it must return search.pipeline.bundle.ModelBundle"
-        )
-    return bundle

@@ -105,9 +105,10 @@ _DESCRIPTIONS = {
     401: "Missing, unknown or revoked bearer token.",
     403: "The token may not do this (another profile, a job it does not hold, a reader token).",
     404: "No such job, artifact or search.",
-    409: "Another agent holds or finished the job.",
+    409: "Another agent holds or finished the job, or the result does not answer it (another job's artifact, "
+         "profile or kind, a paired job without its ratio).",
     413: "Request body over the hub's cap.",
-    422: "The request does not match its schema, or the result is inconsistent.",
+    422: "The request does not match its schema.",
     503: "The database is unreachable.",
 }
 

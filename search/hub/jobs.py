@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, HTTPException, Response
 
@@ -62,22 +63,39 @@ def _answer(outcome: Outcome, job_id: int) -> StatusBody:
 
 @router.post("/{job_id}/result", responses=errors(401, 403, 404, 409))
 def result(job_id: JobIdPath, body: ResultBody, me: CurrentAgent, queue: Queue) -> StatusBody:
-    """Post the measurement of a held job. Inconsistent results (another job's artifact or
-    profile, a paired job without its ratio) are refused with 422; implausible ones are kept
-    on the job, answered ``flagged`` and measured again; only the rest reach the cache."""
-    return _answer(_accept(queue, job_id, me, body), job_id)
+    """Post the measurement of a held job. A result that does not answer the job (another job's
+    artifact or profile, a paired job without its ratio) is refused with 409; inconsistent or
+    implausible ones are kept on the job, answered ``flagged`` and measured again; only the rest
+    reach the cache. (422 is for bodies outside the published schema alone.)"""
+    with _failing_the_job(queue, me, job_id):
+        return _answer(_accept(queue, job_id, me, body), job_id)
+
+
+class _NotTheAnswer(Exception):
+    """A well-formed result that does not answer the job it was posted for."""
+
+
+@contextmanager
+def _failing_the_job(queue: JobQueue, me: AgentRecord, job_id: int) -> Iterator[None]:
+    """A schema-valid result that does not answer its job fails the job (retried or failed, as an
+    agent's failure would) and is answered 409: a conflict with the job, not bad input."""
+    try:
+        yield
+    except _NotTheAnswer as exc:
+        queue.fail(me, job_id, f"result refused by the hub: {exc}")
+        raise HTTPException(409, f"result for job {job_id} refused: {exc}") from None
 
 
 def _accept(queue: JobQueue, job_id: int, me: AgentRecord, body: ResultBody) -> Outcome:
     def judge(job: JobRecord, base_median_us: Callable[[], float | None]) -> str | None:
         if job.kind != MEASURE:
-            raise HTTPException(422, f"job {job_id} is a {job.kind} job: post its result to "
-                                     f"/jobs/{job_id}/{job.kind}-result")
+            raise _NotTheAnswer(f"job {job_id} is a {job.kind} job: post its result to "
+                                f"/jobs/{job_id}/{job.kind}-result")
         problems = body.problems_for(profile=job.profile, artifact_sha256=job.artifact_sha256,
                                      paired=bool(job.reference_sha256))
         if problems:
-            raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
-        doubt = _implausible(body, base_median_us)
+            raise _NotTheAnswer("; ".join(problems))
+        doubt = "; ".join(body.inconsistencies()) or _implausible(body, base_median_us)
         if doubt is not None:
             logger.warning("job %d: flagged a result from %s: %s", job_id, me.name, doubt)
         return doubt
@@ -107,18 +125,19 @@ def _implausible(body: ResultBody, base_median_us: Callable[[], float | None]) -
 def batch_result(job_id: JobIdPath, body: BatchResultBody, me: CurrentAgent, queue: Queue) -> StatusBody:
     """Post the figures of a held batch job. Figures that do not answer the batch (another
     profile, a count that does not match, a ratio outside the plausible band) are refused
-    with 422, and the agent fails the job; the rest are kept on the job."""
+    with 409, and the hub fails the job; the rest are kept on the job."""
     def check(job: JobRecord) -> None:
         if job.kind != BATCH or job.batch is None:
-            raise HTTPException(422, f"job {job_id} is not a batch job: post its result to /jobs/{job_id}/result")
+            raise _NotTheAnswer(f"job {job_id} is not a batch job: post its result to /jobs/{job_id}/result")
         problems = body.problems_for(profile=job.profile, spec=job.batch)
         low, high = PLAUSIBLE_RATIO
         problems += [f"plan {i}'s ratio {f.ratio:.4g} to the base model is outside [{low}, {high}]"
                      for i, f in enumerate(body.plans) if not low <= f.ratio <= high][:3]
         if problems:
-            raise HTTPException(422, f"result for job {job_id} refused: {'; '.join(problems)}")
+            raise _NotTheAnswer("; ".join(problems))
 
-    return _answer(queue.complete_batch(me, job_id, body, check=check), job_id)
+    with _failing_the_job(queue, me, job_id):
+        return _answer(queue.complete_batch(me, job_id, body, check=check), job_id)
 
 
 @router.post("/{job_id}/failure", responses=errors(401, 403, 404, 409))

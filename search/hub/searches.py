@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from latency_models.wire import API_PREFIX
-from search.hub.deps import CurrentReader, Repo, SearchName, errors, study_of
+from search.hub.deps import CurrentReader, Repo, SearchName, errors, one_line, study_of
 
 router = APIRouter(prefix=f"{API_PREFIX}/searches")
 
@@ -42,4 +42,9 @@ def pareto(name: SearchName, me: CurrentReader, request: Request,
     from search.study.read import check_target, pareto_rows
 
     record, found = study_of(request, name)
-    return [row.to_dict() for row in pareto_rows(record, found, check_target(record, target))]
+    chosen = target or record.config.targets[0]
+    if chosen not in record.config.targets:
+        # a well-formed name of no target of this search: no such front (404), not bad input
+        raise HTTPException(404, f"target {one_line(chosen, 100)!r} is not one of this search's: "
+                                 f"{', '.join(record.config.targets)}")
+    return [row.to_dict() for row in pareto_rows(record, found, check_target(record, chosen))]

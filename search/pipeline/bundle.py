@@ -55,6 +55,11 @@ class ModelBundle:
             is the model's tensor, or its ``logits`` (else first tensor) when it returns a
             ``ModelOutput``, tuple or dict.
         ignored_layers: qualified module names never pruned, beyond the output layer.
+        error_name: what the error measures, for tables and reports (default: the error
+            function's ``error_name`` attribute, else "error").
+        score_name: the name of ``1 - error`` where that is a figure of its own, e.g. "accuracy"
+            for ``classification_error`` (default: the error function's ``score_name``
+            attribute, else None: tables show no such column).
     """
 
     name: str
@@ -67,6 +72,14 @@ class ModelBundle:
         default=nn.functional.cross_entropy
     )
     ignored_layers: tuple[str, ...] = ()
+    error_name: str | None = None
+    score_name: str | None = None
+
+    def names(self) -> tuple[str, str | None]:
+        """``(error_name, score_name)`` as tables show them (see the attributes)."""
+        error = self.error_name or getattr(self.error_fn, "error_name", None) or "error"
+        score = self.score_name or getattr(self.error_fn, "score_name", None)
+        return str(error), (str(score) if score else None)
 
     def fingerprint(self) -> str:
         """sha256 over the architecture, every parameter and buffer, and the input shape.
@@ -99,6 +112,11 @@ def classification_error(model: nn.Module, batches: Iterable[Batch]) -> float:
     if total == 0:
         raise ModelLoadError("the validation loader yielded no samples")
     return wrong / total
+
+
+# What the built-in error functions measure (ModelBundle.names): 1 - top-1 error is accuracy.
+classification_error.error_name = "error"  # type: ignore[attr-defined]
+classification_error.score_name = "accuracy"  # type: ignore[attr-defined]
 
 
 def seeded_error(bundle: ModelBundle, model: nn.Module, seed: int, device: ModelDevice = CPU) -> float:
@@ -146,4 +164,6 @@ def fidelity_error(reference: nn.Module) -> ErrorFn:
         # Rounding leaves identical outputs a hair off a cosine of 1: that is no error.
         return 0.0 if error < 1e-9 else min(1.0, error)
 
+    error.error_name = "1 - cosine similarity"  # type: ignore[attr-defined]
+    error.score_name = "cosine similarity"  # type: ignore[attr-defined]
     return error

@@ -16,8 +16,10 @@ The residual stream (hidden size) is kept, as LLM-Pruner's block-wise mode keeps
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import logging
 import warnings
 import weakref
@@ -298,6 +300,18 @@ def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return found
 
 
+def _count_ops_and_params(model: nn.Module, example: ModelInput) -> tuple[float, float]:
+    """torch-pruning's counts. Its counter print()s "Warning! No positional inputs found ..."
+    for every module called with keyword arguments only (a BERT with named inputs: 17 lines),
+    which would land in a command's stdout, before its JSON: kept to the debug log instead."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    if printed.getvalue():
+        logger.debug("torch-pruning's op counter: %s", " | ".join(sorted(set(printed.getvalue().splitlines()))))
+    return macs, params
+
+
 def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
     try:
         return tp.DependencyGraph().build_dependency(
@@ -407,9 +421,9 @@ def _count_ops(model: nn.Module, example: ModelInput) -> tuple[int, int]:
     try:
         meta = copy.deepcopy(model, memo)
         meta_example = rebuild(example, [t.to("meta") for t in tensors_of(example)])
-        macs, params = tp.utils.count_ops_and_params(meta, meta_example)
+        macs, params = _count_ops_and_params(meta, meta_example)
     except Exception:  # noqa: BLE001  # any failure on meta: count on the real weights
-        macs, params = tp.utils.count_ops_and_params(model, example)
+        macs, params = _count_ops_and_params(model, example)
     return int(macs), int(params)
 
 
@@ -502,7 +516,8 @@ def discover(
             macs=macs.get(name, 0),
         )
         for name, module in modules.items()
-        if isinstance(module, _PRUNABLE)
+        # a layer nothing returned reads (an unused pooler) is offered nothing, N:M included
+        if isinstance(module, _PRUNABLE) and (not live or name in live)
     }
     total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
     names = {module: name for name, module in modules.items()}
@@ -563,7 +578,7 @@ def discover(
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
     groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
-    macs_total, params = tp.utils.count_ops_and_params(model, example)
+    macs_total, params = _count_ops_and_params(model, example)
     return Discovery(tuple(groups), layers, output_layer, ignored_names, int(macs_total), int(params))
 
 
@@ -841,7 +856,7 @@ def apply_pruning(
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
         pattern_names[layer] = f"{n}:{m}"
-    macs, params = tp.utils.count_ops_and_params(model, example) if retrace else _count_ops(model, example)
+    macs, params = _count_ops_and_params(model, example) if retrace else _count_ops(model, example)
     kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,

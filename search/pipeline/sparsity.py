@@ -211,7 +211,9 @@ def sparsify(
     """
     if criterion not in NM_CRITERIA:
         raise PlanError(f"N:M criterion {criterion!r} is unknown; choose one of: {', '.join(NM_CRITERIA)}")
-    if criterion != "magnitude" and not calibration and patterns:
+    if not patterns:
+        return {}  # an all-dense plan: nothing to mask, and no calibration batches were drawn for it
+    if criterion != "magnitude" and not calibration:
         raise PlanError(f"N:M criterion {criterion!r} needs calibration batches (the bundle's training loader)")
     layers = _eligible_layers(model, patterns)
     if criterion == "magnitude":

@@ -485,6 +485,10 @@ class BaseFigures:
     measurements: Mapping[str, Mapping[str, Any]]
     error_floor: float | None = None
     model_device: str = "cpu"  # where the base was scored; searches stored before devices: the CPU
+    # What the error measures and what 1 - error is (None: no figure of its own); searches stored
+    # before these were recorded say only "error".
+    error_name: str = "error"
+    score_name: str | None = None
 
     def median_us(self, target: str) -> float:
         return float(self.measurements[target]["median_us"])
@@ -498,7 +502,8 @@ class BaseFigures:
                 "artifact_sha256": self.artifact_sha256,
                 "measurements": {k: dict(v) for k, v in self.measurements.items()}}
         return (data | ({} if self.error_floor is None else {"error_floor": self.error_floor})
-                | {"model_device": self.model_device})
+                | {"model_device": self.model_device, "error_name": self.error_name}
+                | ({} if self.score_name is None else {"score_name": self.score_name}))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BaseFigures:
@@ -506,4 +511,6 @@ class BaseFigures:
         return cls(float(data["error"]), int(data.get("macs", 0)), int(data.get("params", 0)),
                    str(data["signature"]), str(data["artifact_sha256"]),
                    {str(k): dict(v) for k, v in dict(data["measurements"]).items()},
-                   None if floor is None else float(floor), str(data.get("model_device", "cpu")))
+                   None if floor is None else float(floor), str(data.get("model_device", "cpu")),
+                   str(data.get("error_name", "error")),
+                   None if data.get("score_name") is None else str(data["score_name"]))

@@ -55,8 +55,55 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a ``--db`` that can never work before anything is stored: not a URL, a driver this
+    installation lacks, or a SQLite path that is a folder, lies in a missing folder or holds a
+    file that is not a database. (A server that cannot be reached is a failure at run time.)
+
+    Raises:
+        ConfigError: the URL, naming it and the fix.
+    """
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()  # the driver, which an extra or the user installs
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"--db {url!r} is not a database URL ({exc}); e.g. {DEFAULT_DB}") from None
+    except ImportError as exc:
+        raise ConfigError(f"--db {_safe(url)!r}: its driver is not installed ({exc}); install it "
+                          "(e.g. pip install psycopg for postgresql://) or use sqlite:///FILE") from None
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_path(url, parsed.database, uri=bool(parsed.query.get("uri")))
+
+
+def _check_sqlite_path(url: str, database: str | None, *, uri: bool) -> None:
+    if database in (None, "", ":memory:") or uri:
+        return
+    path = Path(str(database))
+    if path.is_dir():
+        raise ConfigError(f"--db {url!r} names a folder; give a file in it, e.g. sqlite:///{path / 'hwprune.db'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--db {url!r}: folder {str(path.parent)!r} does not exist; create it or give "
+                          "another path")
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            with path.open("rb") as file:
+                header = file.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise ConfigError(f"--db {url!r} cannot be read ({exc.strerror}); give a file you can read") from None
+        if header != SQLITE_HEADER:
+            raise ConfigError(f"--db {url!r} is not a SQLite database; give a new file or an hwprune database")
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite waits for locks instead of failing at once."""
+    """An engine for ``url``; SQLite waits for locks instead of failing at once.
+
+    Raises:
+        ConfigError: a URL that can never work (``check_database_url``).
+    """
+    check_database_url(url)
     try:
         # Connections are opened as needed and kept up to POOL_SIZE: past the pool, each one
         # would be opened and closed again per transaction (a new PostgreSQL backend each time),

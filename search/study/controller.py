@@ -194,7 +194,9 @@ def _create(
         space=space.to_dict(),
         base=BaseFigures(error=base_error, macs=space.base_macs, params=space.base_params, signature=signature,
                          artifact_sha256=artifact.sha256, measurements=measurements,
-                         error_floor=resolve_error_floor(config, base_error), model_device=device.name),
+                         error_floor=resolve_error_floor(config, base_error), model_device=device.name,
+                         # what the error measures, for the front's columns (ModelBundle.names)
+                         error_name=bundle.names()[0], score_name=bundle.names()[1]),
         versions=package_versions(),
         created_at=utcnow(),
     )

@@ -43,7 +43,8 @@ MAX_BATCH = 4096
 
 
 def export_program(model: nn.Module, example: ModelInput, path: Path) -> str | None:
-    """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension.
+    """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension (and sequence
+    dimension, on token inputs, as the ONNX file has).
 
     Returns None on success, else why it could not be exported (a model ``torch.export`` cannot
     trace, e.g. with data-dependent control flow); the folder is still complete without it.
@@ -54,13 +55,21 @@ def export_program(model: nn.Module, example: ModelInput, path: Path) -> str | N
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = {}
     shapes: Any
+
+    def axes(tensor: torch.Tensor) -> dict[int, Any]:
+        # The ONNX export's axes (search.pipeline.inputs.dynamic_axes): token inputs keep a
+        # dynamic sequence too, its range (the position embeddings' length) left to torch.export.
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            return {0: batch, 1: torch.export.Dim.DYNAMIC}
+        return {0: batch}
+
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
-        shapes = {name: {0: batch} for name in inputs}
+        shapes = {name: axes(tensor) for name, tensor in inputs.items()}
     elif isinstance(inputs, tuple):
-        args, shapes = inputs, tuple({0: batch} for _ in inputs)
+        args, shapes = inputs, tuple(axes(tensor) for tensor in inputs)
     else:
-        args, shapes = (inputs,), ({0: batch},)
+        args, shapes = (inputs,), (axes(inputs),)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

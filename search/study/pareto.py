@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from search.study.confirmation import Session
@@ -37,6 +37,8 @@ class TrialPoint:
     # Targets whose first figure is a prediction (hybrid/predicted latency), not a session.
     predicted: Mapping[str, bool] = field(default_factory=dict)
     model_device: str = "cpu"  # where its recovery ran: a replay runs on the same kind of device
+    # Later trials that reached the same architecture with the same figures (see pareto_front).
+    same_as: tuple[int, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -56,10 +58,28 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
 def pareto_front(points: Sequence[TrialPoint], target: str) -> list[TrialPoint]:
     """The non-dominated feasible points on (error, latency on ``target``), by latency.
 
-    Points with identical figures are all kept (none dominates another). O(n log n): sorted by
-    error then latency, a point is on the front when its latency beats every point before it
-    that has strictly lower error, or ties the best on equal error.
+    An architecture is on a front once: trials that reached the same one (equal signatures)
+    with identical figures are one point, the first trial's, naming the others in ``same_as``.
+    Other points with identical figures are all kept (none dominates another).
     """
+    return _one_per_architecture(_non_dominated(points, target), target)
+
+
+def _one_per_architecture(front: list[TrialPoint], target: str) -> list[TrialPoint]:
+    first: dict[tuple[str, float, float], TrialPoint] = {}
+    for point in sorted(front, key=lambda p: p.trial):
+        key = (point.signature or f"trial {point.trial}", point.error, point.latency_us[target])
+        if key in first:
+            earlier = first[key]
+            first[key] = replace(earlier, same_as=(*earlier.same_as, point.trial, *point.same_as))
+        else:
+            first[key] = point
+    return sorted(first.values(), key=lambda p: (p.latency_us[target], p.error))
+
+
+def _non_dominated(points: Sequence[TrialPoint], target: str) -> list[TrialPoint]:
+    """O(n log n): sorted by error then latency, a point is on the front when its latency beats
+    every point before it that has strictly lower error, or ties the best on equal error."""
     candidates = sorted(
         (p for p in points if p.feasible and target in p.latency_us),
         key=lambda p: (p.error, p.latency_us[target]),

@@ -105,6 +105,11 @@ class ParetoRow(_ReadModel):
     final_error: float | None
     final_accuracy: float | None
     final_steps: int | None
+    # Every trial that reached this architecture with these figures (the first is shown).
+    trials: list[int]
+    # What ``error`` measures, and what ``accuracy`` (1 - error) is (None: no figure of its own).
+    error_name: str = "error"
+    score_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,5 +397,8 @@ def pareto_rows(record: SearchRecord, study: optuna.Study, target: str) -> list[
             # After the final recovery: the long-recovery figure beside ``error``.
             final_error=final.error if final else None, final_accuracy=1.0 - final.error if final else None,
             final_steps=final.steps if final else None,
+            # Every trial that reached this architecture with these figures (the first shown).
+            trials=[point.trial, *point.same_as],
+            error_name=record.base.error_name, score_name=record.base.score_name,
         ))
     return rows

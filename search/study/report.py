@@ -58,7 +58,8 @@ def _kind(point: TrialPoint, target: str) -> str:
 MARKERS = {"confirmed": ("o", "tab:blue"), "measured once": ("s", "tab:orange"), "predicted": ("^", "tab:purple")}
 
 
-def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: Path, index: int) -> Plot:
+def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: Path, index: int,
+                error_name: str = "error") -> Plot:
     figure = _figure()
     axes = figure.add_subplot()
     plot = Plot(f"front-{index}.png", f"Error against latency on {target}")
@@ -84,7 +85,7 @@ def _front_plot(points: list[TrialPoint], target: str, base_us: float, folder: P
         plot.points["front"] = len(front)
     axes.axvline(base_us, color="tab:gray", linestyle=":", label=f"base model {base_us:.0f} us")
     axes.set_xlabel(f"latency on {target}, us (confirmed figure where confirmed)")
-    axes.set_ylabel("error")
+    axes.set_ylabel(error_name)  # what the bundle's error measures
     axes.set_title(plot.title)
     axes.legend(fontsize=8)
     figure.savefig(folder / plot.file)
@@ -95,7 +96,8 @@ def _history_plot(study: optuna.Study, record: SearchRecord, points: list[TrialP
     figure = _figure()
     axes = figure.add_subplot()
     reward_mode = record.config.objective == "reward"
-    label = "reward (higher is better)" if reward_mode else "error (lower is better)"
+    error_name = record.base.error_name
+    label = "reward (higher is better)" if reward_mode else f"{error_name} (lower is better)"
     plot = Plot("history.png", "Optimisation history")
     by_trial = {p.trial: p for p in points}
     xs = sorted(by_trial)
@@ -128,25 +130,35 @@ def _history_plot(study: optuna.Study, record: SearchRecord, points: list[TrialP
 
 
 def _channels_plot(record: SearchRecord, front: list[TrialPoint], target: str, folder: Path) -> Plot:
-    groups = [(g["name"], int(g["size"])) for g in record.space.get("groups", [])]
-    figure = _figure(max(7.0, 0.6 * len(groups) + 3), 4.5)
-    axes = figure.add_subplot()
-    plot = Plot("channels.png", f"Kept channels per group, front on {target}")
-    positions = list(range(len(groups)))
-    axes.plot(positions, [size for _, size in groups], color="tab:gray", linestyle=":", marker="_",
-              label="base model")
-    drawn = 0
-    for point in front:
-        kept = [point.kept.get(name, size) for name, size in groups]
-        axes.plot(positions, kept, marker="o", label=f"trial {point.trial}")
-        drawn += len(kept)
+    plot = Plot("channels.png", f"Kept width per group, front on {target}")
+    figure, drawn = channels_figure(record.space.get("groups", []), front, plot.title)
     plot.points["kept"] = drawn
-    axes.set_xticks(positions, [name for name, _ in groups], rotation=45, ha="right", fontsize=8)
-    axes.set_ylabel("kept channels (heads for attention groups)")
-    axes.set_title(plot.title)
-    axes.legend(fontsize=8)
     figure.savefig(folder / plot.file)
     return plot
+
+
+def channels_figure(groups: list[dict[str, Any]], front: list[TrialPoint], title: str) -> tuple[Any, int]:
+    """Each front trial's kept width per group as a share of the group's full width, so heads
+    (3 of 12) and channels (384 of 1536) read on one axis; the tick labels say which and how
+    many. Returns the figure and the number of points drawn."""
+    sizes = [(str(g["name"]), int(g["size"]), "heads" if "heads" in str(g.get("kind", "")) else "channels")
+             for g in groups]
+    figure = _figure(max(7.0, 0.6 * len(sizes) + 3), 5.0)
+    axes = figure.add_subplot()
+    positions = list(range(len(sizes)))
+    axes.axhline(1.0, color="tab:gray", linestyle=":", label="base model")
+    drawn = 0
+    for point in front:
+        shares = [point.kept.get(name, size) / size if size else 1.0 for name, size, _ in sizes]
+        axes.plot(positions, shares, marker="o", label=f"trial {point.trial}")
+        drawn += len(shares)
+    axes.set_xticks(positions, [f"{name} ({size} {unit})" for name, size, unit in sizes], rotation=45,
+                    ha="right", fontsize=8)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("kept share of the group's width")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    return figure, drawn
 
 
 def _discordant_pairs(points: list[TrialPoint], target: str) -> tuple[int, int]:
@@ -163,21 +175,28 @@ def _discordant_pairs(points: list[TrialPoint], target: str) -> tuple[int, int]:
 
 
 def _macs_plot(points: list[TrialPoint], target: str, folder: Path) -> Plot:
-    figure = _figure()
-    axes = figure.add_subplot()
     usable = [p for p in points if target in p.latency_us]
     discordant, total = _discordant_pairs(usable, target)
     plot = Plot("macs.png", f"Latency against MACs on {target}", {"trials": len(usable)},
                 f"{discordant} of {total} pairs of trials are ordered differently by MACs than by latency")
+    macs_figure(usable, target, f"{plot.title}\n{discordant} of {total} pairs of trials mis-ordered by MACs"
+                ).savefig(folder / plot.file)
+    return plot
+
+
+def macs_figure(usable: list[TrialPoint], target: str, title: str) -> Any:
+    """Latency against MACs, each trial labelled; ``title`` in short lines (one long line was
+    cut off at the figure's edge)."""
+    figure = _figure()
+    axes = figure.add_subplot()
     axes.scatter([p.macs / 1e6 for p in usable], [p.latency_us[target] for p in usable], color="tab:blue")
     for p in usable:
         axes.annotate(str(p.trial), (p.macs / 1e6, p.latency_us[target]), textcoords="offset points",
                       xytext=(3, 3), fontsize=7)
     axes.set_xlabel("MACs (millions)")
     axes.set_ylabel(f"latency on {target}, us")
-    axes.set_title(f"{plot.title}: {discordant} of {total} pairs mis-ordered by MACs")
-    figure.savefig(folder / plot.file)
-    return plot
+    axes.set_title(title, fontsize=10)
+    return figure
 
 
 def write_report(record: SearchRecord, study: optuna.Study, out: Path) -> dict[str, Any]:
@@ -186,7 +205,8 @@ def write_report(record: SearchRecord, study: optuna.Study, out: Path) -> dict[s
     targets: list[str] = list(record.config.targets)
     base = base_latency_us(record, study)
     out.mkdir(parents=True, exist_ok=True)
-    plots = [_front_plot(points, t, base[t], out, i) for i, t in enumerate(targets)]
+    error_name = record.base.error_name
+    plots = [_front_plot(points, t, base[t], out, i, error_name) for i, t in enumerate(targets)]
     plots.append(_history_plot(study, record, points, out))
     rows = [row.to_dict() for row in pareto_rows(record, study, targets[0])]  # as `hwprune pareto` shows it
     by_trial = {p.trial: p for p in points}

@@ -152,7 +152,7 @@ def test_final_recovery_is_stored_beside_the_search_error(setup: dict[str, Any],
         assert stored.search_error == errors[row["trial"]] == row["error"]
         assert row["final_error"] == stored.error
     table = _run(setup, ["pareto", "fin", "--db", setup["db"]]).stdout
-    assert "final acc (6 steps)" in table
+    assert "final accuracy (6 steps)" in table
     out = tmp_path / "front"
     _run(setup, ["export", "fin", "--pareto", "--out", str(out), "--db", setup["db"]])
     for row in rows:
