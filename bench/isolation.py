@@ -137,7 +137,9 @@ def run(rounds: int) -> list[Sample]:
 
 
 def _label(workers: int, use_lock: bool) -> str:
-    return "quiet" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}, lock {'on' if use_lock else 'off'}"
+    if workers == 0:
+        return "quiet"
+    return f"{workers} worker{'s' if workers > 1 else ''}, lock {'on' if use_lock else 'off'}"
 
 
 def _row(group: list[Sample], quiet: float, label: str) -> str:
