@@ -394,6 +394,14 @@ def _copy_with_graph(base: nn.Module, traced: _Traced) -> tuple[nn.Module, tp.De
     model = copy.deepcopy(base, memo).eval()
     for obj in traced.shared:
         memo[id(obj)] = obj
+    # Nodes link to their neighbours: a plain deepcopy recurses along the whole network and
+    # overflows the stack on deep models. Every node gets its copy first, so no copy goes deeper
+    # than one node's own attributes.
+    nodes = list(traced.graph.module2node.values())
+    for node in nodes:
+        memo[id(node)] = object.__new__(type(node))
+    for node in nodes:
+        memo[id(node)].__dict__.update(copy.deepcopy(node.__dict__, memo))
     return model, copy.deepcopy(traced.graph, memo)
 
 

@@ -161,3 +161,17 @@ def test_a_base_changed_in_shape_is_traced_again() -> None:
     assert replayed.model(example).shape == (1, 7)
     traced = apply(model, example, space, space.uniform_plan(0.5), retrace=True)
     assert replayed.signature == traced.signature
+
+
+def test_a_deep_network_replays() -> None:
+    # 12 blocks: the graph's nodes link along the whole network, deeper than Python's recursion limit
+    # allows a plain deepcopy to follow.
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
+                                    intermediate_size=64, image_size=16, patch_size=8, num_labels=4)
+    model, example = transformers.ViTForImageClassification(config).eval(), torch.randn(1, 3, 16, 16)
+    space = build_space(model, example, [load_profile("cpu-ort-fp32")])
+    replayed = apply(model, example, space, space.uniform_plan(0.5))
+    traced = apply(model, example, space, space.uniform_plan(0.5), retrace=True)
+    ours, theirs = replayed.model.state_dict(), traced.model.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
