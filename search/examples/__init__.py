@@ -2,6 +2,9 @@
 
 ``digits-distorted`` is the same digits drawn through seeded distortions, noise and occlusion:
 hard enough that uniform pruning loses accuracy, so that searches can be told apart.
+``efficientnet-lite0`` is a pretrained ImageNet network (from the ``examples`` extra) on real
+photographs shipped with scikit-image and scikit-learn, scored by agreement with the dense model;
+``efficientnet-lite0@160`` runs it at 160x160 (any resolution from 32 to 512; 224 by default).
 The examples train once on data shipped inside a package and are cached. ``zoo`` holds reference
 architectures built in code (ResNet-18, MobileNetV2, a timm-style transformer, a small Llama) for
 ``hwprune doctor``, the tests and the benchmarks: they are not trained and not a model hub.
@@ -10,15 +13,19 @@ architectures built in code (ResNet-18, MobileNetV2, a timm-style transformer, a
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 from search.errors import ModelLoadError
 from search.examples.digits import digits
 from search.examples.distorted_digits import NAME as DISTORTED
 from search.examples.distorted_digits import digits_distorted
+from search.examples.efficientnet_lite import NAME as EFFICIENTNET
+from search.examples.efficientnet_lite import RECIPE as EFFICIENTNET_RECIPE
+from search.examples.efficientnet_lite import efficientnet_lite0
 from search.pipeline.bundle import ModelBundle
 
-EXAMPLES = ("digits", DISTORTED)
+EXAMPLES = ("digits", DISTORTED, EFFICIENTNET)
 
 
 def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
@@ -31,10 +38,21 @@ def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
         return digits(cache_dir=cache_dir)
     if name == DISTORTED:
         return digits_distorted(cache_dir=cache_dir)
+    if name == EFFICIENTNET or name.startswith(f"{EFFICIENTNET}@"):
+        return _efficientnet(name, cache_dir=cache_dir)
     raise ModelLoadError(
         f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
         "(or give a plugin as package.module:function)"
     )
+
+
+def _efficientnet(name: str, *, cache_dir: Path) -> ModelBundle:
+    _, _, size = name.partition("@")
+    if size and not (size.isdigit() and 32 <= int(size) <= 512):
+        raise ModelLoadError(f"example {name!r}: the resolution after '@' must be a whole number "
+                             f"from 32 to 512, e.g. {EFFICIENTNET}@160")
+    recipe = replace(EFFICIENTNET_RECIPE, resolution=int(size)) if size else EFFICIENTNET_RECIPE
+    return efficientnet_lite0(cache_dir=cache_dir, recipe=recipe)
 
 
 def load_bundle(spec: str, *, cache_dir: Path) -> ModelBundle:

@@ -52,6 +52,8 @@ class ModelBundle:
             is the model's tensor, or its ``logits`` (else first tensor) when it returns a
             ``ModelOutput``, tuple or dict.
         ignored_layers: qualified module names never pruned, beyond the output layer.
+        error_name: what ``error_fn`` measures, for tables and reports (e.g. "1 - top-1
+            agreement with the dense model" where there are no labels).
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModelBundle:
         default=nn.functional.cross_entropy
     )
     ignored_layers: tuple[str, ...] = ()
+    error_name: str = "error"
 
     def fingerprint(self) -> str:
         """sha256 over the architecture, every parameter and buffer, and the input shape.

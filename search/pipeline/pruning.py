@@ -30,8 +30,8 @@ from torch import nn
 
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
-from search.pipeline.features import macs_per_output
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, run
+from search.pipeline.macs import count_macs
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -117,38 +117,6 @@ class PrunedModel:
     signature: str
     history: list[Any] = field(repr=False)
     warnings: tuple[str, ...] = ()
-
-
-def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str], dict[str, int]]:
-    """In one forward pass of ``example``: MACs of every Conv2d/Linear, the order in which they
-    ran, and the attention MACs of each prunable ``nn.MultiheadAttention`` (``_mha_modules``)."""
-    macs: dict[str, int] = {}
-    order: list[str] = []
-    mha_macs: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, _PRUNABLE):
-
-            def hook(mod: nn.Module, _inp: Any, out: torch.Tensor, name: str = name) -> None:
-                per_output = macs_per_output(mod)
-                macs[name] = macs.get(name, 0) + int(out.numel()) * per_output
-                order.append(name)
-
-            handles.append(module.register_forward_hook(hook))
-    for name, module in _mha_modules(model).items():
-
-        def mha_hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
-            tokens = int(out[0].numel()) // int(mod.embed_dim)
-            mha_macs[name] = mha_macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
-
-        handles.append(module.register_forward_hook(mha_hook))
-    try:
-        with torch.no_grad():
-            run(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs, order, mha_macs
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +345,8 @@ def discover(
     if unknown:
         known = ", ".join(n for n, m in modules.items() if isinstance(m, _PRUNABLE))
         raise PlanError(f"unknown layer(s) to ignore: {', '.join(unknown)}; layers: {known}")
-    macs, order, mha_macs = _layer_macs(model, example)
+    counted = count_macs(model, example)
+    macs, order, mha_macs = counted.layers, counted.order, counted.attention
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
     outputs, live = _output_layers(model, example)
@@ -397,7 +366,7 @@ def discover(
         for name, module in modules.items()
         if isinstance(module, _PRUNABLE)
     }
-    total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
+    total_macs = counted.total or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
     gqa = _gqa_attentions(model)
@@ -456,8 +425,7 @@ def discover(
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
     groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
-    macs_total, params = tp.utils.count_ops_and_params(model, example)
-    return Discovery(tuple(groups), layers, output_layer, ignored_names, int(macs_total), int(params))
+    return Discovery(tuple(groups), layers, output_layer, ignored_names, counted.total, counted.params)
 
 
 def _importance(kind: str) -> tp.importance.Importance:
@@ -702,7 +670,7 @@ def apply_pruning(
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
         pattern_names[layer] = f"{n}:{m}"
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    counted = count_macs(model, example)
     kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,
@@ -710,8 +678,8 @@ def apply_pruning(
         sparsity=sparsity,
         patterns=pattern_names,
         masks=masks,
-        macs=int(macs),
-        params=int(params),
+        macs=counted.total,
+        params=counted.params,
         signature=architecture_signature(model, pattern_names),
         history=graph.pruning_history(),
         warnings=tp_warnings,
