@@ -34,7 +34,7 @@ from search.pipeline.recovery import RecoveryConfig, recover_with_report, recove
 from search.pipeline.space import SearchSpace, apply
 from search.storage import Repository
 from search.study.reward import reward
-from search.study.screening import MEASURED, PREDICTED, Screening
+from search.study.screening import MEASURED, PREDICTED, SCREENED_ATTR, Screening
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
             trial.set_user_attr("pruning_warnings", list(pruned.warnings))
     # The dense plan is the base model itself: trial 0, the reference of every figure.
     is_base = pruned.signature == ctx.base_signature
+    if ctx.screening is not None and not is_base:
+        _screen_budget(trial, ctx.screening, ctx, pruned, times)
     measured: Measured | None = None
     if ctx.config.trial_pruning != "none":
         measured = _export_and_measure(trial, ctx, pruned, None, times)
@@ -177,6 +179,21 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
     if ctx.config.objective == "pareto":
         return [error, *(latencies[name].latency_us for name in ctx.config.targets)]
     return score
+
+
+def _screen_budget(trial: optuna.Trial, screening: Screening, ctx: SearchContext, pruned: PrunedModel,
+                   times: dict[str, float]) -> None:
+    """Budget-aware proposals: a plan predicted far outside the budget is pruned untried."""
+    if screening.budget_band is None:
+        return
+    with _stage(trial, "budget-screen", times):
+        features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
+        reason = screening.outside_budget(trial, features)
+    if reason is not None:
+        trial.set_user_attr(SCREENED_ATTR, reason)
+        trial.set_user_attr("stage_s", times)
+        logger.info("Trial %d not tried: %s", trial.number, reason)
+        raise optuna.TrialPruned(reason)
 
 
 def _export(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel,
