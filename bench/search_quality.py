@@ -11,7 +11,10 @@ shared by all methods and seeds (the latency cache). Methods:
 * ``tpe-prune``: ``tpe`` with Optuna's median pruning before fine-tuning (``--trial-pruning
   median``); its pruned trials count toward the budget, so it differs from ``tpe`` in search time
   and in how many trials reach the end;
-* ``netadapt``: NetAdapt's greedy walk (``--sampler netadapt``) on the same scan.
+* ``netadapt``: NetAdapt's greedy walk (``--sampler netadapt``) on the same scan;
+* ``tpe-budget``: ``tpe`` under the latency budget ``--budget-ratio`` with budget-aware proposals
+  (plans the latency model predicts outside the budget's band of 0.15 are not tried; see
+  ``search.study.screening``); its front gathers near the budget.
 
 The scans (one per search of ``tpe-sens``/``netadapt``: each group alone at each option, no
 recovery) are not trials; their time is counted in the method's search time.
@@ -43,6 +46,10 @@ Ctrl-C) resumes where it stopped, and finished searches are only read again. Wit
 each finished search's points are also written to ``DIR/<search>.json`` and read from there on
 the next run, so a benchmark longer than one sitting (ResNet-18 at 224: about 7 hours here)
 survives losing the machine, its database and its cache; commit the folder as it fills.
+
+With ``--uniform-bar mean`` every rung of the uniform sweep is scored with its error averaged over
+the seeds' sweeps (the same plans, recovered with different seeds), so the bar each method is held
+to is not one draw of the recovery; every method of every seed is compared to that bar.
 
 The oracle's long random search is run as ``--oracle-random`` random searches of ``--trials``
 trials each (seeds 10000, 10001, ...): random trials are independent draws, so the pooled trials
@@ -112,16 +119,20 @@ METHODS: dict[str, dict[str, object]] = {
     "amc": {"sampler": "amc"},
     "nsga2": {"sampler": "nsga2", "objective": "pareto"},
     "netadapt": {"sampler": "netadapt"},
+    "tpe-budget": {"sampler": "tpe", "screening": {"budget_band": 0.15}},
 }
+BUDGETED = ("tpe-budget",)  # methods run under --budget-ratio
 
 
 def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: dict[str, str],
-               recovery_steps: int | None, name: str | None = None) -> tuple[list[TrialPoint], float, Prepared]:
+               recovery_steps: int | None, name: str | None = None, budget_ratio: float | None = None
+               ) -> tuple[list[TrialPoint], float, Prepared]:
     """Run (or resume, or just read) one search: its points, its search time and the prepared
     search (for the final recovery)."""
+    budget = {"constraints": {"latency_budget_ratio": budget_ratio}} if method in BUDGETED else {}
     config = load_search_config(None, {
         "name": name or f"{method}-s{seed}", **source, "targets": [TARGET], **METHODS[method],
-        "trials": trials, "seed": seed, "recovery": {"steps": recovery_steps},
+        "trials": trials, "seed": seed, "recovery": {"steps": recovery_steps}, **budget,
     })
     prepared = prepare(config, runtime)
     if method == "uniform":
@@ -138,10 +149,13 @@ def run_method(method: str, seed: int, trials: int, runtime: Runtime, source: di
 
 
 def _identity(method: str, seed: int, trials: int, source: dict[str, str],
-              recovery_steps: int | None) -> dict[str, object]:
+              recovery_steps: int | None, budget_ratio: float | None = None) -> dict[str, object]:
     """What makes a kept search the one asked for: a kept file that differs is refused."""
-    return {"method": method, "settings": METHODS[method], "seed": seed, "trials": trials,
-            "source": source, "target": TARGET, "recovery_steps": recovery_steps}
+    identity: dict[str, object] = {"method": method, "settings": METHODS[method], "seed": seed, "trials": trials,
+                                   "source": source, "target": TARGET, "recovery_steps": recovery_steps}
+    if method in BUDGETED:
+        identity["budget_ratio"] = budget_ratio
+    return identity
 
 
 def keep(path: Path, identity: dict[str, object], points: list[TrialPoint], seconds: float) -> None:
@@ -224,6 +238,18 @@ def versus_uniform(points: list[TrialPoint], uniform: list[TrialPoint],
     return _geomean(deployable), _geomean(every), (mine or 1.0) / (theirs or 1.0)
 
 
+def mean_uniform(per_seed: dict[int, dict[str, list[TrialPoint]]]) -> dict[int, dict[str, list[TrialPoint]]]:
+    """``per_seed`` with each seed's uniform sweep scored by every rung's error averaged over the
+    seeds' sweeps (the same architecture, recovered with each seed): a bar that is not one draw."""
+    errors: dict[str, list[float]] = {}
+    for results in per_seed.values():
+        for point in results["uniform"]:
+            errors.setdefault(point.signature, []).append(point.error)
+    return {seed: {**results, "uniform": [dataclasses.replace(p, error=statistics.mean(errors[p.signature]))
+                                          for p in results["uniform"]]}
+            for seed, results in per_seed.items()}
+
+
 def _geomean(logs: list[float]) -> float:
     return math.exp(statistics.mean(logs)) if logs else float("nan")
 
@@ -300,7 +326,8 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=None, help="Default: the search default.")
     parser.add_argument("--final-steps", type=int, default=0,
                         help="Also compare the fronts after a final recovery of this many steps (0: not).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in BUDGETED],
+                        choices=list(METHODS))
     parser.add_argument("--oracle-random", type=int, default=10,
                         help="The oracle also pools this many random searches of --trials trials each (seeds "
                              "10000, ...): one random search of that many times the budget (0: none).")
@@ -314,12 +341,18 @@ def main() -> None:
                         help="Also write each finished search's points to DIR/<search>.json and read "
                              "them from there next time (survives losing --db). Not with --final-steps, "
                              "which needs every search in --db.")
+    parser.add_argument("--budget-ratio", type=float, default=None,
+                        help="The latency budget (ratio to the base model) of the budgeted methods (tpe-budget).")
+    parser.add_argument("--uniform-bar", choices=["seed", "mean"], default="seed",
+                        help="mean: each uniform rung's error averaged over the seeds' sweeps (see the docstring).")
     parser.add_argument("--tag", default=None,
                         help="Write to the section search-quality-<label>-<tag> (e.g. 'tuning' for runs "
                              "on unreported seeds that choose a default).")
     args = parser.parse_args()
     if args.keep is not None and args.final_steps:
         parser.error("--keep keeps the search-time points only; --final-steps needs every search in --db")
+    if any(m in BUDGETED for m in args.methods) and args.budget_ratio is None:
+        parser.error(f"methods {', '.join(BUDGETED)} need --budget-ratio")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = {"model": args.model} if args.model else {"example": args.example or "digits-distorted"}
     label = args.model or spec["example"]
@@ -337,7 +370,7 @@ def main() -> None:
         def search(method: str, seed: int, name: str) -> tuple[list[TrialPoint], float] | None:
             """One search's points and search time: read from --keep, or run (or resumed) in
             --db and then kept; None past the deadline."""
-            identity = _identity(method, seed, args.trials, spec, args.recovery_steps)
+            identity = _identity(method, seed, args.trials, spec, args.recovery_steps, args.budget_ratio)
             path = args.keep / f"{name}.json" if args.keep is not None else None
             kept = read_kept(path, identity) if path is not None else None
             if kept is not None:
@@ -347,7 +380,8 @@ def main() -> None:
                 print(f"deadline {args.until:%H:%M} UTC: {name} and later not run", flush=True)
                 return None
             points, seconds, prepared[seed, method] = run_method(
-                method, seed, args.trials, runtime, spec, args.recovery_steps, name=name)
+                method, seed, args.trials, runtime, spec, args.recovery_steps, name=name,
+                budget_ratio=args.budget_ratio)
             print(f"{name}: {len(points)} trials, {seconds:.0f} s of search", flush=True)
             if path is not None:
                 keep(path, identity, points, seconds)
@@ -405,6 +439,9 @@ def main() -> None:
     if not complete:
         print("incomplete: nothing written; run the same command again (with --db or --keep) to continue", flush=True)
         return
+    if args.uniform_bar == "mean":
+        per_seed = mean_uniform(per_seed)
+        final_per_seed = mean_uniform(final_per_seed) if final_per_seed else final_per_seed
     dense_error = min(p.error for results in per_seed.values() for p in results["uniform"] if p.trial == 0)
     reference = (dense_error + 0.10, 1.05)
     deployable = {seed: deployable_rungs(results["uniform"]) for seed, results in per_seed.items()}
@@ -446,6 +483,8 @@ def main() -> None:
                         "--methods", *args.methods, f"--oracle-random {args.oracle_random}"]
                        + ([f"--recovery-steps {args.recovery_steps}"] if args.recovery_steps is not None else [])
                        + ([f"--final-steps {args.final_steps}"] if args.final_steps else [])
+                       + ([f"--budget-ratio {args.budget_ratio}"] if args.budget_ratio is not None else [])
+                       + ([f"--uniform-bar {args.uniform_bar}"] if args.uniform_bar != "seed" else [])
                        + ([f"--until {args.until:%H:%M}"] if args.until is not None else [])
                        + ([f"--db {args.db}"] if args.db is not None else [])
                        + ([f"--keep {args.keep}"] if args.keep is not None else [])

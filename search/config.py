@@ -203,6 +203,9 @@ class ScreeningSettings(_Section):
     max_mape: Annotated[float, Field(gt=0, le=1)] = 0.03
     max_rel_halfwidth: Annotated[float, Field(gt=0, le=10)] = 0.10
     front_margin: Annotated[float, Field(ge=0, le=100)] | None = 1.0
+    # With a latency budget: plans predicted wholly outside [budget * (1 - band), budget * (1 + band)]
+    # are neither recovered nor measured (search.study.screening, "Budget-aware proposals"). None: off.
+    budget_band: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
 class SearchConfig(_Section):

@@ -2,6 +2,9 @@
 
 ``digits-distorted`` is the same digits drawn through seeded distortions, noise and occlusion:
 hard enough that uniform pruning loses accuracy, so that searches can be told apart.
+``efficientnet-lite0`` is a pretrained ImageNet network (from the ``examples`` extra) on real
+photographs shipped with scikit-image and scikit-learn, scored by agreement with the dense model;
+``efficientnet-lite0@160`` runs it at 160x160 (any resolution from 32 to 512; 224 by default).
 The examples train once on data shipped inside a package and are cached. ``zoo`` holds reference
 architectures built in code (ResNet-18, MobileNetV2, a timm-style transformer, a small Llama) for
 ``hwprune doctor``, the tests and the benchmarks: they are not trained and not a model hub.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +30,10 @@ if TYPE_CHECKING:
 EXAMPLES: dict[str, str] = {
     "digits": "search.examples.digits:digits",
     "digits-distorted": "search.examples.distorted_digits:digits_distorted",
+    "efficientnet-lite0": "search.examples.efficientnet_lite:efficientnet_lite0",
 }
+# Examples that take a resolution after '@' (efficientnet-lite0@160).
+_SIZED = ("efficientnet-lite0",)
 
 
 def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
@@ -35,14 +42,24 @@ def load_example(name: str, *, cache_dir: Path) -> ModelBundle:
     Raises:
         ModelLoadError: unknown name; the message lists the examples and the plugin syntax.
     """
-    if name not in EXAMPLES:
+    base, _, size = name.partition("@")
+    if base not in EXAMPLES or (size and base not in _SIZED):
         raise ModelLoadError(
             f"no built-in example {name!r}; known: {', '.join(EXAMPLES)} "
             "(or give a plugin as package.module:function)"
         )
-    module, _, function = EXAMPLES[name].partition(":")
-    bundle: ModelBundle = getattr(importlib.import_module(module), function)(cache_dir=cache_dir)
-    return bundle
+    module, _, function = EXAMPLES[base].partition(":")
+    build = getattr(importlib.import_module(module), function)
+    if not size:
+        bundle: ModelBundle = build(cache_dir=cache_dir)
+        return bundle
+    if not (size.isdigit() and 32 <= int(size) <= 512):
+        raise ModelLoadError(f"example {name!r}: the resolution after '@' must be a whole number "
+                             f"from 32 to 512, e.g. {base}@160")
+    from search.examples.efficientnet_lite import RECIPE
+
+    sized: ModelBundle = build(cache_dir=cache_dir, recipe=replace(RECIPE, resolution=int(size)))
+    return sized
 
 
 def load_bundle(spec: str, *, cache_dir: Path, timeout_s: float | None = None) -> ModelBundle:

@@ -13,16 +13,9 @@ from torch import nn
 from latency_models.predictors import ArchitectureFeatures, LayerFeatures
 from latency_models.predictors.features import BYTES_PER_VALUE
 from search.pipeline.inputs import run
+from search.pipeline.macs import macs_per_output
 
-
-def macs_per_output(layer: nn.Module) -> int:
-    """Multiply-accumulates per output value of a Conv2d or Linear (0 for anything else)."""
-    if isinstance(layer, nn.Linear):
-        return int(layer.in_features)
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return int(layer.in_channels // layer.groups) * int(kh) * int(kw)
-    return 0
+__all__ = ["architecture_features", "macs_per_output"]
 
 
 def _pair(value: Any) -> tuple[int, int]:

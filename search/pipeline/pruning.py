@@ -16,10 +16,8 @@ The residual stream (hidden size) is kept, as LLM-Pruner's block-wise mode keeps
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import logging
 import warnings
 import weakref
@@ -35,9 +33,9 @@ from torch import nn
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
 from search.pipeline.device import CPU, ModelDevice, OnDevice, to_device
-from search.pipeline.features import macs_per_output
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, rebuild, run
 from search.pipeline.inputs import tensors as tensors_of
+from search.pipeline.macs import MacCount, count_macs
 from search.pipeline.sparsity import satisfies_nm, sparsify
 
 logger = logging.getLogger(__name__)
@@ -120,38 +118,6 @@ class PrunedModel:
     params: int
     signature: str
     warnings: tuple[str, ...] = ()
-
-
-def _layer_macs(model: nn.Module, example: ModelInput) -> tuple[dict[str, int], list[str], dict[str, int]]:
-    """In one forward pass of ``example``: MACs of every Conv2d/Linear, the order in which they
-    ran, and the attention MACs of each prunable ``nn.MultiheadAttention`` (``_mha_modules``)."""
-    macs: dict[str, int] = {}
-    order: list[str] = []
-    mha_macs: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, _PRUNABLE):
-
-            def hook(mod: nn.Module, _inp: Any, out: torch.Tensor, name: str = name) -> None:
-                per_output = macs_per_output(mod)
-                macs[name] = macs.get(name, 0) + int(out.numel()) * per_output
-                order.append(name)
-
-            handles.append(module.register_forward_hook(hook))
-    for name, module in _mha_modules(model).items():
-
-        def mha_hook(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
-            tokens = int(out[0].numel()) // int(mod.embed_dim)
-            mha_macs[name] = mha_macs.get(name, 0) + 4 * tokens * int(mod.embed_dim) ** 2
-
-        handles.append(module.register_forward_hook(mha_hook))
-    try:
-        with torch.no_grad():
-            run(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs, order, mha_macs
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,18 +266,6 @@ def _unwrapped_vectors(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return found
 
 
-def _count_ops_and_params(model: nn.Module, example: ModelInput) -> tuple[float, float]:
-    """torch-pruning's counts. Its counter print()s "Warning! No positional inputs found ..."
-    for every module called with keyword arguments only (a BERT with named inputs: 17 lines),
-    which would land in a command's stdout, before its JSON: kept to the debug log instead."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    if printed.getvalue():
-        logger.debug("torch-pruning's op counter: %s", " | ".join(sorted(set(printed.getvalue().splitlines()))))
-    return macs, params
-
-
 def _build_graph(model: nn.Module, example: ModelInput) -> tp.DependencyGraph:
     try:
         return tp.DependencyGraph().build_dependency(
@@ -417,10 +371,10 @@ def _unshare(model: nn.Module, base: nn.Module) -> None:
                 module._buffers[name] = buffer.clone(memory_format=torch.preserve_format)
 
 
-def _count_ops(model: nn.Module, example: ModelInput) -> tuple[int, int]:
-    """torch-pruning's MAC and parameter count, run on a meta-device copy: the counts come from
-    shapes only, so no weight is copied or multiplied. Falls back to the real model where the
-    forward needs values (data-dependent branches)."""
+def _count_ops(model: nn.Module, example: ModelInput) -> MacCount:
+    """MACs and parameters counted from what runs (``search.pipeline.macs``) on a meta-device copy:
+    the counts come from shapes only, so no weight is copied or multiplied. Falls back to the real
+    model where the forward needs values (data-dependent branches, e.g. a mask's contents)."""
     memo: dict[int, Any] = {}
     for parameter in model.parameters():
         memo[id(parameter)] = type(parameter)(torch.empty_like(parameter, device="meta"), parameter.requires_grad)
@@ -428,11 +382,9 @@ def _count_ops(model: nn.Module, example: ModelInput) -> tuple[int, int]:
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     try:
         meta = copy.deepcopy(model, memo)
-        meta_example = rebuild(example, [t.to("meta") for t in tensors_of(example)])
-        macs, params = _count_ops_and_params(meta, meta_example)
+        return count_macs(meta, rebuild(example, [t.to("meta") for t in tensors_of(example)]))
     except Exception:  # noqa: BLE001  # any failure on meta: count on the real weights
-        macs, params = _count_ops_and_params(model, example)
-    return int(macs), int(params)
+        return count_macs(model, example)
 
 
 def _output_layers(model: nn.Module, example: ModelInput) -> tuple[list[str], set[str]]:
@@ -506,7 +458,8 @@ def discover(
     if unknown:
         known = ", ".join(n for n, m in modules.items() if isinstance(m, _PRUNABLE))
         raise PlanError(f"unknown layer(s) to ignore: {', '.join(unknown)}; layers: {known}")
-    macs, order, mha_macs = _layer_macs(model, example)
+    counted = count_macs(model, example)
+    macs, order, mha_macs = counted.layers, counted.order, counted.attention
     if not order:
         raise PlanError("the model has no Conv2d or Linear layer to prune")
     outputs, live = _output_layers(model, example)
@@ -527,7 +480,7 @@ def discover(
         # a layer nothing returned reads (an unused pooler) is offered nothing, N:M included
         if isinstance(module, _PRUNABLE) and (not live or name in live)
     }
-    total_macs = (sum(macs.values()) + sum(mha_macs.values())) or 1
+    total_macs = counted.total or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
     gqa = _gqa_attentions(model)
@@ -586,8 +539,7 @@ def discover(
     # Layer order (first execution of any member) is the order AMC-style controllers decide in.
     first_run = {name: index for index, name in reversed(list(enumerate(order)))}
     groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
-    macs_total, params = _count_ops_and_params(model, example)
-    return Discovery(tuple(groups), layers, output_layer, ignored_names, int(macs_total), int(params))
+    return Discovery(tuple(groups), layers, output_layer, ignored_names, counted.total, counted.params)
 
 
 def _importance(kind: str) -> tp.importance.Importance:
@@ -864,7 +816,7 @@ def apply_pruning(
             raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
         sparsity[layer] = float((weight == 0).sum()) / weight.numel()
         pattern_names[layer] = f"{n}:{m}"
-    macs, params = _count_ops_and_params(model, example) if retrace else _count_ops(model, example)
+    counted = count_macs(model, example) if retrace else _count_ops(model, example)
     kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,
@@ -872,8 +824,8 @@ def apply_pruning(
         sparsity=sparsity,
         patterns=pattern_names,
         masks=masks,
-        macs=int(macs),
-        params=int(params),
+        macs=counted.total,
+        params=counted.params,
         signature=architecture_signature(model, pattern_names),
         warnings=tp_warnings,
     )

@@ -36,6 +36,7 @@ _SCREENING, _STAGES, _RECOVERY, _FEATURES = "screening", "stage_s", "recovery", 
 _WARNINGS, _CONSTRAINTS = "pruning_warnings", "constraints"
 _FAIL_STAGE, _FAIL_REASON, _FAIL_TRACEBACK, _PRUNED = "fail_stage", "fail_reason", "fail_traceback", "pruned"
 _BASE, _START, _NETADAPT_STEP = "base", "start", "netadapt_step"
+_BUDGET_SCREEN = "budget_screen"  # why a plan was not tried (budget-aware proposals)
 _MODEL_WORK = "model_work"  # {"device": "cuda:0", "threads": 8}: where recovery and scoring ran
 # Study user attributes.
 _CONFIRM_PREFIX = "confirm:"
@@ -198,6 +199,8 @@ class TrialRecord:
     # Where the trial's recovery and scoring ran; trials stored before devices existed ran on the CPU.
     model_device: str = "cpu"
     recovery_threads: int | None = None
+    # Budget-aware proposals: why the plan was pruned untried (predicted far outside the budget).
+    budget_screened: str | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -269,6 +272,7 @@ def read_trial(trial: FrozenTrial) -> TrialRecord:
         start=attrs.get(_START), netadapt_step=None if step is None else int(step),
         model_device=str(dict(attrs.get(_MODEL_WORK) or {}).get("device", "cpu")),
         recovery_threads=dict(attrs.get(_MODEL_WORK) or {}).get("threads"),
+        budget_screened=attrs.get(_BUDGET_SCREEN),
     )
 
 
@@ -298,6 +302,12 @@ def write_model_work(trial: optuna.Trial, *, device: str, threads: int) -> None:
     """Where this trial's recovery and scoring run: a replay must run on the same kind of device
     with the same thread count to reproduce its weights."""
     trial.set_user_attr(_MODEL_WORK, {"device": device, "threads": threads})
+
+
+def write_budget_screen(trial: optuna.Trial, reason: str, stage_s: Mapping[str, float]) -> None:
+    """A plan pruned untried: the latency model put it far outside the budget's band."""
+    trial.set_user_attr(_BUDGET_SCREEN, reason)
+    trial.set_user_attr(_STAGES, dict(stage_s))
 
 
 def write_pruning_warnings(trial: optuna.Trial, warnings: Sequence[str]) -> None:

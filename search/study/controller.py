@@ -348,8 +348,8 @@ def run_worker(
 
 
 def _screening(prepared: Prepared, meters: list[Meter], repo: Repository) -> Screening | None:
-    """The hybrid/predicted latency screen (None when every latency is measured)."""
-    if prepared.config.latency == "measured":
+    """The hybrid/predicted latency screen, and the budget-aware proposals' (None when neither)."""
+    if prepared.config.latency == "measured" and prepared.config.screening.budget_band is None:
         return None
     bundle = prepared.bundle
     base = architecture_features(bundle.model, bundle.example_input)

@@ -134,6 +134,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> float | list[float]:
 
     def on_pruned(pruned: PrunedModel) -> Callable[[float], None] | None:
         trial_record.write_pruning_warnings(trial, pruned.warnings)
+        if pruned.signature != ctx.base_signature:
+            _screen_budget(trial, ctx, pruned, times)
         if ctx.config.trial_pruning == "none":
             return None
         exported = export(pruned.model, ctx.bundle, ctx.chain, ctx.artifact_dir, lambda n: _stage(trial, n, times))
@@ -239,6 +241,20 @@ def _measure(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, artif
 def _add_wait(times: dict[str, float], name: str, seconds: float) -> None:
     if seconds > 0:
         times[name] = times.get(name, 0.0) + seconds
+
+
+def _screen_budget(trial: optuna.Trial, ctx: SearchContext, pruned: PrunedModel, times: dict[str, float]) -> None:
+    """Budget-aware proposals (AMC's action clipping, the latency model in place of FLOPs): a plan
+    the latency model puts far outside the budget's band is pruned untried, before recovery."""
+    if ctx.screening is None or ctx.screening.budget_band is None:
+        return
+    with _stage(trial, "budget-screen", times):
+        features = architecture_features(pruned.model, ctx.bundle.example_input, pruned.patterns)
+        reason = ctx.screening.outside_budget(trial, features)
+    if reason is not None:
+        trial_record.write_budget_screen(trial, reason, times)
+        logger.info("Trial %d not tried: %s", trial.number, reason)
+        raise optuna.TrialPruned(reason)
 
 
 def _figures(measured: Measured) -> dict[str, TargetFigure]:

@@ -119,8 +119,10 @@ BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def counted(study: optuna.Study) -> int:
     """Trials that count toward ``trials``: completed ones and pruned ones (a pruned trial ran until
-    it was judged hopeless; a failed one is retried)."""
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+    it was judged hopeless; a failed one is retried), except plans screened out before they were
+    tried (``search.study.screening``, "Budget-aware proposals")."""
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=BUDGET_STATES)
+               if "budget_screen" not in trial.user_attrs)
 
 
 def load_study(record: SearchRecord, runtime: Runtime, *,

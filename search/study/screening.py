@@ -26,6 +26,17 @@ margin is wrongly judged dominated and lost, which costs hypervolume (measured i
 docs/benchmarks.md, "hybrid-search"). Why not the whole interval's low end: on a Pareto search
 most candidates lie near the front, so that rule measured nearly every trial.
 
+**Budget-aware proposals** (``screening.budget_band``, with a latency budget; AMC's action
+clipping with the latency model in place of FLOPs): before a plan is recovered, the primary
+target's predictor judges it, and a plan whose whole 90% interval lies outside the budget's band
+(above ``budget * (1 + band)`` or below ``budget * (1 - band)``) is neither recovered nor
+measured: the trial is stored PRUNED with the reason in ``budget_screen`` and does not count
+toward ``trials`` (``search.study.runtime.counted``), so the sampler proposes again. The predictor
+judges only once it has earned it: ``min_measured`` measured trials and a held-out mean error
+below the band. At most ``MAX_SCREENED_PER_TRIAL`` times ``trials`` proposals are screened out in
+a search, so a budget no plan meets cannot keep a search from ending. With a band, every latency
+mode records features, so a ``measured`` search trains the predictor too.
+
 Samples come from the study itself (every measured trial stores its features), so parallel
 workers share them; the fitted model is saved to the database every ``SAVE_EVERY`` new samples,
 as a new version of ``learned-<base>-<profile>``, for `hwprune latency-model eval` and for the next
@@ -73,7 +84,9 @@ BUDGET = "budget"
 FRONT = "front"
 DOMINATED = "dominated"
 PREDICTED_MODE = "predicted-mode"
-REASONS = (BASE, CACHED, WARMUP, HELD_OUT, UNCERTAIN, BUDGET, FRONT, DOMINATED, PREDICTED_MODE)
+MEASURED_MODE = "measured-mode"
+REASONS = (BASE, CACHED, WARMUP, HELD_OUT, UNCERTAIN, BUDGET, FRONT, DOMINATED, PREDICTED_MODE, MEASURED_MODE)
+MAX_SCREENED_PER_TRIAL = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +170,8 @@ class TargetScreen:
             return Decision(True, BASE, "base model")
         if meter.store.find_measurement(MeasurementKey(signature, meter.profile.fingerprint(), meter.base.sha256)):
             return Decision(True, CACHED, "cached")
+        if self.mode == "measured":  # screening only for budget-aware proposals: features recorded
+            return Decision(True, MEASURED_MODE, "every latency measured")
         trials = read_trials(trial.study, ["COMPLETE"])
         measured = self._measured(trials)
         if len(measured) < self.settings.min_measured:
@@ -184,6 +199,28 @@ class TargetScreen:
         if _could_enter_front(trials, self.target, error, optimistic, measured):
             return Decision(True, FRONT, f"could enter the front at {optimistic:.4f}", prediction)
         return Decision(False, DOMINATED, f"{model.kind} predicted, dominated", prediction)
+
+
+    def outside_band(self, trial: optuna.Trial, features: ArchitectureFeatures, budget: float,
+                     band: float) -> str | None:
+        """Why the plan is predicted far outside ``budget``'s band, or None (also while the
+        predictor has not earned a judgement)."""
+        measured = self._measured(read_trials(trial.study, ["COMPLETE"]))
+        if len(measured) < self.settings.min_measured:
+            return None
+        self._refit(measured)
+        model = self.active
+        if model.held_out is None or model.held_out.mape > band:
+            return None
+        prediction = model.predict(features)
+        if prediction.low > budget * (1 + band):
+            side = f"above the budget's band (<= {budget * (1 + band):.3f})"
+        elif prediction.high < budget * (1 - band):
+            side = f"below the budget's band (>= {budget * (1 - band):.3f})"
+        else:
+            return None
+        return (f"{model.kind} predicts ratio {prediction.ratio:.3f} [{prediction.low:.3f}, {prediction.high:.3f}], "
+                f"{side} on {self.target}")
 
 
 def _ratio_budget(constraints: ConstraintsConfig | None, base_median_us: float) -> float | None:
@@ -217,6 +254,8 @@ class Screening:
         self.mode = config.latency
         self.constraints = config.constraints
         self.primary = config.targets[0]
+        self.budget_band = config.screening.budget_band
+        self.trials = config.trials
         self.screens = {
             meter.profile.name: TargetScreen(meter, mode=config.latency, settings=config.screening, base=base,
                                              base_fingerprint=base_fingerprint, store=store)
@@ -228,4 +267,15 @@ class Screening:
         # Latency budgets bind the primary target only.
         constraints = self.constraints if target == self.primary else None
         return self.screens[target].decide(trial, features, signature, error, constraints)
+
+    def outside_budget(self, trial: optuna.Trial, features: ArchitectureFeatures) -> str | None:
+        """Why this plan should not be tried (see "Budget-aware proposals"), or None."""
+        screen = self.screens[self.primary]
+        budget = _ratio_budget(self.constraints, screen.meter.base_median_us)
+        if self.budget_band is None or budget is None or self.trials is None:
+            return None
+        screened = sum(1 for t in read_trials(trial.study, ["PRUNED"]) if t.budget_screened)
+        if screened >= MAX_SCREENED_PER_TRIAL * self.trials:
+            return None
+        return screen.outside_band(trial, features, budget, self.budget_band)
 
