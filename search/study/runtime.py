@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from search.config import SearchConfig
 from search.config import cache_dir as default_cache_dir
 from search.storage import Repository, SearchRecord
+from search.storage.record import read_trials
 from search.storage.study_storage import open_study_storage
 
 
@@ -121,8 +122,8 @@ def counted(study: optuna.Study) -> int:
     """Trials that count toward ``trials``: completed ones and pruned ones (a pruned trial ran until
     it was judged hopeless; a failed one is retried), except plans screened out before they were
     tried (``search.study.screening``, "Budget-aware proposals")."""
-    return sum(1 for trial in study.get_trials(deepcopy=False, states=BUDGET_STATES)
-               if "budget_screen" not in trial.user_attrs)
+    return sum(1 for trial in read_trials(study, [state.name for state in BUDGET_STATES])
+               if trial.budget_screened is None)
 
 
 def load_study(record: SearchRecord, runtime: Runtime, *,

@@ -10,10 +10,10 @@ from typing import Any
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from search.cli.main import app
+from search.storage.record import read_trials
 from search.study import screening
 
 runner = CliRunner()
@@ -42,18 +42,18 @@ def test_plans_predicted_far_outside_the_budget_are_not_tried(
     tmp_path: Path, env: dict[str, str], fast_profile_path: Path
 ) -> None:
     study = _search(tmp_path, env, fast_profile_path, band=", budget_band: 0.15")
-    screened = [t for t in study.trials if screening.SCREENED_ATTR in t.user_attrs]
+    records = read_trials(study)
+    screened = [t for t in records if t.budget_screened]
     assert screened, "no plan was predicted outside the band on this search"
     for trial in screened:
-        assert trial.state == TrialState.PRUNED
+        assert trial.state == "PRUNED"
         # Neither recovered nor measured: no recovery report, no latency, no error.
-        assert not {"recovery", "latency", "error"} & set(trial.user_attrs)
-        reason = trial.user_attrs[screening.SCREENED_ATTR]
+        assert trial.recovery is None and not trial.latency and trial.error is None
+        reason = str(trial.budget_screened)
         low, high = map(float, re.search(r"\[([\d.]+), ([\d.]+)\]", reason).groups())  # type: ignore[union-attr]
         assert low > 0.25 * 1.15 or high < 0.25 * 0.85, reason
     # Screened proposals do not use up the trials: 14 were recovered and measured.
-    tried = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-             and screening.SCREENED_ATTR not in t.user_attrs]
+    tried = [t for t in records if t.state in ("COMPLETE", "PRUNED") and not t.budget_screened]
     assert len(tried) == 14
     # Until min_measured trials (the base model included) were measured the predictor has not
     # earned a judgement, and at most 3 proposals per trial are screened out, so a budget no plan
@@ -64,5 +64,6 @@ def test_plans_predicted_far_outside_the_budget_are_not_tried(
 
 def test_without_a_band_every_plan_is_tried(tmp_path: Path, env: dict[str, str], fast_profile_path: Path) -> None:
     study = _search(tmp_path, env, fast_profile_path, band="")
-    assert not [t for t in study.trials if screening.SCREENED_ATTR in t.user_attrs]
-    assert all("recovery" in t.user_attrs for t in study.trials[1:] if t.state == TrialState.COMPLETE)
+    records = read_trials(study)
+    assert not [t for t in records if t.budget_screened]
+    assert all(t.recovery is not None for t in records[1:] if t.state == "COMPLETE")
