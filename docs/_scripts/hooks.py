@@ -30,7 +30,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         if maker is None:
             log.warning("%s: unknown generated part %r", page.file.src_path, match.group(0))
             return ""
-        return maker(arg) if arg else maker()
+        return str(maker(arg) if arg else maker())
 
     return MARKER.sub(expand, markdown)
 
