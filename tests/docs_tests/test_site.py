@@ -182,13 +182,15 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     chromium.close()
 
 
-# Resolves once every <img> has loaded (or failed) and every mermaid diagram has been drawn.
+# Resolves once every <img> has loaded (or failed) and every mermaid diagram has been drawn (15 s at most).
 SETTLED = """new Promise(resolve => {
   const start = Date.now();
   const check = () => {
     const images = [...document.images];
     const diagrams = [...document.querySelectorAll('.mermaid')];
-    const drawn = diagrams.filter(d => (d.shadowRoot || d).querySelector('svg'));
+    // Material swaps each <pre class="mermaid"> for a <div class="mermaid"> holding the drawn SVG
+    // in a closed shadow root: a diagram is drawn when its div takes up space on the page.
+    const drawn = diagrams.filter(d => d.tagName === 'DIV' && d.getBoundingClientRect().height > 40);
     if ((images.every(i => i.complete) && drawn.length === diagrams.length) || Date.now() - start > 15000) {
       resolve({images: images.map(i => ({src: i.src, width: i.naturalWidth})),
                diagrams: diagrams.length, drawn: drawn.length,
