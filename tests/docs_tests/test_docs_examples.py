@@ -70,8 +70,11 @@ def _console(body: str) -> str:
 
 
 @pytest.mark.parametrize("page", runnable_pages(), ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page: Path, tmp_path: Path, hwprune_cache: Path, digits_bundle: Any,
+def test_page_code_runs(page: Path, tmp_path: Path, hwprune_cache: Path, request: pytest.FixtureRequest,
                         monkeypatch: pytest.MonkeyPatch) -> None:
+    text = page.read_text()
+    if "digits" in text:
+        request.getfixturevalue("digits_bundle")  # the built-in example, trained once per session
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HWPRUNE_CACHE", str(hwprune_cache))
     monkeypatch.delenv("HWPRUNE_DB", raising=False)
@@ -81,7 +84,7 @@ def test_page_code_runs(page: Path, tmp_path: Path, hwprune_cache: Path, digits_
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     groups: list[int] = []
     try:
-        for block in blocks(page.read_text()):
+        for block in blocks(text):
             where = f"{page.relative_to(ROOT)}:{block['line']}"
             if block["skipped"]:
                 continue
