@@ -117,3 +117,12 @@ def test_convention_is_followed_everywhere() -> None:
                 assert block["body"].lstrip().startswith("$ "), f"{page}:{block['line']}: console without '$ '"
             assert block["lang"] != "bash" or block["skipped"], (
                 f"{page}:{block['line']}: a bash block is neither run (use console) nor marked '<!-- not run: ... -->'")
+
+
+def test_getting_started_shows_the_readmes_api_example() -> None:
+    """Getting started repeats the README's API example (run by tests/search_tests/test_api.py), word for word."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("<!-- api-example:start -->\n")[1].split("<!-- api-example:end -->")[0]
+    python = [b for b in blocks(example) if b["lang"] == "python"]
+    shown = [b for b in blocks((DOCS / "getting-started.md").read_text()) if b["lang"] == "python"]
+    assert len(python) == 1 and [b["body"] for b in shown] == [python[0]["body"]] and shown[0]["skipped"]
