@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean postgres browser
+.PHONY: demo test lint bench clean postgres browser docs docs-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check search latency_models hardware_profiles tests bench
 	$(VENV)/bin/mypy
 
+# The documentation site (mkdocs.yml): built with warnings as errors into site/, or served on
+# 127.0.0.1:8000 while editing. NO_MKDOCS_2_WARNING quiets Material's notice about MkDocs 2.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8000
+
 bench: $(STAMP)
 	$(PY) bench/measurement.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache *.egg-info

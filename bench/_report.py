@@ -1,14 +1,16 @@
-"""Write a benchmark's markdown section into docs/benchmarks.md, stamped with machine and date."""
+"""Keep a benchmark run's markdown section and regenerate docs/benchmarks.md from the kept runs."""
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
 import platform
-import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "benchmarks"
+DOC = ROOT / "docs" / "benchmarks.md"
 
 
 def machine() -> str:
@@ -25,16 +27,18 @@ def machine() -> str:
 
 
 def write_section(key: str, title: str, command: str, body: str) -> None:
-    """Replace (or append) the section ``key`` of the benchmarks page."""
+    """Keep this run as ``bench/results/benchmarks/<key>.md`` (the previous run of ``key`` stays in
+    git history) and regenerate the benchmarks page from the kept runs."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"<!-- {key}:start -->\n## {title}\n\n"
-        f"Measured {stamp} on {machine()}.\nCommand: `{command}`\n\n{body.rstrip()}\n"
-        f"<!-- {key}:end -->\n"
-    )
-    header = "# Benchmarks\n\nEvery figure here was measured by the command shown with it.\n\n"
-    text = DOC.read_text() if DOC.exists() else header
-    pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->\n", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    section = f"## {title}\n\nMeasured {stamp} on {machine()}.\nCommand: `{command}`\n\n{body.rstrip()}\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{key}.md").write_text(section)
+    spec = importlib.util.spec_from_file_location("benchmarks_page", ROOT / "docs" / "_scripts" / "benchmarks_page.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError("docs/_scripts/benchmarks_page.py cannot be loaded")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    DOC.write_text(page.render())
+    if key not in page.listed_runs():
+        print(f"note: no benchmark in {RESULTS / 'page.yaml'} lists run {key!r}; add it there to show it "
+              "(and write its reading)")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from latency_models.wire import clean_text
-from search.cli._app import HELP, DbOpt, app, echo_json, handle_errors, state, stderr, stdout
+from search.cli._app import HELP, DbOpt, JsonOpt, app, echo_json, handle_errors, state, stderr, stdout
 from search.config import artifacts_url, cache_dir, check_backend, db_url
 from search.errors import ConfigError
 
@@ -70,7 +70,7 @@ def agents_add(
 
 
 @agents_app.command("list")
-def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def agents_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Registered agents: profile, last seen, jobs done, state."""
     with handle_errors():
         from search.storage.repository import require_database
@@ -100,7 +100,7 @@ def agents_list(db: DbOpt = None, as_json: Annotated[bool, typer.Option("--json"
 
 
 @agents_app.command("revoke")
-def agents_revoke(name: Annotated[str, typer.Argument()], db: DbOpt = None) -> None:
+def agents_revoke(name: Annotated[str, typer.Argument(help="The agent to revoke.")], db: DbOpt = None) -> None:
     """Revoke an agent's token; its leased jobs go back to the queue."""
     with handle_errors():
         from search.storage.repository import require_database

@@ -133,8 +133,8 @@ def test_config_schema_and_commented_example(tmp_path: Path) -> None:
     schema = json.loads(runner.invoke(app, ["search", "config", "--schema"]).stdout)
     assert {"recovery", "constraints", "targets", "trials"} <= set(schema["properties"])
     assert runner.invoke(app, ["search", "config"]).stdout.strip() == CONFIG_EXAMPLE.strip()
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert CONFIG_EXAMPLE.strip() in readme
+    page = (Path(__file__).resolve().parents[2] / "docs" / "how-to" / "plan-and-config-files.md").read_text()
+    assert CONFIG_EXAMPLE.strip() in page
     path = tmp_path / "search.yaml"
     path.write_text(CONFIG_EXAMPLE)
     checked = runner.invoke(app, ["search", "config", "--check", str(path)])

@@ -19,12 +19,12 @@ from search.cli.main import app
 from search.study.confirmation import Session, conclude, needs_another, overlap
 from search.study.reward import reward
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REWARD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "concepts" / "reward.md"  # the worked example
 runner = CliRunner()
 
 
-def test_reward_example_in_the_readme_is_what_the_code_computes() -> None:
-    text = README.read_text()
+def test_reward_example_in_the_docs_is_what_the_code_computes() -> None:
+    text = REWARD_PAGE.read_text()
     block = text.split("<!-- reward-example:start -->")[1].split("<!-- reward-example:end -->")[0]
     rows = [line.strip().strip("|").split("|") for line in block.strip().splitlines()[2:]]
     assert [row[0].strip() for row in rows] == ["base", "A", "B", "C"]
