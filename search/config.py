@@ -168,7 +168,7 @@ class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
     and after, judged on ``holdout_batches`` held-out training batches. ``distill`` weighs the KL
-    divergence to the dense model's outputs (at ``temperature``) in the loss; ``threads`` is fixed
+    divergence to the dense model's outputs in the loss; ``threads`` is fixed
     so that replays are bit-identical. The one recovery settings type: the search's trials, its
     final recovery, an export and ``search.api.apply_plan`` all take it (with a seed).
 
@@ -182,7 +182,6 @@ class RecoverySettings(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.25
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
-    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     # None: the cores this process is given, fixed when the search is created and stored, so that

@@ -29,11 +29,11 @@ from latency_models.wire import API_PREFIX
 from search.config import artifacts_url
 from search.errors import SearchError, SearchNotFoundError, StorageError
 from search.hub import agents, artifacts, jobs, searches
-from search.hub.body_cap import DRAIN_BYTES, BodyCap
+from search.hub.body_cap import BodyCap
 from search.hub.deps import HubSettings, one_line
 from search.storage import Repository
 
-__all__ = ["DRAIN_BYTES", "BodyCap", "HubSettings", "app_from_env", "create_app"]
+__all__ = ["HubSettings", "app_from_env", "create_app"]
 
 
 def create_app(settings: HubSettings) -> FastAPI:

@@ -52,6 +52,8 @@ from search.pipeline.inputs import primary, run
 logger = logging.getLogger(__name__)
 
 Kept = Literal["raw", "bn", "finetuned"]
+# The softmax temperature of distillation (``RecoverySettings.distill``): fixed, as it always was.
+DISTILL_TEMPERATURE = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,7 @@ def _loss(outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.T
     loss = bundle.loss_fn(outputs, targets)
     if teacher_outputs is None:
         return loss
-    temperature = config.temperature
+    temperature = DISTILL_TEMPERATURE
     kd = F.kl_div(F.log_softmax(outputs / temperature, dim=1), F.softmax(teacher_outputs / temperature, dim=1),
                   reduction="batchmean") * temperature**2
     return (1 - config.distill) * loss + config.distill * kd

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from latency_models import Measurement, MeasurementKey, MeasurementResult, file_sha256
 from search.cli.main import app
-from search.hub.app import DRAIN_BYTES, BodyCap
+from search.hub.body_cap import DRAIN_BYTES, BodyCap
 from search.storage import Repository
 from search.storage.queue import FAILED, QUEUED, JobQueue
 
@@ -145,7 +145,7 @@ def test_reading_a_refused_body_is_bounded_in_bytes(declared: bool) -> None:
 
 
 def test_reading_a_refused_body_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("search.hub.app.DRAIN_SECONDS", 0.05)
+    monkeypatch.setattr("search.hub.body_cap.DRAIN_SECONDS", 0.05)
     read, events = _through_body_cap([b"x" * 3000] * 5, declared=True, stall_after=2)
     assert read == 2 and events == ["read", "read", "start", "body"]
 

@@ -22,9 +22,10 @@ from latency_models import (
     file_sha256,
     make_meter,
 )
+from latency_models.store import Outcome
 from search.errors import StorageError
 from search.storage import Repository
-from search.storage.queue import DONE, LEASED, AgentRecord, Outcome
+from search.storage.queue import DONE, LEASED, AgentRecord
 
 SHA, BASE_SHA = "a" * 64, "b" * 64
 

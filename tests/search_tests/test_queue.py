@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from latency_models import Measurement, MeasurementResult
+from latency_models.store import Outcome
 from search.storage import Repository
-from search.storage.queue import DONE, FAILED, LEASED, QUEUED, AgentRecord, JobQueue, Outcome
+from search.storage.queue import DONE, FAILED, LEASED, QUEUED, AgentRecord, JobQueue
 
 SHA = "a" * 64
 
