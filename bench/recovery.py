@@ -251,7 +251,7 @@ def cost_at_224(plans: int, steps: int) -> list[str]:
     return rows
 
 
-def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, threads: int) -> RecoveryConfig:
+def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, threads: int) -> RecoverySettings:
     """The search's recovery for a pretrained example: adaptive BN, ``steps`` of fine-tuning on the
     bundle's loss (a distillation of the dense logits), keep the better on 2 held-out batches."""
     return replace(default_recovery(steps), bn_batches=bn_batches, threads=threads)

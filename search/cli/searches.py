@@ -305,7 +305,8 @@ def search_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @search_app.command("status")
-def search_status(name: Annotated[str, typer.Argument(help="A stored search.")], db: DbOpt = None, as_json: JsonOpt = False) -> None:
+def search_status(name: Annotated[str, typer.Argument(help="A stored search.")], db: DbOpt = None,
+                  as_json: JsonOpt = False) -> None:
     """One search's progress: trials by state, feasibility, failures, best reward, base figures."""
     with handle_errors():
         from search.api import status
