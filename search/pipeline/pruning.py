@@ -21,7 +21,7 @@ import hashlib
 import logging
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -467,19 +467,7 @@ def discover(
     last_run = {name: index for index, name in enumerate(order)}
     output_layer = max(outputs, key=lambda name: last_run.get(name, -1))
     ignored_names = tuple(dict.fromkeys([output_layer, *sorted(outputs), *ignored]))
-    layers = {
-        name: LayerInfo(
-            name=name,
-            kind="linear" if isinstance(module, nn.Linear) else "conv",
-            in_size=module.in_features if isinstance(module, nn.Linear) else module.in_channels,
-            out_size=module.out_features if isinstance(module, nn.Linear) else module.out_channels,
-            groups=1 if isinstance(module, nn.Linear) else module.groups,
-            macs=macs.get(name, 0),
-        )
-        for name, module in modules.items()
-        # a layer nothing returned reads (an unused pooler) is offered nothing, N:M included
-        if isinstance(module, _PRUNABLE) and (not live or name in live)
-    }
+    layers = _layers(modules, macs, live)
     total_macs = counted.total or 1
     names = {module: name for name, module in modules.items()}
     attention = _attention_modules(model)
@@ -492,34 +480,69 @@ def discover(
         ignored_layers=[modules[n] for n in (*ignored_names, *sorted(projections))],
         root_module_types=list(_PRUNABLE),
     ):
-        root_module = group[0].dep.target.module
-        root = names.get(root_module)
+        root = names.get(group[0].dep.target.module)
         if root is None or (live and root not in live):
             continue  # a layer whose output nothing returned reads is no decision
-        members: set[str] = set()
-        consumers: set[str] = set()
-        residual_stream = False
-        for dep, _ in group:
-            target = dep.target.module
-            residual_stream = residual_stream or isinstance(target, (nn.Embedding, nn.LayerNorm))
-            if isinstance(target, _PRUNABLE) and target in names:
-                members.add(names[target])
-                if graph.is_in_channel_pruning_fn(dep.handler):
-                    consumers.add(names[target])
-        if residual_stream and not hidden_size:
-            continue  # opt-in: the hidden size touches every layer, and accuracy with it
-        if consumers & projections and not residual_stream:
-            continue  # the residual stream of a decoder LLM: kept whole (opt-in above)
-        share = sum(macs.get(m, 0) for m in members) / total_macs
-        layout = attention.get(root)
-        if layout is not None and graph.get_out_channels(root_module) == layout.parts * layout.heads * layout.head_dim:
-            info = GroupInfo(root, "heads", layout.heads, layout.head_dim, tuple(sorted(members)),
-                             tuple(sorted(consumers)), share, layout.holder, layout.parts)
-        else:
-            size = graph.get_out_channels(root_module)
-            info = GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)),
-                             tuple(sorted(consumers)), share)
-        groups.append(info)
+        info = _channel_group(group, graph, root, names, projections, attention.get(root),
+                              share_of=lambda members: sum(macs.get(m, 0) for m in members) / total_macs,
+                              hidden_size=hidden_size)
+        if info is not None:
+            groups.append(info)
+    groups += _attention_groups(model, gqa, ignored_names, macs, mha_macs, total_macs)
+    # Layer order (first execution of any member) is the order AMC-style controllers decide in.
+    first_run = {name: index for index, name in reversed(list(enumerate(order)))}
+    groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
+    return Discovery(tuple(groups), layers, output_layer, ignored_names, counted.total, counted.params)
+
+
+def _layers(modules: Mapping[str, nn.Module], macs: Mapping[str, int], live: set[str]) -> dict[str, LayerInfo]:
+    return {
+        name: LayerInfo(
+            name=name,
+            kind="linear" if isinstance(module, nn.Linear) else "conv",
+            in_size=module.in_features if isinstance(module, nn.Linear) else module.in_channels,
+            out_size=module.out_features if isinstance(module, nn.Linear) else module.out_channels,
+            groups=1 if isinstance(module, nn.Linear) else module.groups,
+            macs=macs.get(name, 0),
+        )
+        for name, module in modules.items()
+        # a layer nothing returned reads (an unused pooler) is offered nothing, N:M included
+        if isinstance(module, _PRUNABLE) and (not live or name in live)
+    }
+
+
+def _channel_group(group: Any, graph: tp.DependencyGraph, root: str, names: Mapping[nn.Module, str],
+                   projections: set[str], layout: _HeadLayout | None, *,
+                   share_of: Callable[[set[str]], float], hidden_size: bool) -> GroupInfo | None:
+    """One torch-pruning group as a decision (channels, or an attention's heads), or None where
+    it is no decision of the space (the residual stream unless ``hidden_size``)."""
+    members: set[str] = set()
+    consumers: set[str] = set()
+    residual_stream = False
+    for dep, _ in group:
+        target = dep.target.module
+        residual_stream = residual_stream or isinstance(target, (nn.Embedding, nn.LayerNorm))
+        if isinstance(target, _PRUNABLE) and target in names:
+            members.add(names[target])
+            if graph.is_in_channel_pruning_fn(dep.handler):
+                consumers.add(names[target])
+    if residual_stream and not hidden_size:
+        return None  # opt-in: the hidden size touches every layer, and accuracy with it
+    if consumers & projections and not residual_stream:
+        return None  # the residual stream of a decoder LLM: kept whole (opt-in above)
+    share = share_of(members)
+    root_module = group[0].dep.target.module
+    size = graph.get_out_channels(root_module)
+    if layout is not None and size == layout.parts * layout.heads * layout.head_dim:
+        return GroupInfo(root, "heads", layout.heads, layout.head_dim, tuple(sorted(members)),
+                         tuple(sorted(consumers)), share, layout.holder, layout.parts)
+    return GroupInfo(root, "channels", int(size), 1, tuple(sorted(members)), tuple(sorted(consumers)), share)
+
+
+def _attention_groups(model: nn.Module, gqa: Mapping[str, _GqaAttention], ignored_names: Sequence[str],
+                      macs: Mapping[str, int], mha_macs: Mapping[str, int], total_macs: int) -> list[GroupInfo]:
+    """The head groups of ``nn.MultiheadAttention`` modules and the kv-head groups of GQA attention."""
+    groups = []
     for name, mha in _mha_modules(model).items():
         if name in ignored_names:
             continue
@@ -528,18 +551,14 @@ def discover(
         share = mha_macs.get(name, 0) / total_macs
         groups.append(GroupInfo(name, "heads", mha.num_heads, head_dim, (name, f"{name}.out_proj"),
                                 (f"{name}.out_proj",), share, name, 3))
-    for name, gqa_attention in gqa.items():
+    for name, a in gqa.items():
         if name in ignored_names:
             continue
-        a = gqa_attention
         coupled = tuple(sorted((a.q, a.k, a.v, a.o)))
         share = sum(macs.get(m, 0) for m in coupled) / total_macs
         groups.append(GroupInfo(name, "kv-heads", a.kv_heads, a.share * a.head_dim, coupled, (a.o,),
                                 share, a.holder))
-    # Layer order (first execution of any member) is the order AMC-style controllers decide in.
-    first_run = {name: index for index, name in reversed(list(enumerate(order)))}
-    groups.sort(key=lambda g: min(first_run.get(m, len(order)) for m in g.members))
-    return Discovery(tuple(groups), layers, output_layer, ignored_names, counted.total, counted.params)
+    return groups
 
 
 def _importance(kind: str) -> tp.importance.Importance:
@@ -745,7 +764,6 @@ def apply_pruning(
         PlanError: a data-dependent importance or N:M criterion without calibration data.
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
-    estimator = _importance(importance)
     needs_data = importance in _GRADIENT_IMPORTANCES or (nm_criterion != "magnitude" and patterns)
     if needs_data and calibration is None:
         what = (f"importance {importance!r}" if importance in _GRADIENT_IMPORTANCES
@@ -764,40 +782,9 @@ def apply_pruning(
         # On a GPU the calibrated steps are model work: they hold the device (search.pipeline.device).
         with warnings.catch_warnings(record=True) as caught, device.work() if on_device else nullcontext():
             warnings.simplefilter("always")
-            if retrace:
-                model = copy.deepcopy(base).eval()
-                graph = _build_graph(model, example)
-                trace_warnings: tuple[str, ...] = ()
-                if on_device:
-                    model.to(device.torch)  # in place: the graph's modules stay the ones it traced
-            else:
-                traced = _traced(base, example)
-                model, graph = _copy_with_graph(base, traced)
-                trace_warnings = traced.warnings
-            modules = dict(model.named_modules())
-            # nn.MultiheadAttention heads last: their module is replaced, which the graph
-            # (built on the original) would not know about for the groups after them.
-            mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
-            for info in [*(g for g in groups if g not in mha), *mha]:
-                target = kept.get(info.name, info.size)
-                if target >= info.size:
-                    continue
-                if importance == "taylor":
-                    _accumulate_gradients(model, calibration or [], loss_fn)
-                elif importance == "movement":
-                    _accumulate_movement(model, few, loss_fn)
-                elif importance in _GRADIENT_IMPORTANCES:
-                    _accumulate_gradients(model, few, loss_fn)
-                if info.kind == "kv-heads":
-                    with torch.no_grad():
-                        _prune_kv_heads(model, info, target, importance)
-                    continue
-                if isinstance(modules.get(info.name), nn.MultiheadAttention):
-                    with torch.no_grad():
-                        _prune_mha_heads(model, info, target, importance)
-                    continue
-                _prune_group(graph, modules, info, target, importance, estimator)
-            model.zero_grad(set_to_none=True)
+            model, graph, trace_warnings = _copy_for_plan(base, example, retrace=retrace,
+                                                          device=device if on_device else CPU)
+            _prune_groups(model, graph, groups, kept, importance, calibration=calibration, few=few, loss_fn=loss_fn)
         tp_warnings = trace_warnings + tuple(str(w.message) for w in caught)
         if not retrace:
             _unshare(model, base)  # before N:M masks are written in place
@@ -808,19 +795,11 @@ def apply_pruning(
             masks = {name: mask.to("cpu") for name, mask in masks.items()}
     finally:
         torch.set_num_threads(previous_threads)
-    sparsity: dict[str, float] = {}
-    pattern_names: dict[str, str] = {}
-    for layer, (n, m) in patterns.items():
-        weight = modules[layer].weight  # type: ignore[union-attr]
-        if not satisfies_nm(weight, n, m):
-            raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
-        sparsity[layer] = float((weight == 0).sum()) / weight.numel()
-        pattern_names[layer] = f"{n}:{m}"
+    sparsity, pattern_names = _exact_patterns(model, patterns)
     counted = count_macs(model, example) if retrace else _count_ops(model, example)
-    kept_now = {info.name: kept.get(info.name, info.size) for info in groups}
     return PrunedModel(
         model=model,
-        kept=kept_now,
+        kept={info.name: kept.get(info.name, info.size) for info in groups},
         sparsity=sparsity,
         patterns=pattern_names,
         masks=masks,
@@ -829,6 +808,69 @@ def apply_pruning(
         signature=architecture_signature(model, pattern_names),
         warnings=tp_warnings,
     )
+
+
+def _copy_for_plan(base: nn.Module, example: ModelInput, *, retrace: bool,
+                   device: ModelDevice) -> tuple[nn.Module, tp.DependencyGraph, tuple[str, ...]]:
+    """A copy of ``base`` to prune, its dependency graph and the trace's warnings: the graph
+    traced once per base and copied with the model, or (``retrace``) traced afresh on a deep copy,
+    which may then move to a GPU ``device`` (in place: the graph's modules stay the ones it traced)."""
+    if not retrace:
+        traced = _traced(base, example)
+        model, graph = _copy_with_graph(base, traced)
+        return model, graph, traced.warnings
+    model = copy.deepcopy(base).eval()
+    graph = _build_graph(model, example)
+    if device.kind != "cpu":
+        model.to(device.torch)
+    return model, graph, ()
+
+
+def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: Sequence[GroupInfo],
+                  kept: Mapping[str, int], importance: str, *,
+                  calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None,
+                  few: Sequence[tuple[ModelInput, torch.Tensor]], loss_fn: Any) -> None:
+    """Cut every group of ``model`` to its kept width, lowest importance first."""
+    estimator = _importance(importance)
+    modules = dict(model.named_modules())
+    # nn.MultiheadAttention heads last: their module is replaced, which the graph (built on the
+    # original) would not know about for the groups after them.
+    mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
+    for info in [*(g for g in groups if g not in mha), *mha]:
+        target = kept.get(info.name, info.size)
+        if target >= info.size:
+            continue
+        if importance == "taylor":
+            _accumulate_gradients(model, calibration or [], loss_fn)
+        elif importance == "movement":
+            _accumulate_movement(model, few, loss_fn)
+        elif importance in _GRADIENT_IMPORTANCES:
+            _accumulate_gradients(model, few, loss_fn)
+        if info.kind == "kv-heads":
+            with torch.no_grad():
+                _prune_kv_heads(model, info, target, importance)
+            continue
+        if isinstance(modules.get(info.name), nn.MultiheadAttention):
+            with torch.no_grad():
+                _prune_mha_heads(model, info, target, importance)
+            continue
+        _prune_group(graph, modules, info, target, importance, estimator)
+    model.zero_grad(set_to_none=True)
+
+
+def _exact_patterns(model: nn.Module, patterns: Mapping[str, tuple[int, int]]) -> tuple[dict[str, float],
+                                                                                        dict[str, str]]:
+    """Each N:M layer's sparsity and pattern name, after checking its mask came out exact."""
+    modules = dict(model.named_modules())
+    sparsity: dict[str, float] = {}
+    pattern_names: dict[str, str] = {}
+    for layer, (n, m) in patterns.items():
+        weight = modules[layer].weight  # type: ignore[union-attr]
+        if not satisfies_nm(weight, n, m):
+            raise PruningError(f"N:M mask on {layer!r} is not exact after pruning")
+        sparsity[layer] = float((weight == 0).sum()) / weight.numel()
+        pattern_names[layer] = f"{n}:{m}"
+    return sparsity, pattern_names
 
 
 def _prune_group(
