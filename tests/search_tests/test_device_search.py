@@ -19,23 +19,7 @@ from search.errors import ConfigError
 from search.pipeline.device import replay_device
 from search.storage.record import read_trials
 
-PLUGIN = """
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from search.pipeline.bundle import ModelBundle, classification_error
-
-def bundle():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 4)).eval()
-    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    return ModelBundle(name="small", model=model, example_input=x[:1], train_loader=loader,
-                       val_loader=loader, error_fn=classification_error)
-"""
+PLUGIN = (Path(__file__).parent / "tiny_plugin.py").read_text()  # a 2-conv net on 8x8 noise
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
 
@@ -53,7 +37,7 @@ def settings(tmp_path: Path, fast_profile_path: Path, monkeypatch: pytest.Monkey
 def _config(**extra: Any) -> dict[str, Any]:
     import os
 
-    return {"name": "dev", "model": os.environ["HWPRUNE_TEST_PLUGIN"], "targets": ["fast"], "trials": 3,
+    return {"name": "dev", "model": os.environ["HWPRUNE_TEST_PLUGIN"], "targets": ["fast"], "trials": 5,
             "recovery": {"steps": 2}, **extra}
 
 
@@ -61,7 +45,7 @@ def _config(**extra: Any) -> dict[str, Any]:
 def test_a_search_stores_where_its_model_work_ran_and_exports_replay_there(
         settings: hw.Settings, tmp_path: Path) -> None:
     result = hw.run_search(_config(), settings=settings, confirm=False)
-    assert result.summary.completed == 3
+    assert result.summary.completed == 5
     runtime = settings.runtime()
     from search.study.runtime import find_record, load_study
 
