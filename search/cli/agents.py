@@ -30,7 +30,7 @@ def _queue(db: str | None) -> tuple[object, object]:
     from search.storage import Repository
     from search.storage.queue import JobQueue
 
-    repo = Repository(db_url(db or state.db))
+    repo = Repository(db_url(db or state.db), artifacts=artifacts_url(db_url(db or state.db)))
     return repo, JobQueue(repo.engine)
 
 
@@ -144,7 +144,7 @@ def serve(
         _check_port(host, port)
         # Open (and migrate) the database here, so that an unusable one is one line, not a
         # traceback from uvicorn's lifespan.
-        Repository(db_url(db or state.db)).close()
+        Repository(db_url(db or state.db), artifacts=artifacts_url(db_url(db or state.db))).close()
         if not _is_loopback(host) and ssl_certfile is None:
             logging.getLogger("hwprune.serve").warning(
                 "binding %s without TLS: tokens and models cross the network in clear; put the hub "

@@ -25,7 +25,7 @@ from search.cli._app import (
     state,
     stdout,
 )
-from search.config import db_url, resolve_profile
+from search.config import artifacts_url, db_url, resolve_profile
 from search.errors import ConfigError
 
 latency_model_app = typer.Typer(help="Latency models: build a lookup table, evaluate on held-out data.",
@@ -67,7 +67,7 @@ def build(
         from search.storage.queue import LIVE_S
 
         profile = resolve_profile(profile_name, state.profile_dirs)
-        repo = Repository(db_url(db or state.db))
+        repo = Repository(db_url(db or state.db), artifacts=artifacts_url(db_url(db or state.db)))
         try:
             if profile.location != "local" and not repo.jobs.live_agents(profile.name, LIVE_S):
                 raise ConfigError(f"no live agent serves remote profile {profile.name!r}: start one on the device "
@@ -219,7 +219,7 @@ def evaluate(
         profile = resolve_profile(profile_name, state.profile_dirs)
         url = db_url(db or state.db)
         require_database(url)
-        repo = Repository(url)
+        repo = Repository(url, artifacts=artifacts_url(url))
         try:
             stored = LatencyModelStore(repo.engine).get(name, profile=profile.name)
         finally:
@@ -266,7 +266,7 @@ def predict(
         url = db_url(db or state.db)
         require_database(url)
         bundle = bundle_from_options(example, model)
-        repo = Repository(url)
+        repo = Repository(url, artifacts=artifacts_url(url))
         try:
             store = LatencyModelStore(repo.engine)
             if name is not None:
