@@ -111,7 +111,8 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
-def compare(cases: list[tuple[str, Callable[[], tuple[nn.Module, Any]]]], plans: int, runs: int) -> None:
+def compare(cases: list[tuple[str, Callable[[], tuple[nn.Module, Any]]]], plans: int, runs: int,
+            command: str) -> None:
     profiles = [load_profile("cpu-ort-fp32"), load_profile("ampere-trt-fp16")]
     rng = random.Random(0)
     rows = []
@@ -155,7 +156,6 @@ def compare(cases: list[tuple[str, Callable[[], tuple[nn.Module, Any]]]], plans:
         + "\n\nAims (issue 32): per plan <= 1.5 s for the BERT-base-like and ViT-S/16-like models, "
         "<= 0.5 s for ResNet-18 at 224.\n"
     )
-    command = f".venv/bin/python bench/pruning.py --compare --plans {plans} --runs {runs}"
     write_section("pruning-replay", "Pruning and export cost, traced once against traced per plan (bench/pruning.py)",
                   command, body)
 
@@ -177,7 +177,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
     warnings.filterwarnings("ignore", message=".*aten::index operator.*")
     if args.compare:
-        compare(cases, args.plans, args.runs)
+        compare(cases, args.plans, args.runs, ".venv/bin/python bench/pruning.py " + " ".join(sys.argv[1:]))
         return
     profiles = [load_profile("cpu-ort-fp32"), load_profile("ampere-trt-fp16")]
     rng = random.Random(0)
