@@ -22,6 +22,7 @@ from hardware_profiles.loader import MAX_YAML_DEPTH
 from search.cli.main import app
 from search.storage import Repository
 from search.storage.queue import QUEUED, JobQueue
+from tests.search_tests.test_user_errors import one_line_exit_2 as _one_line_exit_2
 
 runner = CliRunner()
 
@@ -31,17 +32,6 @@ TINY_PLUGIN = (Path(__file__).parent / "tiny_plugin.py").read_text()
 def alias_bomb(levels: int = 7, fan: int = 10) -> str:
     lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fan)}]" for i in range(1, levels + 1)]
     return "\n".join([*lines, f"name: *a{levels}"]) + "\n"
-
-
-def _one_line_exit_2(result: Any, *needles: str) -> str:
-    """The contract: status 2, one `error:` line on stderr naming what is wrong, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output and "internal error" not in result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return str(lines[0])
 
 
 def _identity_model(path: Path, dims: list[int | str]) -> Path:
