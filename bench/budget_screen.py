@@ -30,13 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import optuna  # noqa: E402
 from _report import write_section  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 
 from search.config import cache_dir, load_search_config  # noqa: E402
+from search.storage.record import read_trials  # noqa: E402
 from search.study.controller import prepare, run_worker  # noqa: E402
-from search.study.read import trial_points, trial_seconds  # noqa: E402
+from search.study.read import trial_points  # noqa: E402
 from search.study.runtime import Runtime, load_study  # noqa: E402
-from search.study.screening import SCREENED_ATTR  # noqa: E402
 
 TARGET = "cpu-ort-fp32"
 
@@ -54,9 +53,9 @@ def run(example: str, *, seed: int, trials: int, budget: float, band: float | No
     run_worker(config.name, runtime, prepared=prepared)
     study = load_study(prepared.record, runtime)
     feasible = [p for p in trial_points(study) if p.feasible and p.trial != 0]
-    screened = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-                if SCREENED_ATTR in t.user_attrs]
-    seconds = sum(s for t in study.get_trials(deepcopy=False) if (s := trial_seconds(t)) is not None)
+    records = read_trials(study)
+    screened = [t for t in records if t.budget_screened]
+    seconds = sum(t.seconds for t in records if t.seconds is not None)
     return {"best_error": min((p.error for p in feasible), default=1.0), "feasible": len(feasible),
             "screened": len(screened), "seconds": seconds}
 

@@ -260,7 +260,7 @@ def hub_killed_mid_post(workdir: Path, *, rounds: int, seed: int) -> Counts:
 
     from latency_models import Measurement
     from latency_models.remote import HubClient
-    from latency_models.wire import ResultBody
+    from latency_models.wire import MeasurementBody, ResultBody
     from search.storage import Repository
     from search.storage.queue import DONE, LEASED, JobQueue
 
@@ -290,10 +290,10 @@ def hub_killed_mid_post(workdir: Path, *, rounds: int, seed: int) -> Counts:
             job = client.lease(PROFILE)
             client.close()
             assert job is not None
-            body = ResultBody(measurement=Measurement(
+            body = ResultBody(measurement=MeasurementBody.model_validate(Measurement(
                 profile=PROFILE, backend="onnxruntime", backend_version="1", device="cpu", threads=1,
                 median_us=100.0, p10_us=90.0, p90_us=110.0, mean_us=100.0, stdev_us=5.0, n=10, ci_low_us=98.0,
-                ci_high_us=102.0, converged=True, elapsed_s=0.1, artifact_sha256=sha, settings_fingerprint="f"))
+                ci_high_us=102.0, converged=True, elapsed_s=0.1, artifact_sha256=sha, settings_fingerprint="f")))
             raw = body.model_dump_json().encode()
             cut = rng.randrange(1, len(raw))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -33,7 +33,7 @@ from _report import write_section  # noqa: E402
 
 from latency_models import Measurement  # noqa: E402
 from latency_models.remote import HubClient  # noqa: E402
-from latency_models.wire import ResultBody  # noqa: E402
+from latency_models.wire import MeasurementBody, ResultBody  # noqa: E402
 from search.storage import Repository  # noqa: E402
 from search.storage.queue import DONE, JobQueue  # noqa: E402
 
@@ -42,10 +42,10 @@ SHA = "0" * 64
 
 
 def fixed_result() -> ResultBody:
-    return ResultBody(measurement=Measurement(
+    return ResultBody(measurement=MeasurementBody.model_validate(Measurement(
         profile=PROFILE, backend="none (benchmark stand-in)", backend_version="-", device="-", threads=None,
         median_us=100.0, p10_us=100.0, p90_us=100.0, mean_us=100.0, stdev_us=0.0, n=1, ci_low_us=100.0,
-        ci_high_us=100.0, converged=True, elapsed_s=0.0, artifact_sha256=SHA, settings_fingerprint="-"))
+        ci_high_us=100.0, converged=True, elapsed_s=0.0, artifact_sha256=SHA, settings_fingerprint="-")))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -53,9 +53,10 @@ from latency_models.base import cpu_name  # noqa: E402
 from search.config import RecoverySettings  # noqa: E402
 from search.examples.zoo import tiny_llama, token_ids  # noqa: E402
 from search.pipeline.bundle import ModelBundle, classification_error  # noqa: E402
+from search.pipeline.device import ModelDevice  # noqa: E402
 from search.pipeline.inputs import ModelInput, primary, rebuild, run, tensors  # noqa: E402
 from search.pipeline.onnx_export import export_onnx  # noqa: E402
-from search.pipeline.recovery import RecoveryConfig, adapt_batchnorm, fine_tune, has_batchnorm  # noqa: E402
+from search.pipeline.recovery import adapt_batchnorm, fine_tune, has_batchnorm  # noqa: E402
 from search.pipeline.space import apply, build_space  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trial_cost.json"
@@ -210,8 +211,9 @@ def measure_model(key: str, *, threads: int, device: torch.device, steps: int, v
     if has_batchnorm(work):
         bn_s, _ = _timed(lambda: adapt_batchnorm(work, iter(train), count=RecoverySettings().bn_batches))
     clock = _StepClock(train)
-    config = RecoveryConfig(steps=steps, threads=threads)
-    finished = _timed(lambda: fine_tune(work, bundle, iter(clock), config, masks=pruned.masks))[0]
+    config = RecoverySettings(steps=steps, threads=threads)
+    on = ModelDevice(str(device), str(device))  # the chain's device type, for batches and masks
+    finished = _timed(lambda: fine_tune(work, bundle, iter(clock), config, masks=pruned.masks, device=on))[0]
     stamps = [*clock.stamps, clock.stamps[0] + finished]
     step_s = [later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False)][:steps]
     val = train[:val_batches]

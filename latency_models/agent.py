@@ -31,7 +31,7 @@ from latency_models.batch import measure_batch
 from latency_models.errors import ArtifactError, LatencyError
 from latency_models.remote import HubClient, HubRefused, HubUnavailable
 from latency_models.store import Outcome
-from latency_models.wire import BATCH, JOB_KINDS_KEY, MEASURE, BatchResultBody, JobSpec, ResultBody
+from latency_models.wire import BATCH, JOB_KINDS_KEY, MEASURE, BatchResultBody, FigureBody, JobSpec, ResultBody
 
 # The job kinds this agent runs, told to the hub in its environment.
 KINDS = (MEASURE, BATCH)
@@ -267,7 +267,8 @@ class Agent:
         figures = measure_batch(backend, base, job.batch.layers, plans, progress=progress, stop=stop)
         return BatchResultBody(profile=self.profile.name, backend=self.profile.backend,
                                backend_version=backend.version()[:50], device=backend.device()[:200],
-                               layers_us=list(figures.layers_us), plans=list(figures.plans))
+                               layers_us=list(figures.layers_us),
+                               plans=[FigureBody.model_validate(figure) for figure in figures.plans])
 
 
 def _sha256(content: bytes) -> str:

@@ -54,7 +54,7 @@ def test_bundle_scores_agreement_on_disjoint_photographs(tmp_path: Path) -> None
     assert NAME in EXAMPLES
     assert not set(TRAIN_PHOTOS) & set(VAL_PHOTOS)
     bundle = efficientnet_lite0(cache_dir=tmp_path, recipe=SMALL)
-    assert "agreement" in bundle.error_name
+    assert "agreement" in bundle.names()[0] and bundle.names()[1] == "top-1 agreement"
     assert bundle.error_fn(bundle.model, bundle.val_loader) == 0.0  # the dense model agrees with itself
     x_val, y_val = bundle.val_loader.dataset.tensors  # type: ignore[attr-defined]
     assert x_val.shape == (32, 3, 64, 64) and y_val.shape == (32, 1000)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from latency_models import Measurement, MeasurementKey, file_sha256
-from latency_models.wire import ResultBody
+from latency_models.wire import MeasurementBody, ResultBody
 from search.storage import Repository
 from search.storage.artifacts import ArtifactStore
 from search.storage.queue import JobQueue
@@ -47,7 +47,7 @@ def _result(sha: str) -> dict[str, Any]:
         p10_us=90.0, p90_us=110.0, mean_us=100.0, stdev_us=5.0, n=10, ci_low_us=98.0, ci_high_us=102.0,
         converged=True, elapsed_s=0.1, artifact_sha256=sha, settings_fingerprint="f" * 16,
     )
-    return ResultBody(measurement=measurement).model_dump(mode="json")
+    return ResultBody(measurement=MeasurementBody.model_validate(measurement)).model_dump(mode="json")
 
 
 def test_every_agent_endpoint_needs_a_token(hub: dict[str, Any]) -> None:
