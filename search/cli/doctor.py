@@ -85,7 +85,7 @@ def gpu_check(profile: HardwareProfile, *, resolution: int = 224) -> list[GpuChe
     return rows
 
 
-@app.command("doctor")
+@app.command("doctor", short_help="Show versions, devices and which latency backends run here.")
 def doctor(
     gpu: Annotated[bool, typer.Option("--gpu", help="Build and time ResNet-18 dense and 2:4 with TensorRT.")] = False,
     profile: Annotated[str, typer.Option("--profile", "-p", help="GPU profile for --gpu.")] = "ampere-trt-fp16",

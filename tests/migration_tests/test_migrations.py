@@ -141,7 +141,7 @@ def test_trials_stored_by_the_previous_release_read_unchanged(tmp_path: Path, st
     for command, key in ((["search", "trials"], "trials"), (["search", "status"], "status"), (["pareto"], "pareto")):
         result = runner.invoke(app, [*command, "old", "--db", url, "--json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout) == expected[key], command
+        assert _as_then(key, json.loads(result.stdout)) == expected[key], command
     records = read_trials(_load_study(url, "hwprune:old"))
     assert {r.version for r in records} == {1}  # stored before records were versioned
     done = [r for r in records if r.state == "COMPLETE"]
@@ -154,7 +154,26 @@ def test_trials_stored_by_the_previous_release_read_unchanged(tmp_path: Path, st
     with httpx.Client(base_url=hub.url + "/v1", headers={"Authorization": f"Bearer {token}"}) as reader:
         assert reader.get("/searches/old/trials").json() == expected["trials"]
         assert reader.get("/searches/old").json() == expected["status"]
-        assert reader.get("/searches/old/pareto").json() == expected["pareto"]
+        assert _as_then("pareto", reader.get("/searches/old/pareto").json()) == expected["pareto"]
+
+
+# Keys a document gained after 06f14df, with the values they must have for a search stored then:
+# the front names the trials that reached a row (issue 34), and what its error measures (a search
+# stored before that was recorded says only "error", with no 1 - error figure of its own).
+ADDED_SINCE = {"pareto": {"error_name": lambda row: row["error_name"] == "error",
+                          "score_name": lambda row: row["score_name"] is None,
+                          "trials": lambda row: row["trials"][0] == row["trial"]}}
+
+
+def _as_then(key: str, document: Any) -> Any:
+    """``document`` without the keys added since, after checking what they hold."""
+    added = ADDED_SINCE.get(key)
+    if not added:
+        return document
+    for row in document:
+        for name, holds in added.items():
+            assert holds(row), (name, row[name])
+    return [{k: v for k, v in row.items() if k not in added} for row in document]
 
 
 def _load_study(url: str, name: str) -> optuna.Study:
