@@ -306,6 +306,12 @@ def _trace_key(base: nn.Module, example: ModelInput) -> str:
     return digest.hexdigest()
 
 
+def _messages(caught: Sequence[warnings.WarningMessage]) -> tuple[str, ...]:
+    """The tracer's and pruner's warnings; a ResourceWarning is some other object the garbage
+    collector happened to close meanwhile (a database connection), not the model's."""
+    return tuple(str(w.message) for w in caught if not issubclass(w.category, ResourceWarning))
+
+
 def _traced(base: nn.Module, example: ModelInput) -> _Traced:
     """The graph of ``base`` for ``example``, traced on the first call (in eval mode, as a fresh
     trace runs on an eval copy) and again only when the base's structure or the example changes."""
@@ -328,7 +334,7 @@ def _traced(base: nn.Module, example: ModelInput) -> _Traced:
         for dep in node.dependencies:
             shared.extend(getattr(fn, "__self__", None) for fn in (dep.trigger, dep.handler))
     cached = _Traced(key, graph, tuple(obj for obj in shared if obj is not None),
-                     tuple(str(w.message) for w in caught))
+                     _messages(caught))
     _TRACED[base] = cached
     return cached
 
@@ -785,7 +791,7 @@ def apply_pruning(
             model, graph, trace_warnings = _copy_for_plan(base, example, retrace=retrace,
                                                           device=device if on_device else CPU)
             _prune_groups(model, graph, groups, kept, importance, calibration=calibration, few=few, loss_fn=loss_fn)
-        tp_warnings = trace_warnings + tuple(str(w.message) for w in caught)
+        tp_warnings = trace_warnings + _messages(caught)
         if not retrace:
             _unshare(model, base)  # before N:M masks are written in place
         with device.work() if on_device else nullcontext():

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from latency_models import registry
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)(?P<attrs>[^\n]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$",
@@ -83,6 +85,9 @@ def test_page_code_runs(page: Path, tmp_path: Path, hwprune_cache: Path, request
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     groups: list[int] = []
+    # A page's block may register a latency backend (the backend guide): it must not stay in the
+    # registry the rest of the suite shares.
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     try:
         for block in blocks(text):
             where = f"{page.relative_to(ROOT)}:{block['line']}"
