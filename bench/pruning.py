@@ -148,8 +148,10 @@ def compare(cases: list[tuple[str, Callable[[], tuple[nn.Module, Any]]]], plans:
         "first apply, its seconds in their own column) and copied with each plan's model, MACs "
         "counted on a meta-device copy, and the export checked by ONNX Runtime at the profile's "
         "shapes only (the full check runs on the base model at a search's start and on files handed "
-        "out). Results are bit-identical (tests/search_tests/test_replay.py). The machine's 2 cores "
-        "were shared with other agents' work during the run.\n\n"
+        "out). Both paths use today's N:M masks (ranks counted by comparison, not a sort; the same "
+        "masks) and write the file without concatenating a copy of it, so \"before\" is faster than "
+        "06f14df was. Results are bit-identical (tests/search_tests/test_replay.py). Run under the "
+        "shared benchmark lock; other work on the machine was not otherwise controlled.\n\n"
         "| architecture | first apply (trace) s | before: apply s | before: export s | before: per plan s "
         "| after: apply s | after: export s | after: per plan s | before/after |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)

@@ -73,7 +73,7 @@ def _export_bytes(
     axes: dict[str, dict[int, str]],
     dynamo: bool,
     opset: int | None,
-) -> bytes:
+) -> bytes | memoryview:
     args = tuple(model_inputs.tensors(example))
     if isinstance(example, dict):
         # The TorchScript exporter binds keyword inputs to the wrong parameters when a forward
@@ -116,7 +116,7 @@ def _export_bytes(
             dynamic_axes=axes,
             do_constant_folding=True,
         )
-    return buffer.getvalue()
+    return buffer.getbuffer()  # a view, not a copy: a BERT-base export is 440 MB
 
 
 _METADATA_PROPS = 14  # ModelProto.metadata_props, a repeated StringStringEntryProto
@@ -131,7 +131,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _top_level_fields(blob: bytes) -> list[int] | None:
+def _top_level_fields(blob: bytes | memoryview) -> list[int] | None:
     """The field numbers of a serialized message, in order (None if it does not parse)."""
     fields, at = [], 0
     try:
@@ -151,7 +151,7 @@ def _top_level_fields(blob: bytes) -> list[int] | None:
     return fields if at == len(blob) else None
 
 
-def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
+def _read_varint(blob: bytes | memoryview, at: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:
         byte = blob[at]
@@ -160,21 +160,25 @@ def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
-def _with_example_shapes(blob: bytes, example: ModelInput, names: Sequence[str]) -> bytes:
+def _with_example_shapes(
+    blob: bytes | memoryview, example: ModelInput, names: Sequence[str]
+) -> tuple[bytes | memoryview, bytes]:
+    """The export's bytes with the example shapes added, as (head, tail) to be written in turn."""
     shapes = {name: list(shape) for name, shape in zip(names, model_inputs.shapes(example), strict=True)}
     value = json.dumps(shapes, sort_keys=True)
     fields = _top_level_fields(blob)
     if fields is not None and max(fields, default=0) < _METADATA_PROPS:
         # Appending the entry gives the bytes parsing and serializing the model would (fields go
         # in number order, and the exporter writes none after metadata_props), without a second
-        # copy of every weight through protobuf. tests/search_tests/test_export.py compares both.
+        # copy of every weight through protobuf (nor through a concatenation: the caller hashes
+        # and writes the two parts in turn). tests/search_tests/test_export.py compares both.
         entry = b"".join(_varint(n << 3 | 2) + _varint(len(v)) + v
                          for n, v in ((1, EXAMPLE_SHAPES_KEY.encode()), (2, value.encode())))
-        return blob + _varint(_METADATA_PROPS << 3 | 2) + _varint(len(entry)) + entry
-    proto = onnx.load_from_string(blob)
+        return blob, _varint(_METADATA_PROPS << 3 | 2) + _varint(len(entry)) + entry
+    proto = onnx.load_from_string(bytes(blob))
     added = proto.metadata_props.add()
     added.key, added.value = EXAMPLE_SHAPES_KEY, value
-    return bytes(proto.SerializeToString())
+    return bytes(proto.SerializeToString()), b""
 
 
 def export_onnx(
@@ -216,32 +220,37 @@ def export_onnx(
         # Traced with gradients on: without them nn.MultiheadAttention takes its fused fast path
         # (aten::_native_multi_head_attention), which has no ONNX form.
         with torch.enable_grad():
-            blob = _export_bytes(model, ordered, names=names, output_names=output_names, axes=axes,
-                                 dynamo=dynamo, opset=opset)
-        blob = _with_example_shapes(blob, ordered, names)
+            exported = _export_bytes(model, ordered, names=names, output_names=output_names, axes=axes,
+                                     dynamo=dynamo, opset=opset)
+        head, tail = _with_example_shapes(exported, ordered, names)
     except ExportError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export failed ({'dynamo' if dynamo else 'torchscript'}): {first}") from exc
-    if len(blob) >= _TWO_GB:
+    size = len(head) + len(tail)
+    if size >= _TWO_GB:
         raise ExportError("the model is over 2 GB; hwprune embeds weights and cannot export it")
-    sha = hashlib.sha256(blob).hexdigest()
+    digest = hashlib.sha256(head)
+    digest.update(tail)
+    sha = digest.hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{sha}.onnx"
     if not path.exists():
         partial = out_dir / f".{sha}.{os.getpid()}.tmp"
-        partial.write_bytes(blob)
+        with partial.open("wb") as out:
+            out.write(head)
+            out.write(tail)
         partial.replace(path)  # atomic: concurrent exporters of the same bytes agree
     diff = 0.0
     if dynamic_check:
         try:
-            onnx.checker.check_model(onnx.load_from_string(blob), full_check=True)
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         except Exception as exc:
             raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
     if check or dynamic_check:
         diff = _compare_with_torch(ordered, names, expected, path, batch_size, other_batch=dynamic_check)
-    return OnnxArtifact(path=path, sha256=sha, size_bytes=len(blob), batch_size=batch_size,
+    return OnnxArtifact(path=path, sha256=sha, size_bytes=size, batch_size=batch_size,
                         max_abs_diff=diff)
 
 

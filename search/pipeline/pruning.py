@@ -377,6 +377,10 @@ def _unshare(model: nn.Module, base: nn.Module) -> None:
                 module._buffers[name] = buffer.clone(memory_format=torch.preserve_format)
 
 
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _count_ops(model: nn.Module, example: ModelInput) -> MacCount:
     """MACs and parameters counted from what runs (``search.pipeline.macs``) on a meta-device copy:
     the counts come from shapes only, so no weight is copied or multiplied. Falls back to the real
@@ -388,6 +392,10 @@ def _count_ops(model: nn.Module, example: ModelInput) -> MacCount:
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     try:
         meta = copy.deepcopy(model, memo)
+        for module in meta.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # Shape-preserving and not counted; on meta its decomposition is a third of the count.
+                module.forward = _unchanged  # type: ignore[method-assign,assignment]
         return count_macs(meta, rebuild(example, [t.to("meta") for t in tensors_of(example)]))
     except Exception:  # noqa: BLE001  # any failure on meta: count on the real weights
         return count_macs(model, example)

@@ -53,12 +53,18 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     ``weight`` may be a score of the weight's shape (Wanda's metric) instead of the weight.
 
-    Ties are broken by position (a stable sort), so the mask is deterministic.
+    Ties are broken by position, as a stable descending sort would, so the mask is deterministic.
     """
     runs = _runs_view(weight.detach().abs(), m)
-    order = torch.sort(runs, dim=-1, descending=True, stable=True).indices
-    keep = torch.zeros_like(runs, dtype=torch.bool)
-    keep.scatter_(-1, order[..., :n], True)
+    # An entry's place in that sort is how many in its run are larger, or equal and earlier:
+    # m comparisons of the whole tensor, about twice as fast as sorting runs of m.
+    place = torch.zeros(runs.shape, dtype=torch.int16)
+    for j in range(m):
+        other = runs[..., j : j + 1]
+        ahead = other > runs
+        ahead[..., j + 1 :] |= other == runs[..., j + 1 :]
+        place += ahead
+    keep = place < n
     if weight.dim() == 2:
         return keep.reshape(weight.shape)
     out_channels, in_channels, kh, kw = weight.shape

@@ -16,6 +16,7 @@ from search.errors import PlanError
 from search.pipeline.onnx_export import export_onnx
 from search.pipeline.plan import Plan
 from search.pipeline.space import SearchSpace, apply, build_space, kept_units
+from search.pipeline.sparsity import _runs_view as sparsity_runs
 from search.pipeline.sparsity import nm_mask, satisfies_nm
 
 Arch = tuple[str, nn.Module, torch.Tensor]
@@ -171,6 +172,25 @@ def test_nm_mask_keeps_largest_in_each_run() -> None:
     assert satisfies_nm(conv * conv_mask, 2, 4)
     assert int(conv_mask.sum()) == conv.numel() // 2
 
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8), (1, 2)])
+def test_nm_mask_equals_a_stable_sort_of_each_run_ties_included(n: int, m: int) -> None:
+    """The mask counts ranks instead of sorting; stored trials' masks came from a stable
+    descending sort, and a replay must keep the same weights, ties (equal magnitudes,
+    +0.0 and -0.0) included."""
+    generator = torch.Generator().manual_seed(n * 10 + m)
+    linear = torch.randn(48, 64, generator=generator).round(decimals=1)  # many equal magnitudes
+    linear[0, :16] = 0.5
+    linear[1, :16] = torch.tensor([0.0, -0.0] * 8)
+    linear[2] = -linear[2].abs()
+    conv = torch.randn(8, 16, 3, 3, generator=generator).round(decimals=1)
+    for weight in (linear, conv):
+        runs = sparsity_runs(weight.abs(), m)
+        order = torch.sort(runs, dim=-1, descending=True, stable=True).indices
+        expected = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+        got = sparsity_runs(nm_mask(weight, n, m), m)
+        assert torch.equal(got, expected)
+        assert int(got.sum()) == weight.numel() // m * n
 
 def test_heads_really_removed(build_architecture: Factory, cpu: HardwareProfile) -> None:
     model, example = build_architecture("transformer", 0)
