@@ -535,6 +535,10 @@ def _channel_group(group: Any, graph: tp.DependencyGraph, root: str, names: Mapp
     residual_stream = False
     for dep, _ in group:
         target = dep.target.module
+        if isinstance(target, nn.MultiheadAttention):
+            # Its embedding width is heads x head width: cutting it would change the width of the
+            # heads its own head group removes (and fail there). Its heads are the decision.
+            return None
         residual_stream = residual_stream or isinstance(target, (nn.Embedding, nn.LayerNorm))
         if isinstance(target, _PRUNABLE) and target in names:
             members.add(names[target])

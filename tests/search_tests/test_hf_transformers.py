@@ -240,6 +240,39 @@ def test_multihead_attention_heads(cpu: HardwareProfile, tmp_path: Path) -> None
         assert not torch.allclose(model(x), masked(x), atol=1e-5)
 
 
+class MhaNoNorm(nn.Module):
+    """``nn.MultiheadAttention`` on a residual stream with no LayerNorm: torch-pruning then
+    couples the attention's embedding to the stream's other layers in one channel group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.fc = nn.Linear(64, 128)
+        self.out = nn.Linear(128, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.out(torch.relu(self.fc(h)))
+        logits: torch.Tensor = self.head(h.mean(1))
+        return logits
+
+
+def test_multihead_attention_without_norm_keeps_its_embedding(cpu: HardwareProfile, tmp_path: Path) -> None:
+    """The stream group through the attention's embedding is no decision (cutting it changed the
+    heads' width, and the head group then failed with a reshape error); the heads are."""
+    torch.manual_seed(0)
+    model = MhaNoNorm().eval()
+    example = torch.randn(1, 8, 16)
+    space = build_space(model, example, [cpu])
+    assert sorted(g.name for g in space.groups) == ["attn", "fc"]
+    pruned: Any = apply(model, example, space, Plan(channels={"attn": 0.5, "fc": 0.5})).model
+    assert pruned.attn.num_heads == 2 and pruned.fc.out_features == 64
+    assert export_onnx(pruned, example, tmp_path).max_abs_diff <= 1e-4
+
+
 def _short_search(model: nn.Module, example: ModelInput, space: SearchSpace, held_out: ModelInput,
                   profile: HardwareProfile, tmp_path: Path) -> list[tuple[float, float]]:
     """Three trials (the dense one first): relative output change and measured ORT latency."""
