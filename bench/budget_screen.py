@@ -9,8 +9,11 @@ wholly outside ``[budget * (1 - band), budget * (1 + band)]`` before recovering 
 
 Reported per seed and as mean and standard deviation over the seeds: the lowest validation error
 among feasible trials (measured latency ratio within the budget, confirmed where confirmed), the
-number of feasible trials, the proposals screened out, and the search's time (its trials' own
-durations, the screened ones included).
+number of feasible trials, the trial that first reached that error (the screen starts judging only
+after ``--min-measured`` measured trials, and both searches of a seed propose the same plans until
+then), the proposals screened out, and the search's time (its trials' own durations, the screened
+ones included). Each search has a database of its own, so the second of a seed reuses none of the
+first one's measurements.
 
 Run by hand (one search of digits-distorted takes a few minutes on 2 shared cores):
 ``.venv/bin/python bench/budget_screen.py --example digits-distorted --trials 40 --budget 0.5
@@ -56,8 +59,10 @@ def run(example: str, *, seed: int, trials: int, budget: float, band: float | No
     records = read_trials(study)
     screened = [t for t in records if t.budget_screened]
     seconds = sum(t.seconds for t in records if t.seconds is not None)
-    return {"best_error": min((p.error for p in feasible), default=1.0), "feasible": len(feasible),
-            "screened": len(screened), "seconds": seconds}
+    best = min((p.error for p in feasible), default=1.0)
+    found_at = min((p.trial for p in feasible if p.error == best), default=-1)
+    return {"best_error": best, "best_trial": found_at, "feasible": len(feasible), "screened": len(screened),
+            "seconds": seconds}
 
 
 def _mean_sd(values: list[float], digits: int = 3) -> str:
@@ -78,12 +83,13 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows: dict[tuple[int, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runtime = Runtime(db_url=f"sqlite:///{Path(tmp) / 'budget.db'}", cache_dir=cache_dir())
         for seed in args.seeds:
             for label, band in (("every plan tried", None), (f"band {args.band}", args.band)):
+                database = Path(tmp) / f"{'band' if band else 'plain'}-s{seed}.db"
+                runtime = Runtime(db_url=f"sqlite:///{database}", cache_dir=cache_dir())
                 kept = args.keep / f"{'band' if band else 'plain'}-s{seed}.json" if args.keep else None
                 identity = {"example": args.example, "trials": args.trials, "budget": args.budget, "band": band,
-                            "min_measured": args.min_measured, "seed": seed}
+                            "min_measured": args.min_measured, "seed": seed, "own_database": True}
                 if kept is not None and kept.is_file() and json.loads(kept.read_text())["identity"] == identity:
                     rows[seed, label] = json.loads(kept.read_text())["figures"]
                 else:
@@ -94,20 +100,21 @@ def main() -> None:
                         kept.write_text(json.dumps({"identity": identity, "figures": rows[seed, label]}))
                 print(f"seed {seed}, {label}: {rows[seed, label]}", flush=True)
     labels = ["every plan tried", f"band {args.band}"]
-    table = ["| seed | proposals | best feasible error | feasible trials | screened out | search s |",
-             "|---|---|---|---|---|---|"]
+    table = ["| seed | proposals | best feasible error | found at trial | feasible trials | screened out "
+             "| search s |", "|---|---|---|---|---|---|---|"]
     for (seed, label), r in sorted(rows.items(), key=lambda item: (item[0][0], labels.index(item[0][1]))):
-        table.append(f"| {seed} | {label} | {r['best_error']:.4f} | {r['feasible']:.0f} | {r['screened']:.0f} | "
-                     f"{r['seconds']:.0f} |")
+        table.append(f"| {seed} | {label} | {r['best_error']:.4f} | {r['best_trial']:.0f} | {r['feasible']:.0f} | "
+                     f"{r['screened']:.0f} | {r['seconds']:.0f} |")
     for label in labels:
         of = [rows[seed, label] for seed in args.seeds]
         table.append(f"| mean ± sd | {label} | {_mean_sd([r['best_error'] for r in of], 4)} | "
-                     f"{_mean_sd([r['feasible'] for r in of], 1)} | {_mean_sd([r['screened'] for r in of], 1)} | "
+                     f"- | {_mean_sd([r['feasible'] for r in of], 1)} | {_mean_sd([r['screened'] for r in of], 1)} | "
                      f"{_mean_sd([r['seconds'] for r in of], 0)} |")
     body = (f"`{args.example}`, TPE, {args.trials} recovered trials per search, latency budget "
             f"{args.budget}x the base model on {TARGET}, the latency model judging after "
-            f"{args.min_measured} measured trials; default recovery. Error: the example's validation "
-            "error (lower is better). Other agents shared the machine.\n\n" + "\n".join(table) + "\n")
+            f"{args.min_measured} measured trials; default recovery; a database per search. Error: the "
+            "example's validation error (lower is better). Run under the shared benchmark lock.\n\n"
+            + "\n".join(table) + "\n")
     command = (f".venv/bin/python bench/budget_screen.py --example {args.example} --trials {args.trials} "
                f"--budget {args.budget} --band {args.band} --min-measured {args.min_measured} "
                f"--seeds {' '.join(map(str, args.seeds))}")

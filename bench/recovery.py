@@ -53,7 +53,7 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from hardware_profiles import load_profile  # noqa: E402
-from search.config import RecoverySettings, cache_dir  # noqa: E402
+from search.config import PRETRAINED_RECOVERY, RecoverySettings, cache_dir  # noqa: E402
 from search.examples.digits import digits, digits_tensors  # noqa: E402
 from search.examples.zoo import make_architecture  # noqa: E402
 from search.pipeline.bundle import ModelBundle, classification_error  # noqa: E402
@@ -251,10 +251,14 @@ def cost_at_224(plans: int, steps: int) -> list[str]:
     return rows
 
 
-def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, threads: int) -> RecoverySettings:
-    """The search's recovery for a pretrained example: adaptive BN, ``steps`` of fine-tuning on the
-    bundle's loss (a distillation of the dense logits), keep the better on 2 held-out batches."""
-    return replace(default_recovery(steps), bn_batches=bn_batches, threads=threads)
+def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, threads: int,
+                        recipe: str = "search-default") -> RecoverySettings:
+    """A recovery for a pretrained example: ``steps`` of fine-tuning on the bundle's loss (a
+    distillation of the dense logits), keep the better on 2 held-out batches; with the search's
+    defaults (``search-default``: adaptive BN on ``bn_batches``, BatchNorm trained, lr 3e-4) or
+    with ``search.config.PRETRAINED_RECOVERY`` (``pretrained``: statistics frozen, no adaptive BN)."""
+    settings = replace(default_recovery(steps), bn_batches=bn_batches, threads=threads)
+    return replace(settings, **PRETRAINED_RECOVERY) if recipe == "pretrained" else settings
 
 
 def _kept_plans(path: Path, identity: dict[str, object]) -> dict[int, dict[str, object]]:
@@ -285,10 +289,15 @@ def pretrained_rank(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     bundle = load_bundle(args.example, cache_dir=cache_dir())
     space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
-    columns = ["raw", f"BN-{args.bn}", *(f"BN-{args.bn} + {k} steps" for k in args.short),
-               f"BN-{args.bn} + {args.long} steps"]
+    if args.recipe == "pretrained":  # no adaptive BN: the recipe's statistics stay as trained
+        columns = ["raw", *(f"{k} steps" for k in args.short), f"{args.long} steps"]
+    else:
+        columns = ["raw", f"BN-{args.bn}", *(f"BN-{args.bn} + {k} steps" for k in args.short),
+                   f"BN-{args.bn} + {args.long} steps"]
     identity: dict[str, object] = {"example": args.example, "low": args.low, "bn": args.bn, "short": args.short,
                                    "long": args.long, "threads": args.threads, "seed": 0}
+    if args.recipe != "search-default":
+        identity["recipe"] = args.recipe
     kept = _kept_plans(args.keep, identity)
     if not kept:
         args.keep.parent.mkdir(parents=True, exist_ok=True)
@@ -307,9 +316,9 @@ def pretrained_rank(args: argparse.Namespace) -> None:
             model = copy.deepcopy(pruned.model)
             begun = time.perf_counter()
             if column != "raw":
-                steps = int(column.split("+ ")[1].split()[0]) if "steps" in column else 0
-                recover(model, bundle, pretrained_recovery(bundle, steps, bn_batches=args.bn, threads=args.threads),
-                        masks=pruned.masks)
+                steps = int(column.split()[-2]) if "steps" in column else 0
+                recover(model, bundle, pretrained_recovery(bundle, steps, bn_batches=args.bn, threads=args.threads,
+                                                           recipe=args.recipe), masks=pruned.masks)
             errors[column] = bundle.error_fn(model, bundle.val_loader)
             costs[column] = time.perf_counter() - begun
         row = {"plan": index, "macs_ratio": pruned.macs / space.base_macs, "errors": errors, "costs": costs}
@@ -336,22 +345,29 @@ def pretrained_rank(args: argparse.Namespace) -> None:
         table.append(f"| {column} | {rho_text} | {statistics.mean(values):.3f} | "
                      f"{min(values):.3f}-{max(values):.3f} | {cost:.1f} |")
     macs = [float(r["macs_ratio"]) for r in rows]  # type: ignore[arg-type]
+    settings = pretrained_recovery(bundle, args.long, bn_batches=args.bn, threads=args.threads, recipe=args.recipe)
+    if args.recipe == "pretrained":
+        recipe = (f"the pretrained examples' recipe (`search.config.PRETRAINED_RECOVERY`): no adaptive BN, "
+                  f"BatchNorm statistics frozen while fine-tuning, AdamW (lr {settings.lr:g}")
+    else:
+        recipe = (f"the search's defaults: adaptive BN on {args.bn} training batches, BatchNorm trained with "
+                  f"the weights, AdamW (lr {settings.lr:g}")
     body = (
         f"{len(rows)} of {args.plans} random plans of `{args.example}` (every group keeps a random "
         f"ratio >= {args.low} of the grid; MACs {min(macs):.2f}-{max(macs):.2f}x the dense model's). "
         f"Error: {bundle.error_name} on the validation crops (not ImageNet accuracy). Recovery: "
-        f"adaptive BN on {args.bn} training batches, then AdamW (lr {RecoverySettings().lr}, warm-up, "
-        f"cosine) distilling the dense logits, keep the better on 2 held-out batches; {args.threads} "
-        f"threads. rho: Spearman rank correlation with the reference (BN + {args.long} steps) over "
+        f"{recipe}, warm-up, cosine) distilling the dense logits, keep the better on 2 held-out batches; "
+        f"{args.threads} threads. rho: Spearman rank correlation with the reference ({columns[-1]}) over "
         "the plans, with a 90% bootstrap interval over the plans; seconds: median per plan, "
-        "including one validation pass. Other agents shared the machine.\n\n"
+        "including one validation pass. Run under the shared benchmark lock.\n\n"
         "| search-time score | Spearman rho [90%] | mean error | range | s per plan |\n|---|---|---|---|---|\n"
         + "\n".join(table) + "\n"
     )
     command = (f".venv/bin/python bench/recovery.py --example {args.example} --plans {args.plans} --low {args.low} "
                f"--bn {args.bn} --short {' '.join(map(str, args.short))} --long {args.long} "
-               f"--threads {args.threads} --keep {args.keep}")
-    write_section("recovery-pretrained", "Recovery on a pretrained network (bench/recovery.py --example)",
+               f"--threads {args.threads} --recipe {args.recipe} --keep {args.keep}")
+    key = "recovery-pretrained" + ("" if args.recipe == "search-default" else f"-{args.recipe}-recipe")
+    write_section(key, f"Recovery on a pretrained network, {args.recipe} recipe (bench/recovery.py --example)",
                   command, body)
     print(body, flush=True)
 
@@ -370,6 +386,8 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=0.5, help="--example: the lowest keep ratio drawn.")
     parser.add_argument("--bn", type=int, default=4, help="--example: adaptive-BN batches.")
     parser.add_argument("--threads", type=int, default=1, help="--example: torch threads for recovery.")
+    parser.add_argument("--recipe", choices=["search-default", "pretrained"], default="search-default",
+                        help="--example: the search's default recovery, or the pretrained examples' one.")
     parser.add_argument("--keep", type=Path, default=Path("bench/results/recovery-pretrained.jsonl"))
     parser.add_argument("--max-minutes", type=float, default=1e9,
                         help="--example: start no plan after this many minutes; run again to continue.")

@@ -168,7 +168,9 @@ class RecoverySettings(_Section):
     """Recovery after pruning, per trial (see ``search.pipeline.recovery``): adaptive batch-norm on
     ``bn_batches`` training batches, ``steps`` of fine-tuning, and the better of the models before
     and after, judged on ``holdout_batches`` held-out training batches. ``distill`` weighs the KL
-    divergence to the dense model's outputs in the loss; ``threads`` is fixed
+    divergence to the dense model's outputs in the loss. ``batchnorm: frozen`` fine-tunes with every
+    BatchNorm normalising by its running statistics and leaving them as they are (a pretrained
+    network fine-tuned on a few batches of little data; see ``PRETRAINED_RECOVERY``); ``threads`` is fixed
     so that replays are bit-identical. The one recovery settings type: the search's trials, its
     final recovery, an export and ``search.api.apply_plan`` all take it (with a seed).
 
@@ -184,6 +186,7 @@ class RecoverySettings(_Section):
     distill: Annotated[float, Field(ge=0, le=1)] = 0.0
     bn_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
     holdout_batches: Annotated[int, Field(ge=0, le=10_000)] = 2
+    batchnorm: Literal["train", "frozen"] = "train"
     # None: the cores this process is given, fixed when the search is created and stored, so that
     # a replay on any machine uses the same count (float reductions split by it).
     threads: Annotated[int, Field(ge=1, le=256)] | None = None
@@ -341,6 +344,7 @@ recovery:                     # what each trial's error is measured after
   optimizer: adamw            # or sgd
   bn_batches: 2               # batches adaptive batch-norm re-estimates statistics on
   holdout_batches: 2          # batches held out to keep the better of before/after
+  batchnorm: train            # frozen: fine-tune with BatchNorm statistics fixed (pretrained models, little data)
 importance: magnitude         # channels: magnitude, taylor, lamp, bn-scale, llm-pruner, movement
 nm_criterion: magnitude       # N:M masks: magnitude, wanda, sparsegpt
 keep_ratios: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]   # the share of a group's channels a plan may keep
@@ -392,8 +396,17 @@ def _listed(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+# The recovery a pretrained built-in example starts from (its file and flags win): measured with
+# bench/recovery.py --example efficientnet-lite0@96 (docs/benchmarks.md, "Recovery on a pretrained
+# network"), where re-estimating BatchNorm statistics, or training them, on crops of 14 photographs
+# made agreement with the dense model worse, and frozen statistics with a lower rate improved it.
+PRETRAINED_EXAMPLES = ("efficientnet-lite0",)
+PRETRAINED_RECOVERY: dict[str, Any] = {"batchnorm": "frozen", "bn_batches": 0, "lr": 3e-5}
+
+
 def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> SearchConfig:
-    """Merge a YAML file (optional) with flag ``overrides`` (``None`` values are ignored).
+    """Merge a YAML file (optional) with flag ``overrides`` (``None`` values are ignored); a
+    pretrained built-in example starts from ``PRETRAINED_RECOVERY``.
 
     Raises:
         ConfigError: unreadable file, bad YAML, or a value the schema refuses; one line naming
@@ -415,6 +428,10 @@ def load_search_config(path: Path | None, overrides: Mapping[str, Any]) -> Searc
             data[key] = {**(data.get(key) or {}), **{k: _listed(v) for k, v in value.items() if v is not None}}
         else:
             data[key] = _listed(value)
+    if isinstance(data.get("example"), str) and data["example"].partition("@")[0] in PRETRAINED_EXAMPLES:
+        given = data.get("recovery")
+        data["recovery"] = {**PRETRAINED_RECOVERY, **given} if isinstance(given, Mapping) else given or dict(
+            PRETRAINED_RECOVERY)
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:

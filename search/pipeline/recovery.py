@@ -264,6 +264,10 @@ def fine_tune(
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-4)
     teacher = teacher_on(bundle.model, device).eval() if config.distill > 0 else None
     model.train()
+    if config.batchnorm == "frozen":
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()  # normalise by the running statistics, and leave them unchanged
     for step in range(config.steps):
         inputs, targets = to_device(next(batches), device.torch)
         with device.work():

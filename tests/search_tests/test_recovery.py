@@ -258,3 +258,35 @@ def test_before_finetune_sees_the_held_out_error_and_can_stop_the_recovery(digit
     adapt_batchnorm(adapted, training_split(digits_bundle.train_loader, holdout_batches=2, seed=3).batches(), count=2)
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
                                                    adapted.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_frozen_batchnorm_keeps_running_statistics_while_weights_train(
+    digits_bundle: ModelBundle, batchnorm: str
+) -> None:
+    space = _space(digits_bundle)
+    model = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5)).model
+    before = copy.deepcopy(model.state_dict())
+    settings = RecoverySettings(steps=3, bn_batches=0, holdout_batches=0, threads=1, batchnorm=batchnorm)
+    recover(model, digits_bundle, settings)
+    after = model.state_dict()
+    statistics = {k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    weights = {k for k in after if k.endswith("weight")}
+    assert statistics and all(not torch.equal(after[k], before[k]) for k in weights)
+    unchanged = all(torch.equal(after[k], before[k]) for k in statistics)
+    assert unchanged == (batchnorm == "frozen")
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_pretrained_example_starts_from_the_pretrained_recovery() -> None:
+    from search.config import PRETRAINED_RECOVERY, load_search_config
+
+    for example in ("efficientnet-lite0", "efficientnet-lite0@96"):
+        recovery = load_search_config(None, {"name": "s", "example": example}).recovery
+        assert {key: getattr(recovery, key) for key in PRETRAINED_RECOVERY} == PRETRAINED_RECOVERY
+    # A file or flag wins over it, field by field; other examples keep the defaults.
+    given = load_search_config(None, {"name": "s", "example": "efficientnet-lite0", "recovery": {"lr": 1e-4}})
+    assert (given.recovery.lr, given.recovery.batchnorm) == (1e-4, "frozen")
+    assert load_search_config(None, {"name": "s", "example": "digits"}).recovery == RecoverySettings()
+    assert SearchConfig.from_stored({"name": "s", "example": "efficientnet-lite0",
+                                     "recovery": {"version": 2}}).recovery.batchnorm == "train"
