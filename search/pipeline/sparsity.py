@@ -58,7 +58,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     runs = _runs_view(weight.detach().abs(), m)
     # An entry's place in that sort is how many in its run are larger, or equal and earlier:
     # m comparisons of the whole tensor, about twice as fast as sorting runs of m.
-    place = torch.zeros(runs.shape, dtype=torch.int16)
+    place = torch.zeros(runs.shape, dtype=torch.int16, device=runs.device)
     for j in range(m):
         other = runs[..., j : j + 1]
         ahead = other > runs
