@@ -207,7 +207,7 @@ def test_bad_config_file(tmp_path: Path, env: dict[str, str]) -> None:
     result = _invoke(["search", "start", "--config", str(config), "--db", f"sqlite:///{tmp_path / 'h.db'}"], env)
     assert result.exit_code == 2
     assert ("unknown field 'recovery.stepz'; allowed: steps, lr, optimizer, warmup, distill, bn_batches, "
-            "holdout_batches, threads, version") in result.stderr
+            "holdout_batches, batchnorm, threads, version") in result.stderr
 
 
 def test_unknown_search(tmp_path: Path, env: dict[str, str]) -> None:
