@@ -198,12 +198,14 @@ def apply_plan(
     importance: str = "magnitude",
     nm_criterion: str = "magnitude",
     finetune_steps: int = 0,
+    compensation: str = "none",
 ) -> Materialized:
     """Apply ``plan`` (a ``Plan``, a mapping as in a plan file, or a file path) to a copy of the
     base model, recover it as a search's trial would (adaptive BN, ``finetune_steps`` of
-    fine-tuning, the better on held-out data) and score it on the validation data."""
+    fine-tuning, the better on held-out data) and score it on the validation data.
+    ``compensation`` "mean" puts removed channels' average output back into their consumers."""
     done = _chain(bundle, space, plan, importance=importance, nm_criterion=nm_criterion,
-                  finetune_steps=finetune_steps, out=None)
+                  finetune_steps=finetune_steps, out=None, compensation=compensation)
     if done.pruned is None or done.plan is None or done.error is None:
         raise SearchError("the trial chain returned no pruned model or error for a plan")  # it always does
     return Materialized(done.pruned, done.plan, done.error, [dict(p) for p in done.recovery])
@@ -211,14 +213,15 @@ def apply_plan(
 
 def _chain(bundle: ModelBundle, space: SearchSpace, plan: Plan | Mapping[str, Any] | str | Path, *,
            importance: str, nm_criterion: str, finetune_steps: int, out: Path | None, batch_size: int = 1,
-           dynamo: bool = False, device: str = "cpu") -> Chained:
+           dynamo: bool = False, device: str = "cpu", compensation: str = "none") -> Chained:
     from search.config import RecoverySettings
     from search.pipeline.chain import ChainSettings, run_chain
     from search.pipeline.device import resolve_device
 
     settings = ChainSettings(importance=importance, nm_criterion=nm_criterion,
                              recovery=RecoverySettings(steps=finetune_steps), batch_size=batch_size, dynamo=dynamo,
-                             dynamic_check=out is not None, device=resolve_device(device))
+                             dynamic_check=out is not None, device=resolve_device(device),
+                             compensation=compensation)
     return run_chain(bundle, space, space.resolve(_plan(plan)), settings, out=out)
 
 
@@ -234,6 +237,7 @@ def export_plan(
     force: bool = False,
     dynamo: bool = False,
     device: str = "cpu",
+    compensation: str = "none",
     settings: Settings = DEFAULT,
 ) -> dict[str, Any]:
     """Materialise ``plan`` on ``model`` and write the folder ``out`` (ONNX, weights, a
@@ -257,14 +261,14 @@ def export_plan(
     with tempfile.TemporaryDirectory() as tmp:
         done = _chain(loaded, space, plan, importance=importance, nm_criterion="magnitude",
                       finetune_steps=finetune_steps, out=Path(tmp), batch_size=chosen_profiles[0].batch_size,
-                      dynamo=dynamo, device=device)
+                      dynamo=dynamo, device=device, compensation=compensation)
         if done.pruned is None or done.plan is None or done.artifact is None:
             raise SearchError("the trial chain exported no pruned model for a plan")  # it always does
         write_model_dir(folder, bundle=loaded, plan=done.plan, pruned=done.pruned, artifact=done.artifact,
                         importance=importance, model_spec=spec, ignored_layers=list(ignored),
                         extra={"error": done.error, "finetune_steps": finetune_steps,
                                "recovery": list(done.recovery), "targets": [p.name for p in chosen_profiles],
-                               "base_macs": space.base_macs})
+                               "base_macs": space.base_macs, "compensation": compensation})
     return read_manifest(folder)
 
 
@@ -591,6 +595,7 @@ def _trial_manifest(name: str, config: SearchConfig, point: TrialPoint, stored: 
         "extra_finetune_steps": finetune_steps,
         "recovery": rebuilt.recovery,
         "targets": list(config.targets),
+        "compensation": config.compensation,
         # With trial pruning the file measured held the weights before recovery.
         "measured_onnx_sha256": stored.measured_sha256,
         "error_after_extra_finetune": rebuilt.error,

@@ -268,6 +268,9 @@ def export_command(
     profile: ProfilesOpt = None,
     ignore: IgnoreOpt = None,
     importance: Annotated[str, typer.Option(help="magnitude, taylor, lamp or bn-scale.")] = "magnitude",
+    compensation: Annotated[str, typer.Option(
+        help="With --plan: none, or mean (removed channels' average output goes back into their consumers).")
+    ] = "none",
     finetune_steps: Annotated[int, typer.Option(
         "--finetune-steps", "--final-steps", min=0,
         help="Fine-tuning steps: with --plan, the recovery's; with SEARCH, extra steps after the trial's own "
@@ -304,7 +307,8 @@ def export_command(
         with output_errors(out):
             manifest = export_plan(spec, plan, out, targets=profile, ignored=ignore or (),
                                    importance=importance, finetune_steps=finetune_steps, force=force,
-                                   dynamo=dynamo, device=device or "cpu", settings=settings)
+                                   dynamo=dynamo, device=device or "cpu", compensation=compensation,
+                                   settings=settings)
         if as_json:
             echo_json(manifest | {"folder": str(out)})
             return

@@ -211,6 +211,9 @@ def search_start(
         help="magnitude, taylor, lamp, bn-scale, llm-pruner or movement. Default: magnitude.")] = None,
     nm_criterion: Annotated[str | None, typer.Option(
         "--nm-criterion", help="N:M masks: magnitude, wanda or sparsegpt. Default: magnitude.")] = None,
+    compensation: Annotated[str | None, typer.Option(
+        help="none, or mean: removed channels' average output goes back into the layers they fed. "
+             "Default: none (mean for a pretrained built-in example).")] = None,
     ignore: Annotated[list[str] | None, typer.Option(
         "--ignore", help="Layer never to prune (repeatable). Default: none.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampler and recovery seed. Default: 0.")] = None,
@@ -234,7 +237,7 @@ def search_start(
                             "latency_budget_ratio": latency_budget_ratio,
                             "error_ceiling": error_ceiling},
             "recovery": {"steps": recovery_steps}, "importance": importance,
-            "nm_criterion": nm_criterion, "seed": seed,
+            "nm_criterion": nm_criterion, "compensation": compensation, "seed": seed,
             "max_consecutive_failures": max_failures, "error_floor": error_floor,
             "sensitivity_start": sensitivity_start, "final_steps": final_steps, "trial_pruning": trial_pruning,
             "device": device,

@@ -55,6 +55,7 @@ class ChainSettings:
         dynamic_check: also check the file at another batch size and with ``onnx.checker``
             (files handed to a user and the base's; a trial's file is checked at its shapes only).
         device: where recovery and scoring run (``search.pipeline.device``).
+        compensation: what removed channels leave behind in their consumers ("none", "mean").
     """
 
     importance: str = "magnitude"
@@ -65,13 +66,15 @@ class ChainSettings:
     dynamo: bool = False
     dynamic_check: bool = False
     device: ModelDevice = CPU
+    compensation: str = "none"
 
     @classmethod
     def for_search(cls, config: SearchConfig, *, batch_size: int, device: ModelDevice = CPU,
                    dynamic_check: bool = False) -> ChainSettings:
         """The settings a search's trials run with."""
         return cls(importance=config.importance, nm_criterion=config.nm_criterion, recovery=config.recovery,
-                   seed=config.seed, batch_size=batch_size, dynamic_check=dynamic_check, device=device)
+                   seed=config.seed, batch_size=batch_size, dynamic_check=dynamic_check, device=device,
+                   compensation=config.compensation)
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def run_chain(
         with stage("prune"):
             pruned = apply(bundle.model, bundle.example_input, space, plan, importance=settings.importance,
                            nm_criterion=settings.nm_criterion, calibration=bundle.train_loader,
-                           device=settings.device)
+                           device=settings.device, compensation=settings.compensation)
         model, signature = pruned.model, pruned.signature
     check = on_pruned(pruned) if on_pruned is not None and pruned is not None else None
     is_base = pruned is None or signature == base_signature

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 Importance = Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"]
 IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement")
 _GRADIENT_IMPORTANCES = ("taylor", "llm-pruner", "movement")
+Compensation = Literal["none", "mean"]
+COMPENSATIONS: tuple[str, ...] = ("none", "mean")
 CALIBRATION_BATCHES = 8  # batches of the training loader for N:M criteria, llm-pruner and movement
 CALIBRATION_SEED = 0
 _PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -748,6 +750,98 @@ def _prune_kv_heads(model: nn.Module, info: GroupInfo, target: int, importance: 
         setattr(holder, "num_key_value_heads", target)  # noqa: B010
 
 
+def _is_consumer(module: nn.Module) -> bool:
+    """A layer whose removed input channels can be compensated in its output (not depthwise)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def input_means(model: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of each input channel (feature) of every dense Conv2d and Linear of ``model`` over
+    ``batches``, in float64, by layer name: what a removed channel fed its consumer on average."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], name: str) -> None:
+        x = args[0].detach().double()
+        flat = x.transpose(0, 1).flatten(1) if isinstance(module, nn.Conv2d) else x.flatten(0, -2).T
+        sums[name] = sums[name] + flat.sum(1) if name in sums else flat.sum(1)
+        counts[name] = counts.get(name, 0) + flat.shape[1]
+
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
+               for name, module in model.named_modules() if _is_consumer(module)]
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for inputs, _targets in batches:
+                run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return {name: total / counts[name] for name, total in sums.items()}
+
+
+def _compensations(group: tp.Group, names: Mapping[nn.Module, str],
+                   means: Mapping[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """For each consumer of ``group`` (a layer whose input channels it removes): the layer and
+    the shift its output loses on average, ``W[:, removed] @ mean[removed]`` (a convolution's
+    kernel summed over space: exact away from zero padding). Taken before the group is pruned."""
+    shifts = []
+    for dep, idxs in group:
+        layer = dep.target.module
+        if dep.handler not in (tp.prune_conv_in_channels, tp.prune_linear_in_channels) or not _is_consumer(layer):
+            continue
+        mean = means.get(names.get(layer, ""))
+        if mean is None or not len(idxs):
+            continue
+        index = torch.tensor(sorted(int(i) for i in idxs), dtype=torch.long)
+        weight = layer.weight.detach().double()[:, index]
+        if weight.dim() > 2:
+            weight = weight.flatten(2).sum(2)
+        shifts.append((layer, weight @ mean[index]))
+    return shifts
+
+
+def _compensate(graph: tp.DependencyGraph, layer: nn.Module, shift: torch.Tensor) -> bool:
+    """Add ``shift`` back to ``layer``'s output: into its bias, or into the running mean of the
+    BatchNorm it alone feeds. False where it has neither (nothing is changed). New tensors, not
+    in-place writes: until ``_unshare`` the copy's tensors are the base model's."""
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data + shift.to(layer.bias.dtype)
+            return True
+        node = graph.module2node.get(layer)
+        after = [out.module for out in node.outputs] if node is not None else []
+        if len(after) == 1 and isinstance(after[0], nn.modules.batchnorm._BatchNorm) \
+                and after[0].running_mean is not None:
+            norm = after[0]
+            norm.running_mean = norm.running_mean - shift.to(norm.running_mean.dtype)
+            return True
+    return False
+
+
+# base model -> (its weights' versions and the calibration data's hash, the input means)
+_MEANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], dict[str, torch.Tensor]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _base_means(base: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``input_means`` of ``base``, measured again only when its tensors or the data change."""
+    digest = hashlib.sha256()
+    for inputs, _targets in batches:
+        for tensor in tensors_of(inputs):
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    key = (tuple((t.data_ptr(), t._version) for t in (*base.parameters(), *base.buffers())), digest.hexdigest())
+    cached = _MEANS.get(base)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    means = input_means(base, batches)
+    _MEANS[base] = (key, means)
+    return means
+
+
 def apply_pruning(
     base: nn.Module,
     example: ModelInput,
@@ -761,6 +855,7 @@ def apply_pruning(
     loss_fn: Any = nn.functional.cross_entropy,
     retrace: bool = False,
     device: ModelDevice = CPU,
+    compensation: str = "none",
 ) -> PrunedModel:
     """Prune a deep copy of ``base``: keep ``kept[g]`` units of each group, then apply N:M.
 
@@ -778,14 +873,21 @@ def apply_pruning(
     base's tensors until pruning replaces them, and the user's model must not move), moved there
     for the calibrated steps, and returned on the CPU like every pruned model.
 
+    ``compensation`` "mean" adds what each removed channel fed its consumers on average (over the
+    calibration batches, measured on ``base``) back into the consumer's bias or the running mean
+    of the BatchNorm after it: a pretrained network loses the constant part of a removed channel's
+    output, which otherwise shifts every later activation.
+
     Raises:
         PlanError: a data-dependent importance or N:M criterion without calibration data.
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
+    if compensation not in COMPENSATIONS:
+        raise PlanError(f"compensation {compensation!r} is unknown; choose one of: {', '.join(COMPENSATIONS)}")
     needs_data = importance in _GRADIENT_IMPORTANCES or (nm_criterion != "magnitude" and patterns)
-    if needs_data and calibration is None:
+    if (needs_data or compensation != "none") and calibration is None:
         what = (f"importance {importance!r}" if importance in _GRADIENT_IMPORTANCES
-                else f"N:M criterion {nm_criterion!r}")
+                else f"N:M criterion {nm_criterion!r}" if needs_data else f"compensation {compensation!r}")
         raise PlanError(f"{what} needs calibration batches (the bundle's training loader)")
     # Fixed threads: float reductions split by thread count, and replays must be bit-identical.
     previous_threads = torch.get_num_threads()
@@ -793,6 +895,9 @@ def apply_pruning(
     on_device = bool(needs_data) and device.kind != "cpu"
     retrace = retrace or on_device
     try:
+        # Measured on the base, on the CPU, before the copy exists; cached per base and data.
+        means = (_base_means(base, calibration_batches(calibration))
+                 if compensation != "none" and calibration is not None else None)
         few = calibration_batches(calibration) if needs_data and calibration is not None else []
         if on_device:
             few = to_device(few, device.torch)
@@ -802,7 +907,8 @@ def apply_pruning(
             warnings.simplefilter("always")
             model, graph, trace_warnings = _copy_for_plan(base, example, retrace=retrace,
                                                           device=device if on_device else CPU)
-            _prune_groups(model, graph, groups, kept, importance, calibration=calibration, few=few, loss_fn=loss_fn)
+            _prune_groups(model, graph, groups, kept, importance, calibration=calibration, few=few, loss_fn=loss_fn,
+                          means=means)
         tp_warnings = trace_warnings + _messages(caught)
         if not retrace:
             _unshare(model, base)  # before N:M masks are written in place
@@ -847,10 +953,13 @@ def _copy_for_plan(base: nn.Module, example: ModelInput, *, retrace: bool,
 def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: Sequence[GroupInfo],
                   kept: Mapping[str, int], importance: str, *,
                   calibration: Iterable[tuple[ModelInput, torch.Tensor]] | None,
-                  few: Sequence[tuple[ModelInput, torch.Tensor]], loss_fn: Any) -> None:
-    """Cut every group of ``model`` to its kept width, lowest importance first."""
+                  few: Sequence[tuple[ModelInput, torch.Tensor]], loss_fn: Any,
+                  means: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Cut every group of ``model`` to its kept width, lowest importance first (compensating
+    each consumer's lost mean input when ``means`` are given)."""
     estimator = _importance(importance)
     modules = dict(model.named_modules())
+    compensated = (means, {module: name for name, module in modules.items()}) if means is not None else None
     # nn.MultiheadAttention heads last: their module is replaced, which the graph (built on the
     # original) would not know about for the groups after them.
     mha = [info for info in groups if isinstance(modules.get(info.name), nn.MultiheadAttention)]
@@ -872,7 +981,7 @@ def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: Sequence[
             with torch.no_grad():
                 _prune_mha_heads(model, info, target, importance)
             continue
-        _prune_group(graph, modules, info, target, importance, estimator)
+        _prune_group(graph, modules, info, target, importance, estimator, compensated)
     model.zero_grad(set_to_none=True)
 
 
@@ -898,6 +1007,7 @@ def _prune_group(
     target: int,
     importance: str,
     estimator: tp.importance.Importance,
+    compensated: tuple[Mapping[str, torch.Tensor], Mapping[nn.Module, str]] | None = None,
 ) -> None:
     root = modules[info.name]
     prune_fn = _out_channel_fn(graph, root)
@@ -920,10 +1030,14 @@ def _prune_group(
         ]
     else:
         indices = sorted(int(i) for i in torch.argsort(scores, stable=True)[: info.size - target])
+    group = graph.get_pruning_group(root, prune_fn, indices)
+    shifts = _compensations(group, compensated[1], compensated[0]) if compensated is not None else []
     try:
-        graph.get_pruning_group(root, prune_fn, indices).prune()
+        group.prune()
     except Exception as exc:
         raise PruningError(f"torch-pruning failed on group {info.name!r}: {exc}") from exc
+    for layer, shift in shifts:
+        _compensate(graph, layer, shift)
     if info.attention is not None:
         # torch-pruning resizes the tensors; the module's head count is ours to update.
         _set_head_count(modules[info.attention], target, info.unit_width)

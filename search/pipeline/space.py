@@ -368,6 +368,7 @@ def apply(
     calibration: Any = None,
     retrace: bool = False,
     device: ModelDevice = CPU,
+    compensation: str = "none",
 ) -> PrunedModel:
     """Validate ``plan`` against ``space`` and apply it to a copy of ``base``.
 
@@ -376,6 +377,8 @@ def apply(
     ``calibration``, the training loader). ``retrace`` traces torch-pruning's graph afresh
     instead of copying the one traced at the first apply (same result, slower). Calibration
     (gradient importances, Wanda, SparseGPT) runs on ``device``; the returned model is on the CPU.
+    ``compensation`` "mean" puts each removed channel's mean contribution (over ``calibration``)
+    back into its consumers (``search.pipeline.pruning.apply_pruning``).
     """
     plan = space.resolve(plan)
     space.validate(plan)
@@ -395,4 +398,5 @@ def apply(
         calibration=calibration,
         retrace=retrace,
         device=device,
+        compensation=compensation,
     )

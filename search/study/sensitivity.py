@@ -119,6 +119,7 @@ def scan(
     repo: Repository | None = None,
     on_cut: Callable[[Cut], None] | None = None,
     device: ModelDevice = CPU,
+    compensation: str = "none",
 ) -> Sensitivity:
     """Cut each group alone to each option below full width; score error (on ``device``) and latency.
 
@@ -134,7 +135,8 @@ def scan(
             if index == len(group.kept) - 1:
                 continue  # full width: the base model itself
             pruned = apply(bundle.model, bundle.example_input, space, Plan(channels={group.name: ratio}),
-                           importance=importance, calibration=bundle.train_loader, device=device)
+                           importance=importance, calibration=bundle.train_loader, device=device,
+                           compensation=compensation)
             with deterministic(device):
                 error = seeded_error(bundle, move_model(pruned.model, device), seed, device)
             pruned.model.to("cpu")
@@ -253,7 +255,8 @@ def prepare_start(study: optuna.Study, ctx: SearchContext, *, enqueue: bool) -> 
         return found
     found = scan(ctx.bundle, ctx.space, seed=ctx.config.seed, base_error=ctx.base_error,
                  importance=ctx.config.importance, meter=ctx.meters[0], repo=ctx.repo,
-                 artifact_dir=ctx.artifact_dir, batch_size=ctx.batch_size, device=ctx.device)
+                 artifact_dir=ctx.artifact_dir, batch_size=ctx.batch_size, device=ctx.device,
+                 compensation=ctx.config.compensation)
     if enqueue:
         count = enqueue_start(study, ctx.space, found)
         logger.info("sensitivity start: %d plans enqueued", count)

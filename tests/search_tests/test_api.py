@@ -85,6 +85,19 @@ def test_load_reproduces_the_exported_model(plugin: str, fast_profile: Any, tmp_
     assert torch.equal(model.state_dict()["7.weight"], state["7.weight"])  # the stored weights, not fresh ones
 
 
+def test_export_plan_with_mean_compensation(plugin: str, fast_profile: Any, tmp_path: Path) -> None:
+    plain = hw.export_plan(plugin, {"channels": {"0": 16}}, tmp_path / "plain", targets=[fast_profile])
+    mean = hw.export_plan(plugin, {"channels": {"0": 16}}, tmp_path / "mean", targets=[fast_profile],
+                          compensation="mean")
+    assert (plain["compensation"], mean["compensation"]) == ("none", "mean")
+    assert plain["signature"] == mean["signature"]  # the same architecture, other values
+    stored = torch.load(tmp_path / "mean" / "model.pt", weights_only=True)["state_dict"]
+    # The removed channels' mean output went into the bias of the convolution they fed.
+    assert not torch.equal(torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["state_dict"]["3.bias"],
+                           stored["3.bias"])
+    assert torch.equal(search.load(tmp_path / "mean").state_dict()["3.bias"], stored["3.bias"])
+
+
 def test_mismatches_are_clear_errors(plugin: str, fast_profile: Any, tmp_path: Path) -> None:
     from search.study.materialize import load_pruned
 
