@@ -418,7 +418,7 @@ def main() -> None:
     parser.add_argument("--compensation", default="none", choices=["none", "mean"],
                         help="--example: put removed channels' mean output back into their consumers.")
     parser.add_argument("--reference-seeds", type=int, default=1,
-                        help="--example: also repeat the reference with recovery seeds 1..N-1 (its rho is the ceiling).")
+                        help="--example: also repeat the reference with recovery seeds 1..N-1 (its rho: the ceiling).")
     parser.add_argument("--max-minutes", type=float, default=1e9,
                         help="--example: start no plan after this many minutes; run again to continue.")
     args = parser.parse_args()

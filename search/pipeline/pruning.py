@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 Importance = Literal["magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement"]
 IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "bn-scale", "llm-pruner", "movement")
 _GRADIENT_IMPORTANCES = ("taylor", "llm-pruner", "movement")
-Compensation = Literal["none", "mean"]
 COMPENSATIONS: tuple[str, ...] = ("none", "mean")
 CALIBRATION_BATCHES = 8  # batches of the training loader for N:M criteria, llm-pruner and movement
 CALIBRATION_SEED = 0
@@ -784,7 +783,7 @@ def input_means(model: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tens
 
 
 def _compensations(group: tp.Group, names: Mapping[nn.Module, str],
-                   means: Mapping[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+                   means: Mapping[str, torch.Tensor]) -> list[tuple[nn.Conv2d | nn.Linear, torch.Tensor]]:
     """For each consumer of ``group`` (a layer whose input channels it removes): the layer and
     the shift its output loses on average, ``W[:, removed] @ mean[removed]`` (a convolution's
     kernel summed over space: exact away from zero padding). Taken before the group is pruned."""
@@ -804,7 +803,7 @@ def _compensations(group: tp.Group, names: Mapping[nn.Module, str],
     return shifts
 
 
-def _compensate(graph: tp.DependencyGraph, layer: nn.Module, shift: torch.Tensor) -> bool:
+def _compensate(graph: tp.DependencyGraph, layer: nn.Conv2d | nn.Linear, shift: torch.Tensor) -> bool:
     """Add ``shift`` back to ``layer``'s output: into its bias, or into the running mean of the
     BatchNorm it alone feeds. False where it has neither (nothing is changed). New tensors, not
     in-place writes: until ``_unshare`` the copy's tensors are the base model's."""
@@ -814,9 +813,8 @@ def _compensate(graph: tp.DependencyGraph, layer: nn.Module, shift: torch.Tensor
             return True
         node = graph.module2node.get(layer)
         after = [out.module for out in node.outputs] if node is not None else []
-        if len(after) == 1 and isinstance(after[0], nn.modules.batchnorm._BatchNorm) \
-                and after[0].running_mean is not None:
-            norm = after[0]
+        norm = after[0] if len(after) == 1 else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and isinstance(norm.running_mean, torch.Tensor):
             norm.running_mean = norm.running_mean - shift.to(norm.running_mean.dtype)
             return True
     return False

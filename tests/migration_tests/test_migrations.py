@@ -160,9 +160,10 @@ def test_trials_stored_by_the_previous_release_read_unchanged(tmp_path: Path, st
 # Keys a document gained after 06f14df, with the values they must have for a search stored then:
 # the front names the trials that reached a row (issue 34), and what its error measures (a search
 # stored before that was recorded says only "error", with no 1 - error figure of its own).
-ADDED_SINCE = {"pareto": {"error_name": lambda row: row["error_name"] == "error",
-                          "score_name": lambda row: row["score_name"] is None,
-                          "trials": lambda row: row["trials"][0] == row["trial"]}}
+ADDED_SINCE: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
+    "pareto": {"error_name": lambda row: row["error_name"] == "error",
+               "score_name": lambda row: row["score_name"] is None,
+               "trials": lambda row: row["trials"][0] == row["trial"]}}
 
 
 def _as_then(key: str, document: Any) -> Any:

@@ -30,7 +30,8 @@ class _ConvNet(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
         x = torch.relu(self.fc1(x.mean(dim=(2, 3))))
-        return self.fc2(x)
+        out: torch.Tensor = self.fc2(x)
+        return out
 
 
 def _with_constant_channels() -> _ConvNet:
@@ -41,6 +42,7 @@ def _with_constant_channels() -> _ConvNet:
     net = _ConvNet()
     with torch.no_grad():
         for norm in (net.bn1, net.bn2):
+            assert norm.running_mean is not None and norm.running_var is not None
             norm.running_mean.uniform_(-0.2, 0.2)
             norm.running_var.uniform_(0.5, 1.5)
         net.conv1.weight[:16] = 0.0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def test_before_finetune_sees_the_held_out_error_and_can_stop_the_recovery(digit
 
 @pytest.mark.parametrize("batchnorm", ["train", "frozen"])
 def test_frozen_batchnorm_keeps_running_statistics_while_weights_train(
-    digits_bundle: ModelBundle, batchnorm: str
+    digits_bundle: ModelBundle, batchnorm: Literal["train", "frozen"]
 ) -> None:
     space = _space(digits_bundle)
     model = apply(digits_bundle.model, digits_bundle.example_input, space, space.uniform_plan(0.5)).model
