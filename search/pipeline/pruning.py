@@ -803,21 +803,19 @@ def _compensations(group: tp.Group, names: Mapping[nn.Module, str],
     return shifts
 
 
-def _compensate(graph: tp.DependencyGraph, layer: nn.Conv2d | nn.Linear, shift: torch.Tensor) -> bool:
+def _compensate(graph: tp.DependencyGraph, layer: nn.Conv2d | nn.Linear, shift: torch.Tensor) -> None:
     """Add ``shift`` back to ``layer``'s output: into its bias, or into the running mean of the
-    BatchNorm it alone feeds. False where it has neither (nothing is changed). New tensors, not
-    in-place writes: until ``_unshare`` the copy's tensors are the base model's."""
+    BatchNorm it alone feeds; a layer with neither is left as it is. New tensors, not in-place
+    writes: until ``_unshare`` the copy's tensors are the base model's."""
     with torch.no_grad():
         if layer.bias is not None:
             layer.bias.data = layer.bias.data + shift.to(layer.bias.dtype)
-            return True
+            return
         node = graph.module2node.get(layer)
         after = [out.module for out in node.outputs] if node is not None else []
         norm = after[0] if len(after) == 1 else None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and isinstance(norm.running_mean, torch.Tensor):
             norm.running_mean = norm.running_mean - shift.to(norm.running_mean.dtype)
-            return True
-    return False
 
 
 # base model -> (its weights' versions and the calibration data's hash, the input means)
@@ -838,6 +836,20 @@ def _base_means(base: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tenso
     means = input_means(base, batches)
     _MEANS[base] = (key, means)
     return means
+
+
+def _calibrated(importance: str, nm_criterion: str, patterns: Mapping[str, tuple[int, int]], compensation: str,
+                calibration: object) -> bool:
+    """Whether the importance or the N:M criterion calibrates on data; refuses an unknown
+    compensation, and any of the three that needs data without ``calibration``."""
+    if compensation not in COMPENSATIONS:
+        raise PlanError(f"compensation {compensation!r} is unknown; choose one of: {', '.join(COMPENSATIONS)}")
+    needs_data = importance in _GRADIENT_IMPORTANCES or bool(nm_criterion != "magnitude" and patterns)
+    if (needs_data or compensation != "none") and calibration is None:
+        what = (f"importance {importance!r}" if importance in _GRADIENT_IMPORTANCES
+                else f"N:M criterion {nm_criterion!r}" if needs_data else f"compensation {compensation!r}")
+        raise PlanError(f"{what} needs calibration batches (the bundle's training loader)")
+    return needs_data
 
 
 def apply_pruning(
@@ -880,23 +892,18 @@ def apply_pruning(
         PlanError: a data-dependent importance or N:M criterion without calibration data.
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
-    if compensation not in COMPENSATIONS:
-        raise PlanError(f"compensation {compensation!r} is unknown; choose one of: {', '.join(COMPENSATIONS)}")
-    needs_data = importance in _GRADIENT_IMPORTANCES or (nm_criterion != "magnitude" and patterns)
-    if (needs_data or compensation != "none") and calibration is None:
-        what = (f"importance {importance!r}" if importance in _GRADIENT_IMPORTANCES
-                else f"N:M criterion {nm_criterion!r}" if needs_data else f"compensation {compensation!r}")
-        raise PlanError(f"{what} needs calibration batches (the bundle's training loader)")
+    needs_data = _calibrated(importance, nm_criterion, patterns, compensation, calibration)
     # Fixed threads: float reductions split by thread count, and replays must be bit-identical.
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     on_device = bool(needs_data) and device.kind != "cpu"
     retrace = retrace or on_device
     try:
+        batches = calibration_batches(calibration) if calibration is not None and (
+            needs_data or compensation != "none") else []
         # Measured on the base, on the CPU, before the copy exists; cached per base and data.
-        means = (_base_means(base, calibration_batches(calibration))
-                 if compensation != "none" and calibration is not None else None)
-        few = calibration_batches(calibration) if needs_data and calibration is not None else []
+        means = _base_means(base, batches) if compensation != "none" else None
+        few = batches if needs_data else []
         if on_device:
             few = to_device(few, device.torch)
             calibration = OnDevice(calibration or [], device.torch)
