@@ -31,6 +31,12 @@ interval over the plans. ``--reference-seeds 2`` also repeats the reference with
 its rho against the seed-0 reference is the ceiling any search-time score can reach, since the
 reference itself is one draw of the fine-tuning. Each plan's result is kept in ``--keep`` (a JSON-lines file) as soon as
 it is measured, and ``--max-minutes`` stops before the next plan: the same command continues.
+
+``--example ... --generalisation STEPS:LR ...`` asks whether recovery carries from the training
+photographs to the validation ones: the uniform rung at keep ``--low`` (the proof's ladder,
+``uniform_indices``) is recovered with the pretrained recipe for each number of steps and learning
+rate, and its error is reported on the held-out training batches (crops of the training photographs
+it did not train on), on every training crop, and on the validation crops (other photographs).
 """
 
 from __future__ import annotations
@@ -63,9 +69,11 @@ from search.pipeline.plan import Plan  # noqa: E402
 from search.pipeline.recovery import (  # noqa: E402
     adapt_batchnorm,
     recover,
+    recover_with_report,
     training_split,
 )
 from search.pipeline.space import SearchSpace, apply, build_space  # noqa: E402
+from search.study.sensitivity import uniform_indices  # noqa: E402
 
 THREADS = 1
 
@@ -397,6 +405,54 @@ def pretrained_rank(args: argparse.Namespace) -> None:
     print(body, flush=True)
 
 
+def generalisation(args: argparse.Namespace) -> None:
+    """Training, held-out and validation error of one uniform rung after each recovery (see the
+    module docstring): does what recovery learns on the training photographs carry to others?"""
+    from search.examples import load_bundle
+
+    bundle = load_bundle(args.example, cache_dir=cache_dir())
+    space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
+    indices = uniform_indices(space, args.low)
+    plan = Plan(channels={g.name: g.ratios[indices[g.name]] for g in space.groups})
+    table, macs = [], 1.0
+    for setting in args.generalisation:
+        steps_text, _, lr_text = setting.partition(":")
+        steps, lr = int(steps_text), float(lr_text or PRETRAINED_RECOVERY["lr"])
+        pruned = apply(bundle.model, bundle.example_input, space, plan, importance=args.importance,
+                       compensation=args.compensation, calibration=bundle.train_loader)
+        macs = pruned.macs / space.base_macs
+        settings = replace(pretrained_recovery(bundle, steps, bn_batches=0, threads=args.threads,
+                                               recipe="pretrained"), lr=lr)
+        begun = time.perf_counter()
+        report = recover_with_report(pruned.model, bundle, settings, seed=0, masks=pruned.masks)
+        seconds = time.perf_counter() - begun
+        held_out = report.holdout_error.get(report.kept)
+        row = (f"| {steps} | {lr:g} | {report.kept} | {'-' if held_out is None else f'{held_out:.3f}'} | "
+               f"{bundle.error_fn(report.model, bundle.train_loader):.3f} | "
+               f"{bundle.error_fn(report.model, bundle.val_loader):.3f} | {seconds:.0f} |")
+        print(row, flush=True)
+        table.append(row)
+    body = (
+        f"The uniform rung at keep {args.low} of `{args.example}` ({macs:.2f}x the dense model's MACs; channels "
+        f"by {args.importance} importance, compensation {args.compensation}), recovered with the pretrained "
+        "recipe (`search.config.PRETRAINED_RECOVERY`: BatchNorm statistics frozen, no adaptive BN, AdamW, "
+        "warm-up, cosine; distilling the dense logits; keep the better on 2 held-out training batches) for "
+        f"each number of steps and learning rate, {args.threads} threads, recovery seed 0. Error: "
+        f"{bundle.error_name}. *held out*: the 2 training batches recovery holds out (crops of the training "
+        "photographs it did not train on), for the model it kept; *training*: every training crop; "
+        "*validation*: the validation crops, cut from other photographs. 0 steps: as pruned.\n\n"
+        "| steps | lr | kept | held-out error | training error | validation error | s |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(table) + "\n"
+    )
+    command = (f".venv/bin/python bench/recovery.py --example {args.example} --low {args.low} "
+               f"--threads {args.threads} --generalisation {' '.join(args.generalisation)}"
+               + (f" --importance {args.importance}" if args.importance != "magnitude" else "")
+               + (f" --compensation {args.compensation}" if args.compensation != "none" else ""))
+    write_section("recovery-generalisation", "Does recovery carry to other photographs? (bench/recovery.py "
+                  "--generalisation)", command, body)
+    print(body, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plans", type=int, default=30)
@@ -419,9 +475,15 @@ def main() -> None:
                         help="--example: put removed channels' mean output back into their consumers.")
     parser.add_argument("--reference-seeds", type=int, default=1,
                         help="--example: also repeat the reference with recovery seeds 1..N-1 (its rho: the ceiling).")
+    parser.add_argument("--generalisation", nargs="+", default=None, metavar="STEPS:LR",
+                        help="--example: recover the uniform rung at --low for each STEPS:LR and report "
+                             "its training, held-out and validation error (no rank table).")
     parser.add_argument("--max-minutes", type=float, default=1e9,
                         help="--example: start no plan after this many minutes; run again to continue.")
     args = parser.parse_args()
+    if args.example is not None and args.generalisation:
+        generalisation(args)
+        return
     if args.example is not None:
         pretrained_rank(args)
         return
