@@ -326,8 +326,9 @@ def pretrained_rank(args: argparse.Namespace) -> None:
         if index in kept:
             continue
         if time.perf_counter() - started > 60 * args.max_minutes:
+            # A part of the plans writes no table: it would replace the page's section.
             print(f"stopped after {len(kept)} of {args.plans} plans: run the same command again", flush=True)
-            break
+            return
         pruned = apply(bundle.model, bundle.example_input, space, plan, importance=args.importance,
                        compensation=args.compensation, calibration=bundle.train_loader)
         errors, costs = {}, {}
