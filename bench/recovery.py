@@ -271,6 +271,12 @@ def pretrained_recovery(bundle: ModelBundle, steps: int, *, bn_batches: int, thr
     return replace(settings, **PRETRAINED_RECOVERY) if recipe == "pretrained" else settings
 
 
+def _pruning_options(args: argparse.Namespace) -> str:
+    """The --importance and --compensation flags of a command line, where not the defaults."""
+    return ((f" --importance {args.importance}" if args.importance != "magnitude" else "")
+            + (f" --compensation {args.compensation}" if args.compensation != "none" else ""))
+
+
 def _kept_plans(path: Path, identity: dict[str, object]) -> dict[int, dict[str, object]]:
     if not path.is_file():
         return {}
@@ -396,8 +402,7 @@ def pretrained_rank(args: argparse.Namespace) -> None:
                f"--bn {args.bn} --short {' '.join(map(str, args.short))} --long {args.long} "
                f"--threads {args.threads} --recipe {args.recipe} --keep {args.keep}"
                + (f" --reference-seeds {args.reference_seeds}" if args.reference_seeds > 1 else "")
-               + (f" --importance {args.importance}" if args.importance != "magnitude" else "")
-               + (f" --compensation {args.compensation}" if args.compensation != "none" else ""))
+               + _pruning_options(args))
     key = ("recovery-pretrained" + ("" if args.recipe == "search-default" else f"-{args.recipe}-recipe")
            + ("" if args.importance == "magnitude" else f"-{args.importance}")
            + ("" if args.compensation == "none" else f"-{args.compensation}-compensation"))
@@ -415,17 +420,16 @@ def generalisation(args: argparse.Namespace) -> None:
     space = build_space(bundle.model, bundle.example_input, [load_profile("cpu-ort-fp32")])
     indices = uniform_indices(space, args.low)
     plan = Plan(channels={g.name: g.ratios[indices[g.name]] for g in space.groups})
-    table, macs = [], 1.0
+    pruned = apply(bundle.model, bundle.example_input, space, plan, importance=args.importance,
+                   compensation=args.compensation, calibration=bundle.train_loader)
+    table = []
     for setting in args.generalisation:
         steps_text, _, lr_text = setting.partition(":")
         steps, lr = int(steps_text), float(lr_text or PRETRAINED_RECOVERY["lr"])
-        pruned = apply(bundle.model, bundle.example_input, space, plan, importance=args.importance,
-                       compensation=args.compensation, calibration=bundle.train_loader)
-        macs = pruned.macs / space.base_macs
         settings = replace(pretrained_recovery(bundle, steps, bn_batches=0, threads=args.threads,
                                                recipe="pretrained"), lr=lr)
         begun = time.perf_counter()
-        report = recover_with_report(pruned.model, bundle, settings, seed=0, masks=pruned.masks)
+        report = recover_with_report(copy.deepcopy(pruned.model), bundle, settings, seed=0, masks=pruned.masks)
         seconds = time.perf_counter() - begun
         held_out = report.holdout_error.get(report.kept)
         row = (f"| {steps} | {lr:g} | {report.kept} | {'-' if held_out is None else f'{held_out:.3f}'} | "
@@ -434,7 +438,8 @@ def generalisation(args: argparse.Namespace) -> None:
         print(row, flush=True)
         table.append(row)
     body = (
-        f"The uniform rung at keep {args.low} of `{args.example}` ({macs:.2f}x the dense model's MACs; channels "
+        f"The uniform rung at keep {args.low} of `{args.example}` ({pruned.macs / space.base_macs:.2f}x the "
+        f"dense model's MACs; channels "
         f"by {args.importance} importance, compensation {args.compensation}), recovered with the pretrained "
         "recipe (`search.config.PRETRAINED_RECOVERY`: BatchNorm statistics frozen, no adaptive BN, AdamW, "
         "warm-up, cosine; distilling the dense logits; keep the better on 2 held-out training batches) for "
@@ -447,8 +452,7 @@ def generalisation(args: argparse.Namespace) -> None:
     )
     command = (f".venv/bin/python bench/recovery.py --example {args.example} --low {args.low} "
                f"--threads {args.threads} --generalisation {' '.join(args.generalisation)}"
-               + (f" --importance {args.importance}" if args.importance != "magnitude" else "")
-               + (f" --compensation {args.compensation}" if args.compensation != "none" else ""))
+               + _pruning_options(args))
     write_section("recovery-generalisation", "Does recovery carry to other photographs? (bench/recovery.py "
                   "--generalisation)", command, body)
     print(body, flush=True)
