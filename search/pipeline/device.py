@@ -149,6 +149,18 @@ def replay_device(recovered_on: str, requested: str | None, *, trial: int) -> Mo
 
 
 @contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads fixed at ``count`` inside, restored after: float reductions split
+    by thread count, so work that must replay bit-identically runs at a fixed count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def deterministic(device: ModelDevice) -> Iterator[dict[str, Any]]:
     """Model work on ``device`` that replays bit-identically; yields the switches it set.
 

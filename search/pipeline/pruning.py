@@ -32,7 +32,7 @@ from torch import nn
 
 from search.errors import PlanError, PruningError
 from search.pipeline.attention import HeadPrunedAttention
-from search.pipeline.device import CPU, ModelDevice, OnDevice, to_device
+from search.pipeline.device import CPU, ModelDevice, OnDevice, to_device, torch_threads
 from search.pipeline.inputs import ModelInput, flat_outputs, primary, rebuild, run
 from search.pipeline.inputs import tensors as tensors_of
 from search.pipeline.macs import MacCount, count_macs
@@ -893,12 +893,9 @@ def apply_pruning(
         PruningError: torch-pruning failed, or an N:M mask did not come out exact.
     """
     needs_data = _calibrated(importance, nm_criterion, patterns, compensation, calibration)
-    # Fixed threads: float reductions split by thread count, and replays must be bit-identical.
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     on_device = bool(needs_data) and device.kind != "cpu"
     retrace = retrace or on_device
-    try:
+    with torch_threads(1):  # replays must be bit-identical
         batches = calibration_batches(calibration) if calibration is not None and (
             needs_data or compensation != "none") else []
         # Measured on the base, on the CPU, before the copy exists; cached per base and data.
@@ -922,8 +919,6 @@ def apply_pruning(
         if on_device:
             model.to("cpu")
             masks = {name: mask.to("cpu") for name, mask in masks.items()}
-    finally:
-        torch.set_num_threads(previous_threads)
     sparsity, pattern_names = _exact_patterns(model, patterns)
     counted = count_macs(model, example) if retrace else _count_ops(model, example)
     return PrunedModel(

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from search.config import RecoverySettings, cpu_count
 from search.errors import ModelLoadError
 from search.pipeline.bundle import Batch, ModelBundle, Reseedable
-from search.pipeline.device import CPU, ModelDevice, teacher_on, to_device
+from search.pipeline.device import CPU, ModelDevice, teacher_on, to_device, torch_threads
 from search.pipeline.inputs import primary, run
 
 logger = logging.getLogger(__name__)
@@ -342,13 +342,8 @@ def recover_with_report(
     The returned ``report.model`` is ``model`` itself, holding the kept weights. ``seed`` seeds
     the held-out slice, the batch order and torch's generator.
     """
-    previous_threads = torch.get_num_threads()
-    # Float reductions split differently across thread counts; fix it for bit-identical replays.
-    torch.set_num_threads(config.threads or cpu_count())
-    try:
+    with torch_threads(config.threads or cpu_count()):  # for bit-identical replays
         return _recover(model, bundle, config, seed, masks, before_finetune, device)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _recover(
